@@ -1,0 +1,426 @@
+//! The file and block-device leaf: the [`Leaf`] that real pools are built on.
+//!
+//! A [`FileLeaf`] is one open file descriptor on a regular file or a block device, used only with
+//! positional I/O (`pread`/`pwrite`), so one leaf is shared by many threads without a seek position.
+//!
+//! Invariants:
+//! - only regular files and block devices are ever opened (anything else is [`VdevError::Invalid`]),
+//!   checked before opening (so a FIFO or a directory is never opened) and again on the open descriptor;
+//! - the size is taken once, at open, and every read or write must lie entirely inside it: a read past the
+//!   end fails with `UnexpectedEof`, a write past the end with `InvalidInput` (a leaf never grows);
+//! - with [`OpenOptions::lock`], the leaf holds an exclusive `flock` for as long as it lives (dropping the
+//!   `FileLeaf` closes the descriptor and releases the lock); a second locked open, from this process or
+//!   another, gets [`VdevError::Busy`];
+//! - `flush` is `fdatasync`; `discard` punches a hole (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, which the kernel
+//!   also implements for block devices) and is advisory: "unsupported" is success.
+
+use crate::error::VdevError;
+use crate::leaf::Leaf;
+use std::fs::{File, Metadata, TryLockError};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+
+const NOT_A_LEAF: &str = "not a regular file or block device";
+
+/// How to open a [`FileLeaf`].
+#[derive(Default, Clone, Copy, Debug)]
+pub struct OpenOptions {
+    /// Open `O_RDONLY` instead of `O_RDWR`; writes and discards then fail.
+    pub read_only: bool,
+    /// Take an exclusive, non-blocking lock for the life of the leaf ([`VdevError::Busy`] if held).
+    pub lock: bool,
+}
+
+/// A leaf backed by a regular file or a block device.
+#[derive(Debug)]
+pub struct FileLeaf {
+    file: File,
+    path: String,
+    size: u64,
+    block: bool,
+    read_only: bool,
+}
+
+/// Which kind of leaf a file type is, or `None` if it cannot be a leaf.
+fn leaf_kind(meta: &Metadata) -> Option<bool> {
+    let ft = meta.file_type();
+    if ft.is_file() {
+        Some(false)
+    } else if ft.is_block_device() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies inside `size`; `kind` is the error kind otherwise.
+fn check_range(offset: u64, len: usize, size: u64, kind: io::ErrorKind) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            kind,
+            format!("range {offset}+{len} is past the end of the leaf ({size} bytes)"),
+        )),
+    }
+}
+
+impl FileLeaf {
+    /// Opens `path` as a leaf. See [`OpenOptions`].
+    ///
+    /// Errors: a missing or unreadable path is [`VdevError::Open`] carrying the io error; anything but a
+    /// regular file or a block device is [`VdevError::Invalid`]; a lock held elsewhere is
+    /// [`VdevError::Busy`].
+    pub fn open(path: &Path, opts: OpenOptions) -> Result<FileLeaf, VdevError> {
+        let name = path.display().to_string();
+        let open_err = |source: io::Error| VdevError::Open {
+            path: name.clone(),
+            source,
+        };
+        let invalid = || VdevError::Invalid {
+            path: name.clone(),
+            reason: NOT_A_LEAF.to_string(),
+        };
+
+        // Check the type before opening: opening a FIFO could block and a directory cannot be opened
+        // for writing, and both deserve the same clear "wrong type" answer.
+        let meta = std::fs::metadata(path).map_err(open_err)?;
+        if leaf_kind(&meta).is_none() {
+            return Err(invalid());
+        }
+
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!opts.read_only)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::EISDIR) {
+                    invalid()
+                } else {
+                    open_err(e)
+                }
+            })?;
+
+        // The path may have been replaced between the stat and the open: check the descriptor itself.
+        let meta = file.metadata().map_err(open_err)?;
+        let block = leaf_kind(&meta).ok_or_else(invalid)?;
+
+        if opts.lock {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Err(VdevError::Busy { path: name }),
+                Err(TryLockError::Error(e)) => return Err(open_err(e)),
+            }
+        }
+
+        let size = if block {
+            (&file).seek(SeekFrom::End(0)).map_err(open_err)?
+        } else {
+            meta.len()
+        };
+
+        tracing::debug!(path = %name, size, block, read_only = opts.read_only, lock = opts.lock, "opened leaf");
+        Ok(FileLeaf {
+            file,
+            path: name,
+            size,
+            block,
+            read_only: opts.read_only,
+        })
+    }
+
+    /// True if the leaf is a block device (false for a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.block
+    }
+
+    /// True if the leaf was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Creates a new sparse regular file of `size` bytes at `path`. Fails if `path` already exists.
+    pub fn create_sparse(path: &Path, size: u64) -> Result<(), VdevError> {
+        let open_err = |source: io::Error| VdevError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(open_err)?;
+        file.set_len(size).map_err(open_err)?;
+        Ok(())
+    }
+
+    /// Opens `path` read-only, without locking, and returns its size in bytes (checks a leaf before a pool
+    /// is created on it). Same type rules and errors as [`FileLeaf::open`].
+    pub fn probe_size(path: &Path) -> Result<u64, VdevError> {
+        let leaf = FileLeaf::open(
+            path,
+            OpenOptions {
+                read_only: true,
+                lock: false,
+            },
+        )?;
+        Ok(leaf.size)
+    }
+}
+
+impl Leaf for FileLeaf {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size, io::ErrorKind::UnexpectedEof)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size, io::ErrorKind::InvalidInput)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Only the part inside the leaf; discard is advisory, so clipping is not an error.
+        if offset >= self.size {
+            return Ok(());
+        }
+        let len = len.min(self.size - offset);
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, mode, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                tracing::trace!(path = %self.path, "discard not supported, ignored");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RW: OpenOptions = OpenOptions {
+        read_only: false,
+        lock: false,
+    };
+    const LOCKED: OpenOptions = OpenOptions {
+        read_only: false,
+        lock: true,
+    };
+
+    #[test]
+    fn create_open_roundtrip_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 1 << 20).unwrap();
+        assert_eq!(FileLeaf::probe_size(&p).unwrap(), 1 << 20);
+
+        let leaf = FileLeaf::open(&p, RW).unwrap();
+        assert_eq!(leaf.size(), 1 << 20);
+        assert!(!leaf.is_block_device());
+        assert_eq!(leaf.path(), p.display().to_string());
+
+        let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        leaf.write_at(&data, 4096).unwrap();
+        leaf.flush().unwrap();
+        let mut back = vec![0u8; data.len()];
+        leaf.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+
+        // The sparse part reads back as zeros.
+        let mut zeros = vec![0xffu8; 4096];
+        leaf.read_at(&mut zeros, 0).unwrap();
+        assert!(zeros.iter().all(|&b| b == 0));
+
+        // A reopen sees the data.
+        drop(leaf);
+        let leaf = FileLeaf::open(&p, RW).unwrap();
+        let mut back = vec![0u8; data.len()];
+        leaf.read_at(&mut back, 4096).unwrap();
+        assert_eq!(back, data);
+    }
+
+    #[test]
+    fn create_sparse_refuses_existing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 4096).unwrap();
+        let err = FileLeaf::create_sparse(&p, 4096).unwrap_err();
+        match err {
+            VdevError::Open { source, .. } => {
+                assert_eq!(source.kind(), io::ErrorKind::AlreadyExists)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn read_or_write_past_end_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 8192).unwrap();
+        let leaf = FileLeaf::open(&p, RW).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e = leaf.read_at(&mut buf, 8192 - 100).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let e = leaf.read_at(&mut buf, u64::MAX - 10).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(leaf.write_at(&buf, 8192).is_err());
+        // The file did not grow.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 8192);
+        // The last full block is fine.
+        leaf.read_at(&mut buf, 4096).unwrap();
+    }
+
+    #[test]
+    fn second_locked_open_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 4096).unwrap();
+        let first = FileLeaf::open(&p, LOCKED).unwrap();
+        match FileLeaf::open(&p, LOCKED) {
+            Err(VdevError::Busy { path }) => assert_eq!(path, p.display().to_string()),
+            other => panic!("expected Busy, got {other:?}"),
+        }
+        // An unlocked open (probe) still works.
+        assert_eq!(FileLeaf::probe_size(&p).unwrap(), 4096);
+        drop(first);
+        let _again = FileLeaf::open(&p, LOCKED).unwrap();
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 4096).unwrap();
+        let leaf = FileLeaf::open(
+            &p,
+            OpenOptions {
+                read_only: true,
+                lock: true,
+            },
+        )
+        .unwrap();
+        assert!(leaf.is_read_only());
+        assert!(leaf.write_at(&[1u8; 512], 0).is_err());
+        let mut buf = [0u8; 512];
+        leaf.read_at(&mut buf, 0).unwrap();
+    }
+
+    #[test]
+    fn discard_reads_back_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("leaf");
+        FileLeaf::create_sparse(&p, 1 << 20).unwrap();
+        let leaf = FileLeaf::open(&p, RW).unwrap();
+        let data = vec![0xa5u8; 64 * 1024];
+        leaf.write_at(&data, 0).unwrap();
+        leaf.flush().unwrap();
+        leaf.discard(16384, 32768).unwrap();
+        // Discarding past the end is clipped, not an error.
+        leaf.discard(1 << 20, 4096).unwrap();
+        leaf.discard((1 << 20) - 4096, 1 << 30).unwrap();
+
+        let mut back = vec![0u8; data.len()];
+        leaf.read_at(&mut back, 0).unwrap();
+        assert!(back[..16384].iter().all(|&b| b == 0xa5));
+        assert!(back[49152..].iter().all(|&b| b == 0xa5));
+        let punched = &back[16384..49152];
+        if punched.iter().all(|&b| b == 0) {
+            // Punching is supported here (ext4, tmpfs, xfs, btrfs).
+        } else {
+            // Discard is advisory: the old data is also allowed.
+            assert!(punched.iter().all(|&b| b == 0xa5));
+            eprintln!("hole punching not supported on this file system; assertion skipped");
+        }
+        // The size is unchanged.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn directory_is_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        for opts in [RW, LOCKED, OpenOptions::default()] {
+            match FileLeaf::open(dir.path(), opts) {
+                Err(VdevError::Invalid { reason, .. }) => assert_eq!(reason, NOT_A_LEAF),
+                other => panic!("expected Invalid, got {other:?}"),
+            }
+        }
+        assert!(matches!(
+            FileLeaf::probe_size(dir.path()),
+            Err(VdevError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_file_is_open_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        match FileLeaf::open(&dir.path().join("nope"), RW) {
+            Err(VdevError::Open { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::NotFound)
+            }
+            other => panic!("expected Open(NotFound), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fifo_is_invalid_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        if r != 0 {
+            eprintln!("mkfifo failed; test skipped");
+            return;
+        }
+        let ro = OpenOptions {
+            read_only: true,
+            lock: false,
+        };
+        assert!(matches!(
+            FileLeaf::open(&p, ro),
+            Err(VdevError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn block_device_if_available() {
+        // /dev/loop* or similar may be readable in some environments; only probe, never write.
+        for cand in ["/dev/loop0", "/dev/vda", "/dev/sda", "/dev/nvme0n1"] {
+            let p = Path::new(cand);
+            let ro = OpenOptions {
+                read_only: true,
+                lock: false,
+            };
+            if let Ok(leaf) = FileLeaf::open(p, ro) {
+                assert!(leaf.is_block_device());
+                if leaf.size() >= 512 {
+                    let mut buf = [0u8; 512];
+                    leaf.read_at(&mut buf, 0).unwrap();
+                }
+                let mut buf = [0u8; 512];
+                assert!(leaf.read_at(&mut buf, leaf.size()).is_err());
+                return;
+            }
+        }
+    }
+}

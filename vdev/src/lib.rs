@@ -1,0 +1,29 @@
+//! cairn-vdev: leaves, labels and the vdev tree.
+//!
+//! This crate is the bottom of Cairn. It owns:
+//! - the [`Leaf`] trait, the one synchronous interface all block I/O goes through, with the file and
+//!   block-device leaf ([`file`]) and the test leaves that wrap it ([`testleaf`]: in-memory, crash-simulating
+//!   and fault-injecting);
+//! - leaf identities (path, phys_path, devid; [`identity`]);
+//! - the label format ([`label`]): four labels per leaf, each a checksummed header, the pool configuration
+//!   and a ring of uberblocks;
+//! - the pool configuration that labels carry ([`config`]);
+//! - the runtime vdev tree ([`tree`]): routing of reads and writes to mirror, stripe and single-leaf
+//!   top-level vdevs, with per-copy verification.
+//!
+//! Invariants: nothing read from a device is trusted before its checksum and every integer in it are
+//! validated; all multi-byte integers on disk are little-endian.
+
+pub mod config;
+pub mod error;
+pub mod file;
+pub mod identity;
+pub mod label;
+pub mod leaf;
+pub mod testleaf;
+pub mod tree;
+pub mod units;
+
+pub use error::{Result, VdevError};
+pub use leaf::Leaf;
+pub use units::{Guid, Txg, SECTOR};
