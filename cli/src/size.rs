@@ -125,7 +125,7 @@ fn nicenum(num: u64, zero_unit: &str) -> String {
     }
     let unit = UNITS[index];
     let divisor = 1u64 << (10 * index);
-    if num % divisor == 0 {
+    if num.is_multiple_of(divisor) {
         return format!("{n}{unit}");
     }
     // The most precision that fits in five characters, as zfs tries 2, 1, 0.
@@ -261,6 +261,11 @@ mod tests {
             (1023, "1023"),
             (1024, "1K"),
             (1536, "1.50K"),
+            // Exact ties round half to even, as C's printf does.
+            (1152, "1.12K"),
+            (1408, "1.38K"),
+            (102_912, "100K"),
+            (103_936, "102K"),
             (10239, "10.0K"),
             (10 * K + 512, "10.5K"),
             (110 * K, "110K"),

@@ -157,7 +157,10 @@ impl BlockPtr {
         let birth = Txg(le64(b, 48));
         if birth.0 == 0 {
             if b[..BP_SIZE].iter().any(|&x| x != 0) {
-                return Err(PoolError::corrupt("block pointer", "hole with nonzero fields"));
+                return Err(PoolError::corrupt(
+                    "block pointer",
+                    "hole with nonzero fields",
+                ));
             }
             return Ok(BlockPtr::HOLE);
         }
@@ -212,7 +215,9 @@ impl BlockPtr {
             return bad("no DVA".into());
         }
         for d in self.dvas.iter().filter(|d| !d.is_empty()) {
-            if d.offset % SECTOR != 0 || d.asize() < self.psize as u64 || d.asize() > 2 * MAX_BLOCK as u64
+            if d.offset % SECTOR != 0
+                || d.asize() < self.psize as u64
+                || d.asize() > 2 * MAX_BLOCK as u64
             {
                 return bad(format!("DVA {}:{}:{}", d.vdev, d.offset, d.asize()));
             }

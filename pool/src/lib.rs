@@ -1,1 +1,25 @@
-//! (in progress)
+//! cairn-pool: the storage pool: block pointers, space allocation, the object layer, transaction groups
+//! and the pool lifecycle (create, open/import, export, destroy, add).
+//!
+//! Layers, bottom-up: [`alloc`] (per-vdev allocation bitmaps in double-buffered pages), [`blkptr`]
+//! (block pointers with DVAs and blake3 checksums), [`object`] (copy-on-write object trees, the object
+//! set), [`pool`] (the pool: txg commit, configuration, properties, history), [`import`] (finding pools on
+//! devices).
+//!
+//! Invariants: a txg commits by writing all new blocks, the changed allocation pages and the objset block,
+//! flushing, then writing the uberblock (and labels when the configuration changed) and flushing again;
+//! nothing reachable from a committed uberblock is ever overwritten; every block read is verified against
+//! the checksum in its parent pointer.
+
+pub mod alloc;
+pub mod blkptr;
+pub mod error;
+pub mod import;
+pub mod object;
+pub mod pool;
+pub mod props;
+
+pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
+pub use cairn_vdev::{Guid, Txg};
+pub use error::{PoolError, Result};
+pub use pool::{CreateOptions, HostInfo, OpenOptions, Pool, TopSpec};

@@ -135,17 +135,29 @@ impl PoolConfig {
                 return Err(format!("top-level vdev {} has id {}", i, t.id));
             }
             if t.children.is_empty() || t.children.len() > 64 {
-                return Err(format!("top-level vdev {} has {} children", i, t.children.len()));
+                return Err(format!(
+                    "top-level vdev {} has {} children",
+                    i,
+                    t.children.len()
+                ));
             }
             if t.asize == 0 || t.asize % crate::SECTOR != 0 {
                 return Err(format!("top-level vdev {} has bad asize {}", i, t.asize));
             }
             match t.kind {
                 TopKind::Single if t.children.len() != 1 => {
-                    return Err(format!("single vdev {} has {} children", i, t.children.len()))
+                    return Err(format!(
+                        "single vdev {} has {} children",
+                        i,
+                        t.children.len()
+                    ))
                 }
                 TopKind::Mirror if t.children.len() < 2 => {
-                    return Err(format!("mirror vdev {} has {} children", i, t.children.len()))
+                    return Err(format!(
+                        "mirror vdev {} has {} children",
+                        i,
+                        t.children.len()
+                    ))
                 }
                 TopKind::Stripe { chunk }
                     if chunk == 0 || chunk % crate::SECTOR != 0 || chunk > (1 << 30) =>

@@ -44,7 +44,12 @@ pub const ROOT_BP_SIZE: usize = 128;
 /// Offsets of the four labels of a leaf of `size` bytes.
 pub fn label_offsets(size: u64) -> [u64; 4] {
     let p = size / LABEL_SIZE * LABEL_SIZE;
-    [0, LABEL_SIZE, p.saturating_sub(2 * LABEL_SIZE), p.saturating_sub(LABEL_SIZE)]
+    [
+        0,
+        LABEL_SIZE,
+        p.saturating_sub(2 * LABEL_SIZE),
+        p.saturating_sub(LABEL_SIZE),
+    ]
 }
 
 /// End of the data area (exclusive) of a leaf of `size` bytes, rounded down to a sector.
@@ -509,7 +514,8 @@ mod tests {
         // Destroy three labels with garbage.
         let offs = label_offsets(leaf.size());
         for &off in &offs[..3] {
-            leaf.write_at(&vec![0xa5u8; LABEL_SIZE as usize], off).unwrap();
+            leaf.write_at(&vec![0xa5u8; LABEL_SIZE as usize], off)
+                .unwrap();
         }
         let s = scan_leaf(&leaf);
         assert_eq!(s.valid_count(), 1);
@@ -567,6 +573,9 @@ mod tests {
         let mut b = vec![0u8; LABEL_SIZE as usize];
         leaf.read_at(&mut b, 0).unwrap();
         leaf.write_at(&b, LABEL_SIZE).unwrap();
-        assert!(matches!(read_label(&leaf, 1).unwrap(), LabelRead::Corrupt(_)));
+        assert!(matches!(
+            read_label(&leaf, 1).unwrap(),
+            LabelRead::Corrupt(_)
+        ));
     }
 }

@@ -236,7 +236,8 @@ impl TopVdev {
                         Ok(()) => ok += 1,
                         Err(e) => {
                             c.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            last_err = Some(VdevError::io(dev.path(), "write", DATA_START + off, e));
+                            last_err =
+                                Some(VdevError::io(dev.path(), "write", DATA_START + off, e));
                         }
                     }
                 }
@@ -426,7 +427,10 @@ impl TopVdev {
 
     /// Release a range (advisory; errors are ignored).
     pub fn discard(&self, off: u64, len: u64) {
-        if self.check_bounds(off, len.min(usize::MAX as u64) as usize).is_err() {
+        if self
+            .check_bounds(off, len.min(usize::MAX as u64) as usize)
+            .is_err()
+        {
             return;
         }
         match self.kind {
@@ -513,10 +517,12 @@ impl VdevTree {
     /// least one leaf of every top-level vdev that has a usable leaf.
     pub fn sync_labels(&self, config: Option<&PoolConfig>, ub: &Uberblock) -> Result<()> {
         let encoded = match config {
-            Some(c) => Some(label::encode_config(c).map_err(|reason| VdevError::Invalid {
-                path: "pool config".into(),
-                reason,
-            })?),
+            Some(c) => Some(
+                label::encode_config(c).map_err(|reason| VdevError::Invalid {
+                    path: "pool config".into(),
+                    reason,
+                })?,
+            ),
             None => None,
         };
         type Target = (Guid, Guid, Arc<dyn Leaf>, Arc<LeafVdev>);
@@ -657,16 +663,23 @@ mod tests {
         t.write(4096 * 600, &data).unwrap();
         // Corrupt the copy the read order tries first.
         let first = t.read_order(4096 * 600)[0];
-        mems[first].write_at(&[0u8; 4096], DATA_START + 4096 * 600).unwrap();
+        mems[first]
+            .write_at(&[0u8; 4096], DATA_START + 4096 * 600)
+            .unwrap();
         let want = data.clone();
         let verify = move |b: &[u8]| b == &want[..];
         let mut r = vec![0u8; 4096];
         t.read(4096 * 600, &mut r, &verify).unwrap();
         assert_eq!(r, data);
-        assert_eq!(t.children[first].stats.cksum_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            t.children[first].stats.cksum_errors.load(Ordering::Relaxed),
+            1
+        );
         // Healed: the first child now has the good data.
         let mut b = vec![0u8; 4096];
-        mems[first].read_at(&mut b, DATA_START + 4096 * 600).unwrap();
+        mems[first]
+            .read_at(&mut b, DATA_START + 4096 * 600)
+            .unwrap();
         assert_eq!(b, data);
     }
 

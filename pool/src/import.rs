@@ -1,0 +1,212 @@
+//! Finding pools on devices: read the labels of candidate files and block devices and group them by
+//! pool GUID, keeping the newest configuration of each pool.
+//!
+//! Scanning only reads (no locks, no writes); opening a found pool is [`crate::Pool::open`]'s job.
+
+use crate::pool::{leaf_name, top_name, VdevStatus};
+use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
+use cairn_vdev::file::{FileLeaf, OpenOptions};
+use cairn_vdev::label;
+use cairn_vdev::{Guid, Txg};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A device that carries a label of a pool.
+#[derive(Clone, Debug)]
+pub struct FoundLeaf {
+    pub path: PathBuf,
+    pub leaf_guid: Guid,
+    pub valid_labels: usize,
+}
+
+/// A pool seen on the scanned devices.
+#[derive(Clone, Debug)]
+pub struct ImportCandidate {
+    /// The newest configuration found on any of its devices.
+    pub config: PoolConfig,
+    pub leaves: Vec<FoundLeaf>,
+    /// The newest uberblock txg seen (0 if none).
+    pub best_txg: Txg,
+}
+
+impl ImportCandidate {
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+    pub fn guid(&self) -> Guid {
+        self.config.pool_guid
+    }
+    pub fn state(&self) -> PoolState {
+        self.config.state
+    }
+    pub fn paths(&self) -> Vec<PathBuf> {
+        self.leaves.iter().map(|l| l.path.clone()).collect()
+    }
+
+    fn found(&self, g: Guid) -> Option<&FoundLeaf> {
+        self.leaves.iter().find(|l| l.leaf_guid == g)
+    }
+
+    /// The vdev tree as import would see it: found leaves ONLINE, the rest UNAVAIL.
+    pub fn vdev_status(&self) -> VdevStatus {
+        let mut tops = Vec::new();
+        let mut pool_state = "ONLINE";
+        for t in &self.config.tops {
+            let children: Vec<VdevStatus> = t
+                .children
+                .iter()
+                .map(|lc| {
+                    let f = self.found(lc.guid);
+                    let path = f
+                        .map(|f| f.path.display().to_string())
+                        .unwrap_or_else(|| lc.identity.path.clone());
+                    VdevStatus {
+                        name: leaf_name(&path),
+                        vdev_type: "leaf".into(),
+                        guid: lc.guid.0,
+                        path: Some(path),
+                        phys_path: Some(lc.identity.phys_path.clone()),
+                        devid: Some(lc.identity.devid.clone()),
+                        state: if f.is_some() { "ONLINE" } else { "UNAVAIL" }.into(),
+                        read_errors: 0,
+                        write_errors: 0,
+                        checksum_errors: 0,
+                        repaired_bytes: 0,
+                        reason: if f.is_some() {
+                            None
+                        } else {
+                            Some("cannot open".into())
+                        },
+                        children: Vec::new(),
+                    }
+                })
+                .collect();
+            let ok = children.iter().filter(|c| c.state == "ONLINE").count();
+            let state = match t.kind {
+                TopKind::Mirror if ok == 0 => "UNAVAIL",
+                TopKind::Mirror if ok < children.len() => "DEGRADED",
+                _ if ok < children.len() => "UNAVAIL",
+                _ => "ONLINE",
+            };
+            match state {
+                "UNAVAIL" => pool_state = "UNAVAIL",
+                "DEGRADED" if pool_state == "ONLINE" => pool_state = "DEGRADED",
+                _ => {}
+            }
+            if t.kind == TopKind::Single {
+                tops.extend(children);
+            } else {
+                let first = t
+                    .children
+                    .first()
+                    .map(|c| c.identity.path.clone())
+                    .unwrap_or_default();
+                tops.push(VdevStatus {
+                    name: top_name(t.kind, t.id, &first),
+                    vdev_type: match t.kind {
+                        TopKind::Mirror => "mirror",
+                        _ => "stripe",
+                    }
+                    .into(),
+                    guid: t.guid.0,
+                    path: None,
+                    phys_path: None,
+                    devid: None,
+                    state: state.into(),
+                    read_errors: 0,
+                    write_errors: 0,
+                    checksum_errors: 0,
+                    repaired_bytes: 0,
+                    reason: (state == "UNAVAIL").then(|| "insufficient replicas".into()),
+                    children,
+                });
+            }
+        }
+        VdevStatus {
+            name: self.config.name.clone(),
+            vdev_type: "root".into(),
+            guid: self.config.pool_guid.0,
+            path: None,
+            phys_path: None,
+            devid: None,
+            state: pool_state.into(),
+            read_errors: 0,
+            write_errors: 0,
+            checksum_errors: 0,
+            repaired_bytes: 0,
+            reason: None,
+            children: tops,
+        }
+    }
+}
+
+/// Regular files and block devices directly in `dir`, sorted. Unreadable entries are skipped.
+pub fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let Ok(e) = e else { continue };
+        let p = e.path();
+        let Ok(md) = std::fs::metadata(&p) else {
+            continue;
+        };
+        let ft = md.file_type();
+        if ft.is_file() || ft.is_block_device() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Read the labels of every path and group them into pools.
+pub fn scan(paths: &[PathBuf]) -> Vec<ImportCandidate> {
+    let mut pools: BTreeMap<u64, ImportCandidate> = BTreeMap::new();
+    for p in paths {
+        let Ok(dev) = FileLeaf::open(
+            p,
+            OpenOptions {
+                read_only: true,
+                lock: false,
+            },
+        ) else {
+            continue;
+        };
+        let s = label::scan_leaf(&dev);
+        let Some(best) = s.best_label() else { continue };
+        let ub_txg = s.best_uberblock().map(|u| u.txg).unwrap_or(Txg(0));
+        let found = FoundLeaf {
+            path: p.clone(),
+            leaf_guid: best.header.leaf_guid,
+            valid_labels: s.valid_count(),
+        };
+        let e = pools
+            .entry(best.header.pool_guid.0)
+            .or_insert_with(|| ImportCandidate {
+                config: best.config.clone(),
+                leaves: Vec::new(),
+                best_txg: Txg(0),
+            });
+        if best.config.config_txg > e.config.config_txg {
+            e.config = best.config.clone();
+        }
+        e.best_txg = e.best_txg.max(ub_txg);
+        // The same leaf seen twice (a copy of a file): keep the one with more valid labels.
+        match e.leaves.iter_mut().find(|l| l.leaf_guid == found.leaf_guid) {
+            Some(l) if l.valid_labels < found.valid_labels => *l = found,
+            Some(_) => {}
+            None => e.leaves.push(found),
+        }
+    }
+    // Leaves that the newest configuration no longer lists (detached, or from an aborted add) are not
+    // part of the pool.
+    pools
+        .into_values()
+        .map(|mut c| {
+            let cfg = c.config.clone();
+            c.leaves.retain(|l| cfg.find_leaf(l.leaf_guid).is_some());
+            c
+        })
+        .filter(|c| !c.leaves.is_empty())
+        .collect()
+}

@@ -1,0 +1,932 @@
+//! The object layer: objects as copy-on-write trees of block pointers, grouped in an object set.
+//!
+//! An object is described by a 256-byte dnode: its type, block size (4 KiB to 128 KiB), number of
+//! levels, logical size, allocated bytes and the root block pointer. Level-0 blocks hold data; level-L
+//! blocks (16 KiB, 128 block pointers) point at level L-1. Block `b` at level L sits in slot
+//! `b % 128` of block `b / 128` at level L+1; the root is the single block at level `nlevels - 1`.
+//! An object set keeps its dnodes as the data of object 0 (the meta object); its own dnode lives in the
+//! objset block that the uberblock points at.
+//!
+//! Changes are made in memory (dirty level-0 blocks, pending frees) and written by [`ObjSet::sync`]:
+//! new level-0 blocks, then each level of indirect blocks bottom-up, then the dnodes, then the meta object.
+//! Nothing written before is ever overwritten in place: every changed block goes to newly allocated
+//! space and the old one is freed (deferred by the allocator). Every block read is verified against the
+//! checksum in its parent pointer; on a mismatch the next copy (DVA) is tried.
+
+use crate::alloc::Allocator;
+use crate::blkptr::{checksum, BlockKind, BlockPtr, Dva, BP_SIZE, CKSUM_BLAKE3, MAX_DVAS};
+use crate::error::{PoolError, Result};
+use cairn_vdev::tree::TopVdev;
+use cairn_vdev::{Txg, SECTOR};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+pub const IND_SHIFT: u32 = 14;
+pub const IND_SIZE: usize = 1 << IND_SHIFT;
+pub const BPS_SHIFT: u32 = IND_SHIFT - 7;
+pub const BPS_PER_IND: u64 = 1 << BPS_SHIFT;
+pub const MAX_LEVELS: usize = 8;
+pub const DNODE_SIZE: usize = 256;
+pub const META_SHIFT: u8 = 14;
+pub const DNODES_PER_BLOCK: u64 = (1 << META_SHIFT) / DNODE_SIZE as u64;
+pub const MIN_DATA_SHIFT: u8 = 12;
+pub const MAX_DATA_SHIFT: u8 = 17;
+pub const BONUS_SIZE: usize = 64;
+/// Clean indirect blocks cached per object before the cache is trimmed.
+const MAX_CACHED_IND: usize = 4096;
+
+/// What an object holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ObjType {
+    Free = 0,
+    Directory = 1,
+    Props = 2,
+    History = 3,
+    Volume = 4,
+    Bytes = 5,
+}
+
+impl ObjType {
+    fn from_u8(v: u8) -> Option<ObjType> {
+        Some(match v {
+            0 => ObjType::Free,
+            1 => ObjType::Directory,
+            2 => ObjType::Props,
+            3 => ObjType::History,
+            4 => ObjType::Volume,
+            5 => ObjType::Bytes,
+            _ => return None,
+        })
+    }
+}
+
+/// The on-disk description of an object (256 bytes; byte table in docs/on-disk-format.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dnode {
+    pub otype: ObjType,
+    pub nlevels: u8,
+    pub data_shift: u8,
+    /// Copies of each data block (1..=3); metadata gets one more, up to 3.
+    pub copies: u8,
+    /// Logical size in bytes (a volume's volsize, a byte object's length).
+    pub size: u64,
+    /// Allocated bytes of all blocks of the object.
+    pub used: u64,
+    pub root: BlockPtr,
+    pub bonus: [u8; BONUS_SIZE],
+}
+
+impl Dnode {
+    pub const FREE: Dnode = Dnode {
+        otype: ObjType::Free,
+        nlevels: 0,
+        data_shift: 0,
+        copies: 0,
+        size: 0,
+        used: 0,
+        root: BlockPtr::HOLE,
+        bonus: [0; BONUS_SIZE],
+    };
+
+    pub fn new(otype: ObjType, data_shift: u8, copies: u8) -> Dnode {
+        Dnode {
+            otype,
+            nlevels: 1,
+            data_shift,
+            copies,
+            size: 0,
+            used: 0,
+            root: BlockPtr::HOLE,
+            bonus: [0; BONUS_SIZE],
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        1 << self.data_shift
+    }
+
+    pub fn encode_into(&self, b: &mut [u8]) {
+        b[..DNODE_SIZE].fill(0);
+        if self.otype == ObjType::Free {
+            return;
+        }
+        b[0] = self.otype as u8;
+        b[1] = self.nlevels;
+        b[2] = self.data_shift;
+        b[3] = self.copies;
+        b[8..16].copy_from_slice(&self.size.to_le_bytes());
+        b[24..32].copy_from_slice(&self.used.to_le_bytes());
+        self.root.encode_into(&mut b[64..64 + BP_SIZE]);
+        b[192..256].copy_from_slice(&self.bonus);
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Dnode> {
+        let bad = |d: String| Err(PoolError::corrupt("dnode", d));
+        if b.len() < DNODE_SIZE {
+            return bad("short".into());
+        }
+        let Some(otype) = ObjType::from_u8(b[0]) else {
+            return bad(format!("type {}", b[0]));
+        };
+        if otype == ObjType::Free {
+            return Ok(Dnode::FREE);
+        }
+        let nlevels = b[1];
+        let data_shift = b[2];
+        let copies = b[3];
+        if nlevels == 0 || nlevels as usize > MAX_LEVELS {
+            return bad(format!("nlevels {nlevels}"));
+        }
+        if !(MIN_DATA_SHIFT..=MAX_DATA_SHIFT).contains(&data_shift) {
+            return bad(format!("block shift {data_shift}"));
+        }
+        if !(1..=3).contains(&copies) {
+            return bad(format!("copies {copies}"));
+        }
+        let le64 = |o: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[o..o + 8]);
+            u64::from_le_bytes(a)
+        };
+        let root = BlockPtr::decode(&b[64..64 + BP_SIZE])?;
+        if !root.is_hole() && root.level as u32 + 1 != nlevels as u32 {
+            return bad(format!("root level {} with {} levels", root.level, nlevels));
+        }
+        let mut bonus = [0u8; BONUS_SIZE];
+        bonus.copy_from_slice(&b[192..256]);
+        Ok(Dnode {
+            otype,
+            nlevels,
+            data_shift,
+            copies,
+            size: le64(8),
+            used: le64(24),
+            root,
+            bonus,
+        })
+    }
+
+    /// Level-0 blocks addressable with the current number of levels.
+    fn capacity(&self) -> u64 {
+        1u64.checked_shl(BPS_SHIFT * (self.nlevels as u32 - 1))
+            .unwrap_or(u64::MAX)
+    }
+}
+
+/// The I/O context of a txg: the vdevs, which take writes, the allocator and the txg numbers.
+pub struct TxgCtx<'a> {
+    pub vdevs: &'a [Arc<TopVdev>],
+    pub usable: Vec<bool>,
+    pub alloc: &'a mut Allocator,
+    /// The txg being written.
+    pub txg: Txg,
+    /// The last committed txg.
+    pub committed: Txg,
+}
+
+/// Read and verify a block: every DVA in turn until one verifies.
+pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; bp.psize as usize];
+    let mut last: Option<PoolError> = None;
+    for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
+        let Some(v) = vdevs.get(d.vdev as usize) else {
+            last = Some(PoolError::corrupt(
+                "block pointer",
+                format!("DVA names vdev {} of {}", d.vdev, vdevs.len()),
+            ));
+            continue;
+        };
+        let want = bp.checksum;
+        match v.read(d.offset, &mut buf, &|b: &[u8]| checksum(b) == want) {
+            Ok(()) => return Ok(buf),
+            Err(e) => last = Some(e.into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| PoolError::corrupt("block", "no DVA")))
+}
+
+/// A block to be written by [`write_blocks`].
+pub struct NewBlock {
+    pub data: Vec<u8>,
+    pub kind: BlockKind,
+    pub level: u8,
+    pub copies: u8,
+    pub fill: u64,
+}
+
+/// Allocate and write blocks (in parallel), returning their block pointers in order.
+pub fn write_blocks(ctx: &mut TxgCtx, blocks: &[NewBlock]) -> Result<Vec<BlockPtr>> {
+    let mut bps = blocks
+        .iter()
+        .map(|b| alloc_bp(ctx, b.data.len() as u64, b.kind, b.level, b.copies, b.fill))
+        .collect::<Result<Vec<_>>>()?;
+    write_allocated(ctx.vdevs, &mut bps, blocks)?;
+    Ok(bps)
+}
+
+/// Allocate the DVAs of a new block (checksum still empty): each copy on a different top-level vdev
+/// where there is one.
+pub fn alloc_bp(
+    ctx: &mut TxgCtx,
+    size: u64,
+    kind: BlockKind,
+    level: u8,
+    copies: u8,
+    fill: u64,
+) -> Result<BlockPtr> {
+    debug_assert!(size.is_multiple_of(SECTOR));
+    let mut dvas = [Dva::default(); MAX_DVAS];
+    let mut avoid: Vec<u32> = Vec::new();
+    for slot in dvas.iter_mut().take(copies.clamp(1, 3) as usize) {
+        let got = match ctx
+            .alloc
+            .alloc(ctx.vdevs, &ctx.usable, size, &avoid, ctx.committed)?
+        {
+            Some(x) => Some(x),
+            // Fewer top-level vdevs than copies: put the extra copy on one already used.
+            None => ctx
+                .alloc
+                .alloc(ctx.vdevs, &ctx.usable, size, &[], ctx.committed)?,
+        };
+        let Some((vdev, offset)) = got else {
+            return Err(PoolError::NoSpace);
+        };
+        avoid.push(vdev);
+        *slot = Dva {
+            vdev,
+            asize_sectors: (size / SECTOR) as u32,
+            offset,
+        };
+    }
+    Ok(BlockPtr {
+        dvas,
+        birth: ctx.txg,
+        lsize: size as u32,
+        psize: size as u32,
+        kind,
+        level,
+        checksum_type: CKSUM_BLAKE3,
+        compression: 0,
+        fill,
+        checksum: [0; 32],
+    })
+}
+
+/// Write blocks whose DVAs are allocated, filling in their checksums.
+pub fn write_allocated(
+    vdevs: &[Arc<TopVdev>],
+    bps: &mut [BlockPtr],
+    blocks: &[NewBlock],
+) -> Result<()> {
+    bps.par_iter_mut()
+        .zip(blocks.par_iter())
+        .try_for_each(|(bp, b)| -> Result<()> {
+            bp.checksum = checksum(&b.data);
+            let mut err = None;
+            for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
+                match vdevs[d.vdev as usize].write(d.offset, &b.data) {
+                    Ok(()) => {}
+                    Err(e) => err = Some(e),
+                }
+            }
+            // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
+            // (A mirror already counts a write as done when one child took it.)
+            match err {
+                Some(e) => Err(e.into()),
+                None => Ok(()),
+            }
+        })
+}
+
+/// Free every DVA of a block (deferred by the allocator).
+pub fn free_bp(ctx: &mut TxgCtx, bp: &BlockPtr) {
+    if bp.is_hole() {
+        return;
+    }
+    for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
+        if let Err(e) = ctx.alloc.free(
+            ctx.vdevs,
+            d.vdev,
+            d.offset,
+            d.asize(),
+            ctx.txg,
+            ctx.committed,
+        ) {
+            // A bad free is a symptom of earlier damage; leaking the space is the safe reaction.
+            tracing::error!("{e}");
+        }
+    }
+}
+
+struct Ind {
+    bps: Vec<BlockPtr>,
+    dirty: bool,
+}
+
+/// An object loaded in memory.
+pub struct Obj {
+    pub id: u64,
+    pub dnode: Dnode,
+    /// Level-0 blocks changed in the open txg: `Some(data)` or `None` for a hole.
+    dirty: BTreeMap<u64, Option<Vec<u8>>>,
+    /// Ranges of level-0 block ids freed in the open txg, [start, end).
+    frees: Vec<(u64, u64)>,
+    ind: HashMap<(u8, u64), Ind>,
+    dnode_dirty: bool,
+}
+
+impl Obj {
+    fn new(id: u64, dnode: Dnode) -> Obj {
+        Obj {
+            id,
+            dnode,
+            dirty: BTreeMap::new(),
+            frees: Vec::new(),
+            ind: HashMap::new(),
+            dnode_dirty: false,
+        }
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dnode_dirty || !self.dirty.is_empty() || !self.frees.is_empty()
+    }
+
+    /// Bytes of data held dirty in memory.
+    pub fn dirty_bytes(&self) -> u64 {
+        self.dirty.len() as u64 * self.dnode.block_size() as u64
+    }
+
+    /// The block pointer at (level, index) in the current tree (the open txg's view of indirects).
+    fn get_bp(&mut self, vdevs: &[Arc<TopVdev>], level: u8, index: u64) -> Result<BlockPtr> {
+        let top = self.dnode.nlevels - 1;
+        if level > top {
+            return Ok(BlockPtr::HOLE);
+        }
+        if level == top {
+            return Ok(if index == 0 {
+                self.dnode.root
+            } else {
+                BlockPtr::HOLE
+            });
+        }
+        let parent = index >> BPS_SHIFT;
+        self.load_ind(vdevs, level + 1, parent)?;
+        Ok(self.ind[&(level + 1, parent)].bps[(index & (BPS_PER_IND - 1)) as usize])
+    }
+
+    fn load_ind(&mut self, vdevs: &[Arc<TopVdev>], level: u8, index: u64) -> Result<()> {
+        if self.ind.contains_key(&(level, index)) {
+            return Ok(());
+        }
+        let bp = self.get_bp(vdevs, level, index)?;
+        let bps = if bp.is_hole() {
+            vec![BlockPtr::HOLE; BPS_PER_IND as usize]
+        } else {
+            if bp.kind != BlockKind::Indirect || bp.level != level || bp.psize as usize != IND_SIZE
+            {
+                return Err(PoolError::corrupt(
+                    format!("object {} indirect block L{level}/{index}", self.id),
+                    format!(
+                        "pointer says kind {:?} level {} size {}",
+                        bp.kind, bp.level, bp.psize
+                    ),
+                ));
+            }
+            let data = read_bp(vdevs, &bp)?;
+            let mut v = Vec::with_capacity(BPS_PER_IND as usize);
+            for c in data.chunks(BP_SIZE) {
+                let child = BlockPtr::decode(c)?;
+                if !child.is_hole() && child.level + 1 != level {
+                    return Err(PoolError::corrupt(
+                        format!("object {} indirect block L{level}/{index}", self.id),
+                        format!("child at level {}", child.level),
+                    ));
+                }
+                v.push(child);
+            }
+            v
+        };
+        self.ind.insert((level, index), Ind { bps, dirty: false });
+        Ok(())
+    }
+
+    fn set_bp(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        level: u8,
+        index: u64,
+        bp: BlockPtr,
+    ) -> Result<()> {
+        let top = self.dnode.nlevels - 1;
+        self.dnode_dirty = true;
+        if level == top {
+            debug_assert_eq!(index, 0);
+            self.dnode.root = bp;
+            return Ok(());
+        }
+        let parent = index >> BPS_SHIFT;
+        self.load_ind(vdevs, level + 1, parent)?;
+        let ind = self.ind.get_mut(&(level + 1, parent)).expect("loaded");
+        ind.bps[(index & (BPS_PER_IND - 1)) as usize] = bp;
+        ind.dirty = true;
+        Ok(())
+    }
+
+    /// Make room for level-0 block `blkid` by adding levels on top.
+    fn grow(&mut self, blkid: u64) -> Result<()> {
+        while self.dnode.capacity() <= blkid {
+            if self.dnode.nlevels as usize >= MAX_LEVELS {
+                return Err(PoolError::Invalid(format!(
+                    "object {} cannot grow to block {blkid}",
+                    self.id
+                )));
+            }
+            let mut bps = vec![BlockPtr::HOLE; BPS_PER_IND as usize];
+            bps[0] = self.dnode.root;
+            self.ind
+                .insert((self.dnode.nlevels, 0), Ind { bps, dirty: true });
+            self.dnode.root = BlockPtr::HOLE;
+            self.dnode.nlevels += 1;
+            self.dnode_dirty = true;
+        }
+        Ok(())
+    }
+
+    fn in_pending_free(&self, blkid: u64) -> bool {
+        self.frees.iter().any(|&(a, b)| a <= blkid && blkid < b)
+    }
+
+    /// The current contents of level-0 block `blkid` (zeros for a hole).
+    pub fn read_block(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<Vec<u8>> {
+        let bs = self.dnode.block_size();
+        if let Some(d) = self.dirty.get(&blkid) {
+            return Ok(d.clone().unwrap_or_else(|| vec![0u8; bs]));
+        }
+        if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() {
+            return Ok(vec![0u8; bs]);
+        }
+        let bp = self.get_bp(vdevs, 0, blkid)?;
+        if bp.is_hole() {
+            return Ok(vec![0u8; bs]);
+        }
+        if bp.kind != BlockKind::Data && bp.kind != BlockKind::Dnodes || bp.psize as usize != bs {
+            return Err(PoolError::corrupt(
+                format!("object {} block {blkid}", self.id),
+                format!("pointer says kind {:?} size {}", bp.kind, bp.psize),
+            ));
+        }
+        read_bp(vdevs, &bp)
+    }
+
+    /// Read `buf.len()` bytes at `off`.
+    pub fn read(&mut self, vdevs: &[Arc<TopVdev>], off: u64, buf: &mut [u8]) -> Result<()> {
+        let bs = self.dnode.block_size() as u64;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let o = off + pos as u64;
+            let blkid = o / bs;
+            let within = (o % bs) as usize;
+            let take = (bs as usize - within).min(buf.len() - pos);
+            let block = self.read_block(vdevs, blkid)?;
+            buf[pos..pos + take].copy_from_slice(&block[within..within + take]);
+            pos += take;
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `off` (in memory until the next sync).
+    pub fn write(&mut self, vdevs: &[Arc<TopVdev>], off: u64, data: &[u8]) -> Result<()> {
+        let bs = self.dnode.block_size() as u64;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let last = (off + data.len() as u64 - 1) / bs;
+        self.grow(last)?;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let o = off + pos as u64;
+            let blkid = o / bs;
+            let within = (o % bs) as usize;
+            let take = (bs as usize - within).min(data.len() - pos);
+            let mut block = if take == bs as usize {
+                vec![0u8; bs as usize]
+            } else {
+                match self.dirty.remove(&blkid) {
+                    Some(Some(d)) => d,
+                    Some(None) => vec![0u8; bs as usize],
+                    None => self.read_block(vdevs, blkid)?,
+                }
+            };
+            block[within..within + take].copy_from_slice(&data[pos..pos + take]);
+            self.dirty.insert(blkid, Some(block));
+            pos += take;
+        }
+        Ok(())
+    }
+
+    /// Free whole blocks in [off, off+len) and zero the partial ends.
+    pub fn free_range(&mut self, vdevs: &[Arc<TopVdev>], off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = self.dnode.block_size() as u64;
+        let end = off.saturating_add(len);
+        let first_full = off.div_ceil(bs);
+        let last_full = end / bs; // exclusive
+        if first_full > last_full {
+            // Inside one block.
+            return self.write(vdevs, off, &vec![0u8; (end - off) as usize]);
+        }
+        if off < first_full * bs {
+            self.write(vdevs, off, &vec![0u8; (first_full * bs - off) as usize])?;
+        }
+        if last_full * bs < end {
+            self.write(
+                vdevs,
+                last_full * bs,
+                &vec![0u8; (end - last_full * bs) as usize],
+            )?;
+        }
+        if first_full < last_full {
+            let keys: Vec<u64> = self
+                .dirty
+                .range(first_full..last_full)
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                self.dirty.remove(&k);
+            }
+            let b = last_full.min(self.dnode.capacity());
+            if first_full < b {
+                self.frees.push((first_full, b));
+            }
+        }
+        Ok(())
+    }
+
+    /// Free the blocks under (level, index) that fall in [a, b).
+    fn free_walk(&mut self, ctx: &mut TxgCtx, level: u8, index: u64, a: u64, b: u64) -> Result<()> {
+        let bp = self.get_bp(ctx.vdevs, level, index)?;
+        if bp.is_hole() {
+            return Ok(());
+        }
+        if level == 0 {
+            if a <= index && index < b {
+                free_bp(ctx, &bp);
+                self.dnode.used = self.dnode.used.saturating_sub(bp.asize());
+                self.set_bp(ctx.vdevs, 0, index, BlockPtr::HOLE)?;
+            }
+            return Ok(());
+        }
+        let span = 1u64 << (BPS_SHIFT * level as u32);
+        let first_child = index << BPS_SHIFT;
+        let child_span = span >> BPS_SHIFT;
+        for i in 0..BPS_PER_IND {
+            let c = first_child + i;
+            let lo = c * child_span;
+            let hi = lo + child_span;
+            if hi <= a || lo >= b {
+                continue;
+            }
+            self.free_walk(ctx, level - 1, c, a, b)?;
+        }
+        Ok(())
+    }
+
+    /// Write everything dirty in this object; updates the dnode.
+    pub fn sync(&mut self, ctx: &mut TxgCtx, data_kind: BlockKind) -> Result<()> {
+        let top = self.dnode.nlevels - 1;
+        for (a, b) in std::mem::take(&mut self.frees) {
+            self.free_walk(ctx, top, 0, a, b)?;
+        }
+        // Level 0.
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut writes: Vec<(u64, NewBlock)> = Vec::new();
+        for (blkid, d) in dirty {
+            match d {
+                Some(data) if data.iter().any(|&x| x != 0) => writes.push((
+                    blkid,
+                    NewBlock {
+                        data,
+                        kind: data_kind,
+                        level: 0,
+                        copies: self.dnode.copies,
+                        fill: 1,
+                    },
+                )),
+                _ => {
+                    let old = self.get_bp(ctx.vdevs, 0, blkid)?;
+                    if !old.is_hole() {
+                        free_bp(ctx, &old);
+                        self.dnode.used = self.dnode.used.saturating_sub(old.asize());
+                        self.set_bp(ctx.vdevs, 0, blkid, BlockPtr::HOLE)?;
+                    }
+                }
+            }
+        }
+        let (ids, blocks): (Vec<u64>, Vec<NewBlock>) = writes.into_iter().unzip();
+        let bps = write_blocks(ctx, &blocks)?;
+        drop(blocks);
+        for (blkid, bp) in ids.into_iter().zip(bps) {
+            self.replace_bp(ctx, 0, blkid, bp)?;
+        }
+        // Indirect levels, bottom-up.
+        let meta_copies = (self.dnode.copies + 1).min(3);
+        for level in 1..=top {
+            let mut keys: Vec<u64> = self
+                .ind
+                .iter()
+                .filter(|((l, _), ind)| *l == level && ind.dirty)
+                .map(|((_, i), _)| *i)
+                .collect();
+            keys.sort_unstable();
+            let mut blocks = Vec::new();
+            let mut holes = Vec::new();
+            for &i in &keys {
+                let ind = self.ind.get_mut(&(level, i)).expect("listed");
+                ind.dirty = false;
+                let fill: u64 = ind.bps.iter().map(|b| b.fill).sum();
+                if ind.bps.iter().all(|b| b.is_hole()) {
+                    holes.push(i);
+                    continue;
+                }
+                let mut data = vec![0u8; IND_SIZE];
+                for (j, b) in ind.bps.iter().enumerate() {
+                    b.encode_into(&mut data[j * BP_SIZE..(j + 1) * BP_SIZE]);
+                }
+                blocks.push((
+                    i,
+                    NewBlock {
+                        data,
+                        kind: BlockKind::Indirect,
+                        level,
+                        copies: meta_copies,
+                        fill,
+                    },
+                ));
+            }
+            let (ids, nb): (Vec<u64>, Vec<NewBlock>) = blocks.into_iter().unzip();
+            let bps = write_blocks(ctx, &nb)?;
+            for (i, bp) in ids.into_iter().zip(bps) {
+                self.replace_bp(ctx, level, i, bp)?;
+            }
+            for i in holes {
+                self.replace_bp(ctx, level, i, BlockPtr::HOLE)?;
+                self.ind.remove(&(level, i));
+            }
+        }
+        if self.ind.len() > MAX_CACHED_IND {
+            self.ind.retain(|_, ind| ind.dirty);
+        }
+        Ok(())
+    }
+
+    fn replace_bp(&mut self, ctx: &mut TxgCtx, level: u8, index: u64, bp: BlockPtr) -> Result<()> {
+        let old = self.get_bp(ctx.vdevs, level, index)?;
+        if !old.is_hole() {
+            free_bp(ctx, &old);
+            self.dnode.used = self.dnode.used.saturating_sub(old.asize());
+        }
+        self.dnode.used += bp.asize();
+        self.set_bp(ctx.vdevs, level, index, bp)
+    }
+}
+
+/// The objset block the uberblock points at: the meta dnode and per-vdev allocated bytes.
+pub const OBJSET_SIZE: usize = 4096;
+pub const OBJSET_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNOS\0");
+pub const OBJSET_VERSION: u32 = 1;
+pub const MAX_TOPS: usize = 256;
+
+pub struct ObjsetPhys {
+    pub meta: Dnode,
+    pub alloc_bytes: Vec<u64>,
+}
+
+impl ObjsetPhys {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; OBJSET_SIZE];
+        b[0..8].copy_from_slice(&OBJSET_MAGIC.to_le_bytes());
+        b[8..12].copy_from_slice(&OBJSET_VERSION.to_le_bytes());
+        b[12..16].copy_from_slice(&(self.alloc_bytes.len() as u32).to_le_bytes());
+        self.meta.encode_into(&mut b[16..16 + DNODE_SIZE]);
+        for (i, a) in self.alloc_bytes.iter().enumerate() {
+            let o = 272 + i * 8;
+            b[o..o + 8].copy_from_slice(&a.to_le_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<ObjsetPhys> {
+        let bad = |d: String| Err(PoolError::corrupt("objset block", d));
+        if b.len() != OBJSET_SIZE {
+            return bad(format!("size {}", b.len()));
+        }
+        let le32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+        let mut m = [0u8; 8];
+        m.copy_from_slice(&b[0..8]);
+        if u64::from_le_bytes(m) != OBJSET_MAGIC {
+            return bad("bad magic".into());
+        }
+        if le32(8) != OBJSET_VERSION {
+            return bad(format!("version {}", le32(8)));
+        }
+        let n = le32(12) as usize;
+        if n > MAX_TOPS {
+            return bad(format!("{n} vdevs"));
+        }
+        let meta = Dnode::decode(&b[16..16 + DNODE_SIZE])?;
+        if meta.otype != ObjType::Bytes || meta.data_shift != META_SHIFT {
+            return bad("meta dnode has the wrong type or block size".into());
+        }
+        let alloc_bytes = (0..n)
+            .map(|i| {
+                let o = 272 + i * 8;
+                let mut a = [0u8; 8];
+                a.copy_from_slice(&b[o..o + 8]);
+                u64::from_le_bytes(a)
+            })
+            .collect();
+        Ok(ObjsetPhys { meta, alloc_bytes })
+    }
+}
+
+/// An object set: the meta object (dnodes) and the objects loaded from it.
+pub struct ObjSet {
+    meta: Obj,
+    objs: HashMap<u64, Obj>,
+}
+
+impl ObjSet {
+    /// A new, empty object set.
+    pub fn create() -> ObjSet {
+        let mut meta = Obj::new(0, Dnode::new(ObjType::Bytes, META_SHIFT, 2));
+        meta.dnode_dirty = true;
+        ObjSet {
+            meta,
+            objs: HashMap::new(),
+        }
+    }
+
+    pub fn open(meta: Dnode) -> ObjSet {
+        ObjSet {
+            meta: Obj::new(0, meta),
+            objs: HashMap::new(),
+        }
+    }
+
+    pub fn meta_dnode(&self) -> Dnode {
+        self.meta.dnode
+    }
+
+    fn max_objects(&self) -> u64 {
+        self.meta.dnode.size / DNODE_SIZE as u64
+    }
+
+    /// The loaded object `id`, reading its dnode if needed.
+    pub fn obj(&mut self, vdevs: &[Arc<TopVdev>], id: u64) -> Result<&mut Obj> {
+        if !self.objs.contains_key(&id) {
+            if id == 0 || id >= self.max_objects() {
+                return Err(PoolError::NotFound(format!("object {id} does not exist")));
+            }
+            let mut b = vec![0u8; DNODE_SIZE];
+            self.meta.read(vdevs, id * DNODE_SIZE as u64, &mut b)?;
+            let dn = Dnode::decode(&b)?;
+            if dn.otype == ObjType::Free {
+                return Err(PoolError::NotFound(format!("object {id} does not exist")));
+            }
+            self.objs.insert(id, Obj::new(id, dn));
+        }
+        Ok(self.objs.get_mut(&id).expect("inserted"))
+    }
+
+    /// Create an object; returns its id.
+    pub fn create_object(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        otype: ObjType,
+        data_shift: u8,
+        copies: u8,
+    ) -> Result<u64> {
+        if !(MIN_DATA_SHIFT..=MAX_DATA_SHIFT).contains(&data_shift) || !(1..=3).contains(&copies) {
+            return Err(PoolError::Invalid(format!(
+                "bad object parameters: block shift {data_shift}, copies {copies}"
+            )));
+        }
+        // First free dnode slot, else a new one at the end.
+        let mut id = self.max_objects().max(1);
+        for cand in 1..self.max_objects() {
+            if self.objs.contains_key(&cand) {
+                continue;
+            }
+            let mut b = vec![0u8; DNODE_SIZE];
+            self.meta.read(vdevs, cand * DNODE_SIZE as u64, &mut b)?;
+            if b[0] == ObjType::Free as u8 {
+                id = cand;
+                break;
+            }
+        }
+        let mut o = Obj::new(id, Dnode::new(otype, data_shift, copies));
+        o.dnode_dirty = true;
+        self.objs.insert(id, o);
+        let end = (id + 1) * DNODE_SIZE as u64;
+        if end > self.meta.dnode.size {
+            self.meta.dnode.size = end;
+            self.meta.dnode_dirty = true;
+        }
+        Ok(id)
+    }
+
+    /// Free an object and all its blocks at the next sync.
+    pub fn destroy_object(&mut self, vdevs: &[Arc<TopVdev>], id: u64) -> Result<()> {
+        let o = self.obj(vdevs, id)?;
+        let cap = o.dnode.capacity();
+        o.dirty.clear();
+        o.frees.push((0, cap));
+        o.dnode.size = 0;
+        o.dnode.otype = ObjType::Free;
+        o.dnode_dirty = true;
+        Ok(())
+    }
+
+    pub fn dirty_bytes(&self) -> u64 {
+        self.objs.values().map(|o| o.dirty_bytes()).sum::<u64>() + self.meta.dirty_bytes()
+    }
+
+    /// Space the dirty data will take once written (every copy).
+    pub fn dirty_space(&self) -> u64 {
+        self.objs
+            .values()
+            .chain(std::iter::once(&self.meta))
+            .map(|o| o.dirty_bytes() * o.dnode.copies.max(1) as u64)
+            .sum()
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.meta.is_dirty() || self.objs.values().any(|o| o.is_dirty())
+    }
+
+    /// Write everything dirty; returns the new meta dnode.
+    pub fn sync(&mut self, ctx: &mut TxgCtx) -> Result<Dnode> {
+        let mut ids: Vec<u64> = self
+            .objs
+            .iter()
+            .filter(|(_, o)| o.is_dirty())
+            .map(|(i, _)| *i)
+            .collect();
+        ids.sort_unstable();
+        for id in ids {
+            let o = self.objs.get_mut(&id).expect("listed");
+            let kind = BlockKind::Data;
+            o.sync(ctx, kind)?;
+            // A freed object ends with an empty tree; its dnode slot becomes free.
+            let dn = if o.dnode.otype == ObjType::Free {
+                Dnode::FREE
+            } else {
+                o.dnode
+            };
+            o.dnode_dirty = false;
+            let mut b = vec![0u8; DNODE_SIZE];
+            dn.encode_into(&mut b);
+            self.meta.write(ctx.vdevs, id * DNODE_SIZE as u64, &b)?;
+            if dn.otype == ObjType::Free {
+                self.objs.remove(&id);
+            }
+        }
+        self.meta.sync(ctx, BlockKind::Dnodes)?;
+        self.meta.dnode_dirty = false;
+        Ok(self.meta.dnode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dnode_roundtrip_and_validation() {
+        let mut d = Dnode::new(ObjType::Volume, 14, 2);
+        d.size = 12345;
+        let mut b = vec![0u8; DNODE_SIZE];
+        d.encode_into(&mut b);
+        assert_eq!(Dnode::decode(&b).unwrap(), d);
+        b[2] = 40;
+        assert!(Dnode::decode(&b).is_err());
+        b[2] = 14;
+        b[1] = 99;
+        assert!(Dnode::decode(&b).is_err());
+        assert_eq!(Dnode::decode(&[0u8; DNODE_SIZE]).unwrap(), Dnode::FREE);
+    }
+
+    #[test]
+    fn capacity_grows_by_128() {
+        let mut d = Dnode::new(ObjType::Bytes, 12, 1);
+        assert_eq!(d.capacity(), 1);
+        d.nlevels = 2;
+        assert_eq!(d.capacity(), 128);
+        d.nlevels = 3;
+        assert_eq!(d.capacity(), 128 * 128);
+    }
+}

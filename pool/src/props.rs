@@ -1,0 +1,216 @@
+//! Pool properties: which exist, which can be set, and how values are validated.
+//!
+//! User-set values are stored in the pool's props object (a bincode map inside a checksummed block);
+//! read-only values are computed. Sizes arrive here already converted to bytes by the caller.
+
+use crate::error::{PoolError, Result};
+
+/// A property definition.
+pub struct PropDef {
+    pub name: &'static str,
+    pub settable: bool,
+    pub default: &'static str,
+}
+
+pub const PROPS: &[PropDef] = &[
+    PropDef {
+        name: "name",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "size",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "capacity",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "allocated",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "free",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "fragmentation",
+        settable: false,
+        default: "-",
+    },
+    PropDef {
+        name: "health",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "guid",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "txg",
+        settable: false,
+        default: "",
+    },
+    PropDef {
+        name: "ashift",
+        settable: false,
+        default: "12",
+    },
+    PropDef {
+        name: "comment",
+        settable: true,
+        default: "-",
+    },
+    PropDef {
+        name: "scrub_schedule",
+        settable: true,
+        default: "off",
+    },
+    PropDef {
+        name: "scrub_rate_limit",
+        settable: true,
+        default: "0",
+    },
+];
+
+pub fn find(name: &str) -> Option<&'static PropDef> {
+    PROPS.iter().find(|p| p.name == name)
+}
+
+/// Validate (and normalise) a value for a settable property.
+pub fn validate(name: &str, value: &str) -> Result<String> {
+    let Some(def) = find(name) else {
+        return Err(PoolError::Invalid(format!("invalid property '{name}'")));
+    };
+    if !def.settable {
+        return Err(PoolError::Invalid(format!("property '{name}' is readonly")));
+    }
+    match name {
+        "comment" => {
+            if value.len() > 8192 {
+                return Err(PoolError::Invalid(
+                    "comment is too long (max 8192 bytes)".into(),
+                ));
+            }
+            if value.chars().any(|c| c.is_control()) {
+                return Err(PoolError::Invalid(
+                    "comment contains control characters".into(),
+                ));
+            }
+            Ok(value.to_string())
+        }
+        "scrub_schedule" => validate_schedule(value).map(|()| value.to_string()),
+        "scrub_rate_limit" => value.parse::<u64>().map(|v| v.to_string()).map_err(|_| {
+            PoolError::Invalid(format!("invalid scrub_rate_limit '{value}': not a size"))
+        }),
+        _ => Ok(value.to_string()),
+    }
+}
+
+/// `off`, `daily`, `weekly`, `monthly`, an interval `N[smhdw]`, or a 5-field cron line.
+pub fn validate_schedule(v: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(PoolError::Invalid(format!(
+            "invalid scrub_schedule '{v}': {why}"
+        )))
+    };
+    match v {
+        "off" | "daily" | "weekly" | "monthly" => return Ok(()),
+        _ => {}
+    }
+    if let Some(unit) = v.chars().last().filter(|c| "smhdw".contains(*c)) {
+        let num = &v[..v.len() - unit.len_utf8()];
+        if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
+            return match num.parse::<u64>() {
+                Ok(0) | Err(_) => bad("interval must be positive"),
+                Ok(_) => Ok(()),
+            };
+        }
+    }
+    let fields: Vec<&str> = v.split_whitespace().collect();
+    if fields.len() != 5 {
+        return bad("expected off, daily, weekly, monthly, an interval like 7d, or 5 cron fields");
+    }
+    let ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
+    for (f, (lo, hi)) in fields.iter().zip(ranges) {
+        for part in f.split(',') {
+            let (range, step) = match part.split_once('/') {
+                Some((r, s)) => (r, Some(s)),
+                None => (part, None),
+            };
+            if let Some(s) = step {
+                if s.parse::<u32>().map_or(true, |s| s == 0) {
+                    return bad(&format!("bad step in '{part}'"));
+                }
+            }
+            if range == "*" {
+                continue;
+            }
+            let nums: Vec<&str> = range.split('-').collect();
+            if nums.is_empty() || nums.len() > 2 {
+                return bad(&format!("bad field '{part}'"));
+            }
+            for n in nums {
+                let ok = n.parse::<u32>().is_ok_and(|x| x >= lo && x <= hi) || is_cron_name(n);
+                if !ok {
+                    return bad(&format!("'{n}' out of range {lo}-{hi}"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn is_cron_name(n: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec", "sun",
+        "mon", "tue", "wed", "thu", "fri", "sat",
+    ];
+    NAMES.contains(&n.to_ascii_lowercase().as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        for ok in [
+            "off",
+            "weekly",
+            "7d",
+            "12h",
+            "0 3 * * 0",
+            "*/15 * * * mon-fri",
+            "0 0 1 jan *",
+        ] {
+            validate_schedule(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "0d",
+            "sometimes",
+            "0 3 * *",
+            "61 * * * *",
+            "* * * * * *",
+            "*/0 * * * *",
+        ] {
+            assert!(validate_schedule(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn readonly_and_unknown() {
+        assert!(validate("size", "1").is_err());
+        assert!(validate("bogus", "1").is_err());
+        assert!(validate("scrub_rate_limit", "abc").is_err());
+        assert_eq!(validate("scrub_rate_limit", "1048576").unwrap(), "1048576");
+    }
+}
