@@ -1,12 +1,188 @@
-#[allow(dead_code)]
+//! cairn: the command-line front end (zpool/zfs-style command families).
+//!
+//! Without a daemon, every command opens the pools it needs itself (an exclusive lock on the leaves keeps
+//! two processes apart) and records imported pools in the state directory's cache, like zpool.cache.
+//! Errors print as `cannot <verb> '<name>': <reason>` and exit 1; usage errors exit 2.
+
 mod names;
-#[allow(dead_code)]
 mod output;
-#[allow(dead_code)]
+mod poolcmd;
 mod size;
-#[allow(dead_code)]
 mod statedir;
-#[allow(dead_code)]
 mod vdevspec;
 
-fn main() {}
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "cairn", version, about = "Cairn: a pooled volume manager with checksums, mirrors and NBD")]
+struct Cli {
+    /// State directory (imported pools, sockets); default $CAIRN_STATE_DIR, else a per-user directory.
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Top,
+}
+
+#[derive(Subcommand)]
+enum Top {
+    /// Pool commands (like zpool).
+    #[command(subcommand)]
+    Pool(PoolCmd),
+}
+
+#[derive(Args, Clone, Default)]
+pub struct ListFlags {
+    /// Scripted mode: no header, tab-separated fields.
+    #[arg(short = 'H')]
+    pub scripted: bool,
+    /// Exact (parsable) numbers.
+    #[arg(short = 'p')]
+    pub parsable: bool,
+    /// JSON output.
+    #[arg(short = 'j')]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum PoolCmd {
+    /// Create a pool: cairn pool create [-f] [-o PROP=VAL]... [--size SIZE] POOL VDEV_SPEC...
+    Create {
+        /// Use leaves that belong to another (exported or not open) pool.
+        #[arg(short = 'f')]
+        force: bool,
+        #[arg(short = 'o', value_name = "PROP=VAL")]
+        props: Vec<String>,
+        /// Create missing leaf files as sparse files of this size.
+        #[arg(long, value_name = "SIZE")]
+        size: Option<String>,
+        pool: String,
+        /// mirror LEAF LEAF... | stripe LEAF... | LEAF, repeated.
+        #[arg(required = true, num_args = 1..)]
+        vdevs: Vec<String>,
+    },
+    /// List pools with their size and health.
+    List {
+        #[command(flatten)]
+        flags: ListFlags,
+        /// Columns: name,size,alloc,free,ckpoint,expandsz,frag,cap,dedup,health,altroot,guid.
+        #[arg(short = 'o', value_name = "COLS")]
+        cols: Option<String>,
+        pools: Vec<String>,
+    },
+    /// Show the health and configuration of pools.
+    Status {
+        /// Verbose: list data errors.
+        #[arg(short = 'v')]
+        verbose: bool,
+        /// Full paths of leaves.
+        #[arg(short = 'P')]
+        full_paths: bool,
+        #[arg(short = 'j')]
+        json: bool,
+        pools: Vec<String>,
+    },
+    /// List importable pools, or import one by name or GUID (optionally under a new name).
+    Import {
+        /// Directory to search for leaves (repeatable); default /dev.
+        #[arg(short = 'd', value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+        /// Import a pool that was not cleanly exported or is marked in use by another system.
+        #[arg(short = 'f')]
+        force: bool,
+        pool: Option<String>,
+        newname: Option<String>,
+    },
+    /// Commit and release a pool so it can be moved or imported elsewhere.
+    Export {
+        #[arg(short = 'f')]
+        force: bool,
+        pool: String,
+    },
+    /// Destroy a pool (its leaves become free for reuse).
+    Destroy {
+        #[arg(short = 'f')]
+        force: bool,
+        pool: String,
+    },
+    /// Add top-level vdevs to a pool.
+    Add {
+        /// Allow a replication level that differs from the pool's.
+        #[arg(short = 'f')]
+        force: bool,
+        pool: String,
+        #[arg(required = true, num_args = 1..)]
+        vdevs: Vec<String>,
+    },
+    /// Show pool properties: cairn pool get PROP[,PROP...]|all POOL...
+    Get {
+        #[command(flatten)]
+        flags: ListFlags,
+        props: String,
+        pools: Vec<String>,
+    },
+    /// Set a pool property: cairn pool set PROP=VAL POOL
+    Set { assignment: String, pool: String },
+    /// Show the command history of pools.
+    History { pools: Vec<String> },
+}
+
+/// A failed command: printed as `cannot <verb> '<name>': <reason>`.
+#[derive(Debug)]
+pub struct CmdError {
+    pub verb: String,
+    pub name: String,
+    pub reason: String,
+}
+
+impl CmdError {
+    pub fn new(verb: &str, name: &str, reason: impl std::fmt::Display) -> CmdError {
+        CmdError {
+            verb: verb.to_string(),
+            name: name.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let state_dir = statedir::resolve_state_dir(cli.state_dir.as_deref());
+    let sd = match statedir::StateDir::open(&state_dir) {
+        Ok(sd) => sd,
+        Err(e) => {
+            eprintln!(
+                "cannot open state directory '{}': {e}",
+                state_dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
+    let cmdline = std::env::args()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let result = match cli.cmd {
+        Top::Pool(cmd) => poolcmd::run(&sd, cmd, &cmdline),
+    };
+    match result {
+        Ok(code) => code,
+        Err(errs) => {
+            for e in errs {
+                eprintln!("cannot {} '{}': {}", e.verb, e.name, e.reason);
+            }
+            ExitCode::from(1)
+        }
+    }
+}

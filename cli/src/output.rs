@@ -38,6 +38,7 @@ impl Table {
     }
 
     /// The number of rows pushed so far.
+    #[allow(dead_code)]
     pub fn len(&self) -> usize {
         self.rows.len()
     }

@@ -237,6 +237,7 @@ impl StateDir {
     }
 
     /// The directory's path.
+    #[allow(dead_code)]
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -361,6 +362,7 @@ impl StateDir {
     }
 
     /// Takes the cache lock if it is free; `None` if another holder has it.
+    #[allow(dead_code)]
     pub fn try_lock_cache(&self) -> io::Result<Option<CacheLock>> {
         let file = self.open_lock_file()?;
         match file.try_lock() {

@@ -1,0 +1,744 @@
+//! The `cairn pool` commands: create, list, status, import, export, destroy, add, get, set, history.
+
+use crate::names::validate_pool_name;
+use crate::output::{json_envelope, select_columns, Table};
+use crate::size::{format_compact, parse_size};
+use crate::statedir::{CacheEntry, StateDir};
+use crate::vdevspec::{parse_vdev_spec, SpecKind};
+use crate::{CmdError, ListFlags, PoolCmd};
+use cairn_pool::import::{self, ImportCandidate};
+use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
+use cairn_pool::{CreateOptions, Guid, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+type CmdResult = Result<ExitCode, Vec<CmdError>>;
+
+fn one(e: CmdError) -> Vec<CmdError> {
+    vec![e]
+}
+
+pub fn run(sd: &StateDir, cmd: PoolCmd, cmdline: &str) -> CmdResult {
+    match cmd {
+        PoolCmd::Create {
+            force,
+            props,
+            size,
+            pool,
+            vdevs,
+        } => create(sd, force, &props, size.as_deref(), &pool, &vdevs, cmdline),
+        PoolCmd::List { flags, cols, pools } => list(sd, &flags, cols.as_deref(), &pools),
+        PoolCmd::Status {
+            verbose,
+            full_paths,
+            json,
+            pools,
+        } => status(sd, verbose, full_paths, json, &pools),
+        PoolCmd::Import {
+            dirs,
+            force,
+            pool,
+            newname,
+        } => import_cmd(sd, &dirs, force, pool.as_deref(), newname.as_deref(), cmdline),
+        PoolCmd::Export { force: _, pool } => export(sd, &pool, cmdline, false),
+        PoolCmd::Destroy { force: _, pool } => export(sd, &pool, cmdline, true),
+        PoolCmd::Add { force, pool, vdevs } => add(sd, force, &pool, &vdevs, cmdline),
+        PoolCmd::Get {
+            flags,
+            props,
+            pools,
+        } => get(sd, &flags, &props, &pools),
+        PoolCmd::Set { assignment, pool } => set(sd, &assignment, &pool, cmdline),
+        PoolCmd::History { pools } => history(sd, &pools),
+    }
+}
+
+fn host(sd: &StateDir) -> HostInfo {
+    HostInfo {
+        host_id: sd.host_id().unwrap_or(0),
+        hostname: sd.hostname(),
+    }
+}
+
+fn specs(words: &[String]) -> Result<Vec<TopSpec>, String> {
+    Ok(parse_vdev_spec(words)?
+        .into_iter()
+        .map(|t| TopSpec {
+            kind: match t.kind {
+                SpecKind::Single => TopKind::Single,
+                SpecKind::Mirror => TopKind::Mirror,
+                SpecKind::Stripe => TopKind::Stripe {
+                    chunk: DEFAULT_STRIPE_CHUNK,
+                },
+            },
+            leaves: t.leaves,
+        })
+        .collect())
+}
+
+/// `-o k=v` and `set k=v`: split and turn sizes into bytes.
+fn parse_assignment(a: &str) -> Result<(String, String), String> {
+    let Some((k, v)) = a.split_once('=') else {
+        return Err(format!("bad property assignment '{a}': expected PROP=VALUE"));
+    };
+    let k = k.trim().to_string();
+    let v = if k == "scrub_rate_limit" {
+        parse_size(v)?.to_string()
+    } else {
+        v.to_string()
+    };
+    Ok((k, v))
+}
+
+fn cache_entry(pool: &Pool) -> CacheEntry {
+    CacheEntry {
+        name: pool.name(),
+        guid: pool.guid().0,
+        leaves: pool.leaf_paths(),
+    }
+}
+
+fn save_entry(sd: &StateDir, e: CacheEntry) -> std::io::Result<()> {
+    sd.update_cache(|v| {
+        v.retain(|x| x.guid != e.guid && x.name != e.name);
+        v.push(e);
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+    })
+}
+
+fn remove_entry(sd: &StateDir, guid: u64) -> std::io::Result<()> {
+    sd.update_cache(|v| v.retain(|x| x.guid != guid))
+}
+
+/// Open a pool imported in this state directory.
+fn open_imported(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, CmdError> {
+    let err = |r: String| CmdError::new(verb, name, r);
+    let cache = sd.load_cache().map_err(|e| err(e.to_string()))?;
+    let Some(entry) = cache.iter().find(|e| e.name == name) else {
+        return Err(err("no such pool".into()));
+    };
+    let paths: Vec<PathBuf> = entry.leaves.iter().map(PathBuf::from).collect();
+    let pool = Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
+        PoolError::NotFound(_) => err(format!(
+            "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
+             import the pool again with 'cairn pool import -d DIR {name}'",
+            entry.leaves.join(", ")
+        )),
+        e => err(e.to_string()),
+    })?;
+    let cfg = pool.config();
+    let me = sd.host_id().unwrap_or(0);
+    if cfg.state != PoolState::Active || cfg.host_id != me {
+        return Err(err(format!(
+            "the pool is not imported here (it was {} by host '{}'); import it again",
+            if cfg.state == PoolState::Active {
+                "imported"
+            } else {
+                "exported or destroyed"
+            },
+            cfg.hostname
+        )));
+    }
+    Ok(pool)
+}
+
+fn create(
+    sd: &StateDir,
+    force: bool,
+    props: &[String],
+    size: Option<&str>,
+    name: &str,
+    vdevs: &[String],
+    cmdline: &str,
+) -> CmdResult {
+    let err = |r: String| one(CmdError::new("create", name, r));
+    validate_pool_name(name).map_err(|r| err(format!("invalid pool name: {r}")))?;
+    let specs = specs(vdevs).map_err(err)?;
+    let create_size = size
+        .map(parse_size)
+        .transpose()
+        .map_err(|r| err(format!("invalid --size: {r}")))?;
+    let props = props
+        .iter()
+        .map(|p| parse_assignment(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let _lock = sd.lock_cache().map_err(|e| err(e.to_string()))?;
+    let cache = sd.load_cache().map_err(|e| err(e.to_string()))?;
+    if cache.iter().any(|e| e.name == name) {
+        return Err(err("a pool with that name is already imported".into()));
+    }
+    let opts = CreateOptions {
+        force,
+        create_size,
+        props,
+        host: host(sd),
+    };
+    let (pool, warnings) = Pool::create(name, &specs, &opts).map_err(|e| err(e.to_string()))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    pool.log_history(cmdline, &sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    let mut cache = cache;
+    cache.push(cache_entry(&pool));
+    cache.sort_by(|a, b| a.name.cmp(&b.name));
+    sd.save_cache(&cache).map_err(|e| err(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pools named on the command line, or every imported pool.
+fn targets(sd: &StateDir, pools: &[String], verb: &str) -> Result<Vec<String>, Vec<CmdError>> {
+    if !pools.is_empty() {
+        return Ok(pools.to_vec());
+    }
+    let cache = sd
+        .load_cache()
+        .map_err(|e| one(CmdError::new(verb, "", e.to_string())))?;
+    Ok(cache.into_iter().map(|e| e.name).collect())
+}
+
+const LIST_COLS: &[&str] = &[
+    "name", "size", "alloc", "free", "ckpoint", "expandsz", "frag", "cap", "dedup", "health",
+    "altroot", "guid",
+];
+const LIST_DEFAULT: &str = "name,size,alloc,free,ckpoint,expandsz,frag,cap,dedup,health,altroot";
+
+fn list(sd: &StateDir, flags: &ListFlags, cols: Option<&str>, pools: &[String]) -> CmdResult {
+    let sel = select_columns(LIST_COLS, Some(cols.unwrap_or(LIST_DEFAULT)))
+        .map_err(|r| one(CmdError::new("list", "", r)))?;
+    let names = targets(sd, pools, "list")?;
+    let mut errs = Vec::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut json_pools = Map::new();
+    for n in &names {
+        let st = match open_imported(sd, n, "open") {
+            Ok(p) => p.status(),
+            Err(e) => {
+                errs.push(e);
+                continue;
+            }
+        };
+        let num = |v: u64| {
+            if flags.parsable {
+                v.to_string()
+            } else {
+                format_compact(v)
+            }
+        };
+        let cap = (st.allocated * 100).checked_div(st.size).unwrap_or(0);
+        let all = vec![
+            st.name.clone(),
+            num(st.size),
+            num(st.allocated),
+            num(st.free),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+            if flags.parsable {
+                cap.to_string()
+            } else {
+                format!("{cap}%")
+            },
+            if flags.parsable { "1.00" } else { "1.00x" }.into(),
+            st.state.clone(),
+            "-".into(),
+            st.pool_guid.to_string(),
+        ];
+        let mut props = Map::new();
+        for &i in &sel {
+            props.insert(
+                LIST_COLS[i].to_string(),
+                json!({"value": all[i], "source": {"type": "NONE", "data": "-"}}),
+            );
+        }
+        json_pools.insert(
+            st.name.clone(),
+            json!({"name": st.name, "type": "POOL", "state": st.state,
+                   "pool_guid": st.pool_guid.to_string(), "txg": st.txg.to_string(),
+                   "properties": props}),
+        );
+        rows.push(sel.iter().map(|&i| all[i].clone()).collect());
+    }
+    if flags.json {
+        let v = json_envelope("cairn pool list", "pools", Value::Object(json_pools));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if names.is_empty() {
+        println!("no pools available");
+    } else if !rows.is_empty() {
+        let headers: Vec<String> = sel.iter().map(|&i| LIST_COLS[i].to_uppercase()).collect();
+        let right: Vec<bool> = sel
+            .iter()
+            .map(|&i| matches!(LIST_COLS[i], "size" | "alloc" | "free" | "cap" | "dedup"))
+            .collect();
+        let mut t = Table::new(headers, right);
+        for r in rows {
+            t.push(r);
+        }
+        print!("{}", t.render(flags.scripted));
+    }
+    if errs.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(errs)
+    }
+}
+
+/// zpool's compact counter: 0..999 as is, then 1.2K...
+fn count(v: u64, exact: bool) -> String {
+    if exact || v < 1000 {
+        v.to_string()
+    } else {
+        format_compact(v)
+    }
+}
+
+fn vdev_rows<'a>(v: &'a VdevStatus, depth: usize, full: bool, out: &mut Vec<(String, &'a VdevStatus)>) {
+    let name = if full {
+        v.path.clone().unwrap_or_else(|| v.name.clone())
+    } else {
+        v.name.clone()
+    };
+    out.push((format!("{}{}", "  ".repeat(depth), name), v));
+    for c in &v.children {
+        vdev_rows(c, depth + 1, full, out);
+    }
+}
+
+fn render_config(root: &VdevStatus, full: bool, counters: bool) -> String {
+    let mut rows = Vec::new();
+    vdev_rows(root, 0, full, &mut rows);
+    let w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(10);
+    let mut s = String::new();
+    if counters {
+        s.push_str(&format!(
+            "\t{:<w$}  {:<8} {:>5} {:>5} {:>5}\n",
+            "NAME", "STATE", "READ", "WRITE", "CKSUM"
+        ));
+    }
+    for (n, v) in rows {
+        let mut line = format!("\t{:<w$}  {:<8}", n, v.state);
+        if counters {
+            line.push_str(&format!(
+                " {:>5} {:>5} {:>5}",
+                count(v.read_errors, false),
+                count(v.write_errors, false),
+                count(v.checksum_errors, false)
+            ));
+        }
+        if let Some(r) = &v.reason {
+            line.push_str("  ");
+            line.push_str(r);
+        }
+        s.push_str(line.trim_end());
+        s.push('\n');
+    }
+    s
+}
+
+fn vdev_json(v: &VdevStatus) -> Value {
+    let mut children = Map::new();
+    for c in &v.children {
+        children.insert(c.name.clone(), vdev_json(c));
+    }
+    let mut o = json!({
+        "name": v.name, "vdev_type": v.vdev_type, "guid": v.guid.to_string(),
+        "state": v.state, "read_errors": v.read_errors.to_string(),
+        "write_errors": v.write_errors.to_string(),
+        "checksum_errors": v.checksum_errors.to_string(),
+        "repaired_bytes": v.repaired_bytes.to_string(),
+    });
+    if let Some(p) = &v.path {
+        o["path"] = json!(p);
+    }
+    if let Some(p) = &v.phys_path {
+        o["phys_path"] = json!(p);
+    }
+    if let Some(p) = &v.devid {
+        o["devid"] = json!(p);
+    }
+    if let Some(r) = &v.reason {
+        o["reason"] = json!(r);
+    }
+    if !v.children.is_empty() {
+        o["vdevs"] = Value::Object(children);
+    }
+    o
+}
+
+fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
+    let mut s = format!("  pool: {}\n state: {}\n", st.name, st.state);
+    if let Some(x) = &st.status {
+        s.push_str(&format!("status: {x}\n"));
+    }
+    if let Some(x) = &st.action {
+        s.push_str(&format!("action: {x}\n"));
+    }
+    s.push_str("  scan: none requested\nconfig:\n\n");
+    s.push_str(&render_config(&st.root, full, true));
+    s.push('\n');
+    if st.error_count == 0 {
+        s.push_str("errors: No known data errors\n");
+    } else if verbose {
+        s.push_str(&format!(
+            "errors: {} data errors\n",
+            st.error_count
+        ));
+    } else {
+        s.push_str(&format!(
+            "errors: {} data errors, use '-v' for a list\n",
+            st.error_count
+        ));
+    }
+    s
+}
+
+fn status(sd: &StateDir, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
+    let names = targets(sd, pools, "status")?;
+    let mut errs = Vec::new();
+    let mut texts = Vec::new();
+    let mut jp = Map::new();
+    for n in &names {
+        match open_imported(sd, n, "open") {
+            Ok(p) => {
+                let st = p.status();
+                texts.push(status_text(&st, full, verbose));
+                let mut vdevs = Map::new();
+                vdevs.insert(st.name.clone(), vdev_json(&st.root));
+                jp.insert(
+                    st.name.clone(),
+                    json!({"name": st.name, "state": st.state,
+                           "pool_guid": st.pool_guid.to_string(), "txg": st.txg.to_string(),
+                           "status": st.status, "action": st.action,
+                           "scan_stats": Value::Null,
+                           "vdevs": vdevs, "error_count": st.error_count.to_string(),
+                           "size": st.size.to_string(), "allocated": st.allocated.to_string(),
+                           "free": st.free.to_string()}),
+                );
+            }
+            Err(e) => errs.push(e),
+        }
+    }
+    if json_out {
+        let v = json_envelope("cairn pool status", "pools", Value::Object(jp));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if names.is_empty() {
+        println!("no pools available");
+    } else {
+        print!("{}", texts.join("\n"));
+    }
+    if errs.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(errs)
+    }
+}
+
+fn scan_dirs(dirs: &[PathBuf]) -> Result<Vec<ImportCandidate>, Vec<CmdError>> {
+    let dirs: Vec<PathBuf> = if dirs.is_empty() {
+        vec![PathBuf::from("/dev")]
+    } else {
+        dirs.to_vec()
+    };
+    let mut paths = Vec::new();
+    for d in &dirs {
+        match import::list_dir(d) {
+            Ok(p) => paths.extend(p),
+            Err(e) => {
+                return Err(one(CmdError::new(
+                    "import",
+                    &d.display().to_string(),
+                    format!("cannot search directory: {e}"),
+                )))
+            }
+        }
+    }
+    Ok(import::scan(&paths)
+        .into_iter()
+        .filter(|c| c.state() != PoolState::Destroyed)
+        .collect())
+}
+
+fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
+    let root = c.vdev_status();
+    let mut s = format!(
+        "   pool: {}\n     id: {}\n  state: {}\n",
+        c.name(),
+        c.guid(),
+        root.state
+    );
+    let elsewhere = c.state() == PoolState::Active && c.config.host_id != me;
+    if root.state == "UNAVAIL" {
+        s.push_str("status: One or more devices are missing from the system.\n");
+        s.push_str(
+            " action: The pool cannot be imported. Attach the missing devices and try again.\n",
+        );
+    } else if elsewhere {
+        s.push_str(&format!(
+            " status: The pool was last accessed by another system (host '{}').\n",
+            c.config.hostname
+        ));
+        s.push_str(
+            " action: The pool can be imported using its name or numeric identifier and the '-f' flag.\n",
+        );
+    } else if root.state == "DEGRADED" {
+        s.push_str(" status: One or more devices are missing from the system.\n");
+        s.push_str(
+            " action: The pool can be imported despite missing or damaged devices. The fault \
+             tolerance of the pool may be compromised if imported.\n",
+        );
+    } else {
+        s.push_str(
+            " action: The pool can be imported using its name or numeric identifier.\n",
+        );
+    }
+    s.push_str(" config:\n\n");
+    s.push_str(&render_config(&root, false, false));
+    s
+}
+
+fn import_cmd(
+    sd: &StateDir,
+    dirs: &[PathBuf],
+    force: bool,
+    which: Option<&str>,
+    newname: Option<&str>,
+    cmdline: &str,
+) -> CmdResult {
+    let cands = scan_dirs(dirs)?;
+    let me = sd.host_id().unwrap_or(0);
+    let cache = sd
+        .load_cache()
+        .map_err(|e| one(CmdError::new("import", "", e.to_string())))?;
+    let Some(which) = which else {
+        let listed: Vec<String> = cands
+            .iter()
+            .filter(|c| !cache.iter().any(|e| e.guid == c.guid().0))
+            .map(|c| describe_candidate(c, me))
+            .collect();
+        if listed.is_empty() {
+            println!("no pools available to import");
+        } else {
+            print!("{}", listed.join("\n"));
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let err = |r: String| one(CmdError::new("import", which, r));
+    let matches: Vec<&ImportCandidate> = cands
+        .iter()
+        .filter(|c| c.name() == which || c.guid().0.to_string() == which)
+        .collect();
+    let c = match matches.as_slice() {
+        [] => return Err(err("no such pool available".into())),
+        [c] => *c,
+        _ => {
+            return Err(err(format!(
+                "more than one pool has that name ({}); import it by numeric identifier",
+                matches
+                    .iter()
+                    .map(|c| c.guid().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    // A pool already in this state directory's cache is re-imported only if it cannot be opened from
+    // its recorded paths (its leaves moved); that refreshes the record.
+    let cached = cache.iter().find(|e| e.guid == c.guid().0);
+    if let Some(e) = cached {
+        let paths: Vec<PathBuf> = e.leaves.iter().map(PathBuf::from).collect();
+        let reachable = import::scan(&paths).iter().any(|x| x.guid() == c.guid());
+        if reachable {
+            return Err(err(format!("the pool is already imported as '{}'", e.name)));
+        }
+    }
+    let target = newname
+        .or(cached.map(|e| e.name.as_str()))
+        .unwrap_or(c.name())
+        .to_string();
+    if let Some(n) = newname {
+        validate_pool_name(n).map_err(|r| err(format!("invalid new name '{n}': {r}")))?;
+    }
+    if cache.iter().any(|e| e.name == target && e.guid != c.guid().0) {
+        return Err(err(format!(
+            "a pool named '{target}' is already imported; import it under a new name"
+        )));
+    }
+    let new_name = (target != c.name()).then(|| target.clone());
+    if c.state() == PoolState::Active && c.config.host_id != me && !force {
+        return Err(err(format!(
+            "the pool may be in use from another system: it was last accessed by host '{}' \
+             (hostid {:x}) and was not exported; use '-f' to import it anyway",
+            c.config.hostname, c.config.host_id
+        )));
+    }
+    let opts = OpenOptions {
+        import: true,
+        new_name,
+        host: host(sd),
+    };
+    let pool = Pool::open(&c.paths(), c.guid(), &opts).map_err(|e| err(e.to_string()))?;
+    pool.log_history(cmdline, &sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    save_entry(sd, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(sd: &StateDir, name: &str, cmdline: &str, destroy: bool) -> CmdResult {
+    let verb = if destroy { "destroy" } else { "export" };
+    let pool = open_imported(sd, name, verb).map_err(one)?;
+    let err = |r: String| one(CmdError::new(verb, name, r));
+    let guid = pool.guid().0;
+    if !destroy {
+        pool.log_history(cmdline, &sd.hostname())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let r = if destroy { pool.destroy() } else { pool.export() };
+    r.map_err(|e| err(e.to_string()))?;
+    remove_entry(sd, guid).map_err(|e| err(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn add(sd: &StateDir, force: bool, name: &str, vdevs: &[String], cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("add", name, r));
+    let specs = specs(vdevs).map_err(err)?;
+    let pool = open_imported(sd, name, "add").map_err(one)?;
+    let opts = CreateOptions {
+        force,
+        create_size: None,
+        props: Vec::new(),
+        host: host(sd),
+    };
+    let warnings = pool.add(&specs, &opts).map_err(|e| err(e.to_string()))?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    pool.log_history(cmdline, &sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    save_entry(sd, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+const SIZE_PROPS: &[&str] = &["size", "allocated", "free", "scrub_rate_limit"];
+
+fn get(sd: &StateDir, flags: &ListFlags, props: &str, pools: &[String]) -> CmdResult {
+    let names = targets(sd, pools, "get")?;
+    let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
+    let mut t = Table::new(
+        ["NAME", "PROPERTY", "VALUE", "SOURCE"],
+        vec![false, false, false, false],
+    );
+    let mut jp = Map::new();
+    let mut errs = Vec::new();
+    for n in &names {
+        let pool = match open_imported(sd, n, "get") {
+            Ok(p) => p,
+            Err(e) => {
+                errs.push(e);
+                continue;
+            }
+        };
+        let vals = match pool.get_props(&wanted) {
+            Ok(v) => v,
+            Err(e) => {
+                errs.push(CmdError::new("get", n, e));
+                continue;
+            }
+        };
+        let mut pj = Map::new();
+        for (k, v, src) in vals {
+            let shown = if !flags.parsable && SIZE_PROPS.contains(&k.as_str()) {
+                v.parse::<u64>().map(format_compact).unwrap_or(v.clone())
+            } else if !flags.parsable && k == "capacity" {
+                format!("{v}%")
+            } else {
+                v.clone()
+            };
+            pj.insert(
+                k.clone(),
+                json!({"value": shown, "source": {"type": src.to_uppercase(), "data": "-"}}),
+            );
+            t.push([n.clone(), k, shown, src]);
+        }
+        jp.insert(n.clone(), json!({"name": n, "properties": pj}));
+    }
+    if flags.json {
+        let v = json_envelope("cairn pool get", "pools", Value::Object(jp));
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else if !t.is_empty() {
+        print!("{}", t.render(flags.scripted));
+    }
+    if errs.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(errs)
+    }
+}
+
+fn set(sd: &StateDir, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("set", name, r));
+    let (k, v) = parse_assignment(assignment).map_err(err)?;
+    let pool = open_imported(sd, name, "set").map_err(one)?;
+    pool.set_prop(&k, &v).map_err(|e| err(e.to_string()))?;
+    pool.log_history(cmdline, &sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn format_time(secs: u64) -> String {
+    // SAFETY: localtime_r writes only into `tm`, which is a valid, exclusively borrowed struct.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let t = secs as libc::time_t;
+    // SAFETY: both pointers are valid for the duration of the call.
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return secs.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02}.{:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+fn history(sd: &StateDir, pools: &[String]) -> CmdResult {
+    let names = targets(sd, pools, "history")?;
+    let mut errs = Vec::new();
+    let mut first = true;
+    for n in &names {
+        let recs = open_imported(sd, n, "history").and_then(|p| {
+            p.history()
+                .map_err(|e| CmdError::new("history", n, e.to_string()))
+        });
+        match recs {
+            Ok(recs) => {
+                if !first {
+                    println!();
+                }
+                first = false;
+                println!("History for '{n}':");
+                for r in recs {
+                    println!("{} {}", format_time(r.time), r.command);
+                }
+            }
+            Err(e) => errs.push(e),
+        }
+    }
+    if names.is_empty() {
+        println!("no pools available");
+    }
+    if errs.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(errs)
+    }
+}
