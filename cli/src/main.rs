@@ -16,7 +16,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "cairn", version, about = "Cairn: a pooled volume manager with checksums, mirrors and NBD")]
+#[command(
+    name = "cairn",
+    version,
+    about = "Cairn: a pooled volume manager with checksums, mirrors and NBD"
+)]
 struct Cli {
     /// State directory (imported pools, sockets); default $CAIRN_STATE_DIR, else a per-user directory.
     #[arg(long, global = true, value_name = "DIR")]
@@ -161,10 +165,7 @@ fn main() -> ExitCode {
     let sd = match statedir::StateDir::open(&state_dir) {
         Ok(sd) => sd,
         Err(e) => {
-            eprintln!(
-                "cannot open state directory '{}': {e}",
-                state_dir.display()
-            );
+            eprintln!("cannot open state directory '{}': {e}", state_dir.display());
             return ExitCode::from(1);
         }
     };

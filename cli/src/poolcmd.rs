@@ -8,7 +8,9 @@ use crate::vdevspec::{parse_vdev_spec, SpecKind};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
 use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
-use cairn_pool::{CreateOptions, Guid, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec};
+use cairn_pool::{
+    CreateOptions, Guid, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
+};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +42,14 @@ pub fn run(sd: &StateDir, cmd: PoolCmd, cmdline: &str) -> CmdResult {
             force,
             pool,
             newname,
-        } => import_cmd(sd, &dirs, force, pool.as_deref(), newname.as_deref(), cmdline),
+        } => import_cmd(
+            sd,
+            &dirs,
+            force,
+            pool.as_deref(),
+            newname.as_deref(),
+            cmdline,
+        ),
         PoolCmd::Export { force: _, pool } => export(sd, &pool, cmdline, false),
         PoolCmd::Destroy { force: _, pool } => export(sd, &pool, cmdline, true),
         PoolCmd::Add { force, pool, vdevs } => add(sd, force, &pool, &vdevs, cmdline),
@@ -80,7 +89,9 @@ fn specs(words: &[String]) -> Result<Vec<TopSpec>, String> {
 /// `-o k=v` and `set k=v`: split and turn sizes into bytes.
 fn parse_assignment(a: &str) -> Result<(String, String), String> {
     let Some((k, v)) = a.split_once('=') else {
-        return Err(format!("bad property assignment '{a}': expected PROP=VALUE"));
+        return Err(format!(
+            "bad property assignment '{a}': expected PROP=VALUE"
+        ));
     };
     let k = k.trim().to_string();
     let v = if k == "scrub_rate_limit" {
@@ -119,14 +130,15 @@ fn open_imported(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, CmdError
         return Err(err("no such pool".into()));
     };
     let paths: Vec<PathBuf> = entry.leaves.iter().map(PathBuf::from).collect();
-    let pool = Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
-        PoolError::NotFound(_) => err(format!(
-            "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
+    let pool =
+        Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
+            PoolError::NotFound(_) => err(format!(
+                "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
              import the pool again with 'cairn pool import -d DIR {name}'",
-            entry.leaves.join(", ")
-        )),
-        e => err(e.to_string()),
-    })?;
+                entry.leaves.join(", ")
+            )),
+            e => err(e.to_string()),
+        })?;
     let cfg = pool.config();
     let me = sd.host_id().unwrap_or(0);
     if cfg.state != PoolState::Active || cfg.host_id != me {
@@ -295,7 +307,12 @@ fn count(v: u64, exact: bool) -> String {
     }
 }
 
-fn vdev_rows<'a>(v: &'a VdevStatus, depth: usize, full: bool, out: &mut Vec<(String, &'a VdevStatus)>) {
+fn vdev_rows<'a>(
+    v: &'a VdevStatus,
+    depth: usize,
+    full: bool,
+    out: &mut Vec<(String, &'a VdevStatus)>,
+) {
     let name = if full {
         v.path.clone().unwrap_or_else(|| v.name.clone())
     } else {
@@ -382,10 +399,7 @@ fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
     if st.error_count == 0 {
         s.push_str("errors: No known data errors\n");
     } else if verbose {
-        s.push_str(&format!(
-            "errors: {} data errors\n",
-            st.error_count
-        ));
+        s.push_str(&format!("errors: {} data errors\n", st.error_count));
     } else {
         s.push_str(&format!(
             "errors: {} data errors, use '-v' for a list\n",
@@ -490,9 +504,7 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
              tolerance of the pool may be compromised if imported.\n",
         );
     } else {
-        s.push_str(
-            " action: The pool can be imported using its name or numeric identifier.\n",
-        );
+        s.push_str(" action: The pool can be imported using its name or numeric identifier.\n");
     }
     s.push_str(" config:\n\n");
     s.push_str(&render_config(&root, false, false));
@@ -561,7 +573,10 @@ fn import_cmd(
     if let Some(n) = newname {
         validate_pool_name(n).map_err(|r| err(format!("invalid new name '{n}': {r}")))?;
     }
-    if cache.iter().any(|e| e.name == target && e.guid != c.guid().0) {
+    if cache
+        .iter()
+        .any(|e| e.name == target && e.guid != c.guid().0)
+    {
         return Err(err(format!(
             "a pool named '{target}' is already imported; import it under a new name"
         )));
@@ -596,7 +611,11 @@ fn export(sd: &StateDir, name: &str, cmdline: &str, destroy: bool) -> CmdResult 
         pool.log_history(cmdline, &sd.hostname())
             .map_err(|e| err(e.to_string()))?;
     }
-    let r = if destroy { pool.destroy() } else { pool.export() };
+    let r = if destroy {
+        pool.destroy()
+    } else {
+        pool.export()
+    };
     r.map_err(|e| err(e.to_string()))?;
     remove_entry(sd, guid).map_err(|e| err(e.to_string()))?;
     Ok(ExitCode::SUCCESS)

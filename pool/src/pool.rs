@@ -769,6 +769,11 @@ impl Pool {
         self.lock().config.pool_guid
     }
 
+    /// The last committed txg.
+    pub fn committed_txg(&self) -> Txg {
+        self.lock().committed
+    }
+
     pub fn config(&self) -> PoolConfig {
         self.lock().config.clone()
     }
@@ -1033,6 +1038,7 @@ impl Pool {
     }
 
     pub fn read_object(&self, id: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(off, buf.len() as u64)?;
         let mut g = self.lock();
         let inner = &mut *g;
         let vdevs = inner.tree.tops.clone();
@@ -1041,6 +1047,7 @@ impl Pool {
 
     /// Write into an object. Refuses with `NoSpace` when the pool could not hold the change.
     pub fn write_object(&self, id: u64, off: u64, data: &[u8]) -> Result<()> {
+        check_range(off, data.len() as u64)?;
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
@@ -1055,6 +1062,7 @@ impl Pool {
     }
 
     pub fn free_object_range(&self, id: u64, off: u64, len: u64) -> Result<()> {
+        check_range(off, len)?;
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
@@ -1076,9 +1084,10 @@ impl Pool {
         let inner = &mut *g;
         inner.check_writable()?;
         let vdevs = inner.tree.tops.clone();
+        check_range(size, 0)?;
         let o = inner.mos.obj(&vdevs, id)?;
         o.dnode.size = size;
-        o.free_range(&vdevs, size, u64::MAX - size)?;
+        o.free_range(&vdevs, size, (1 << 60) - size)?;
         Ok(())
     }
 
@@ -1106,6 +1115,16 @@ impl Drop for Pool {
                 tracing::error!("final txg sync failed: {e}");
             }
         }
+    }
+}
+
+/// Objects address at most 2^60 bytes; anything beyond is refused before any arithmetic on it.
+fn check_range(off: u64, len: u64) -> Result<()> {
+    match off.checked_add(len) {
+        Some(end) if end <= 1 << 60 => Ok(()),
+        _ => Err(PoolError::Invalid(format!(
+            "byte range {off}+{len} is beyond the largest object"
+        ))),
     }
 }
 
