@@ -4,6 +4,7 @@
 //! two processes apart) and records imported pools in the state directory's cache, like zpool.cache.
 //! Errors print as `cannot <verb> '<name>': <reason>` and exit 1; usage errors exit 2.
 
+mod ctx;
 mod names;
 mod output;
 mod poolcmd;
@@ -174,16 +175,33 @@ fn main() -> ExitCode {
         .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
         .collect::<Vec<_>>()
         .join(" ");
-    let result = match cli.cmd {
-        Top::Pool(cmd) => poolcmd::run(&sd, cmd, &cmdline),
+    let mut ctx = ctx::Ctx {
+        sd: &sd,
+        pools: &ctx::LocalPools,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        cmdline,
+        out: String::new(),
+        err: String::new(),
+    };
+    let code = execute(&mut ctx, cli.cmd);
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(ctx.out.as_bytes());
+    let _ = std::io::stderr().write_all(ctx.err.as_bytes());
+    ExitCode::from(code)
+}
+
+/// Run a parsed command; output goes to `ctx`, the exit code is returned.
+fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
+    let result = match cmd {
+        Top::Pool(cmd) => poolcmd::run(ctx, cmd),
     };
     match result {
-        Ok(code) => code,
+        Ok(_) => 0,
         Err(errs) => {
             for e in errs {
-                eprintln!("cannot {} '{}': {}", e.verb, e.name, e.reason);
+                errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
             }
-            ExitCode::from(1)
+            1
         }
     }
 }

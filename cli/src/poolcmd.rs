@@ -1,19 +1,20 @@
 //! The `cairn pool` commands: create, list, status, import, export, destroy, add, get, set, history.
 
+use crate::ctx::Ctx;
 use crate::names::validate_pool_name;
 use crate::output::{json_envelope, select_columns, Table};
 use crate::size::{format_compact, parse_size};
-use crate::statedir::{CacheEntry, StateDir};
+use crate::statedir::CacheEntry;
 use crate::vdevspec::{parse_vdev_spec, SpecKind};
+use crate::{errln, out, outln};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
 use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
-use cairn_pool::{
-    CreateOptions, Guid, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
-};
+use cairn_pool::{CreateOptions, HostInfo, OpenOptions, Pool, PoolState, TopKind, TopSpec};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 type CmdResult = Result<ExitCode, Vec<CmdError>>;
 
@@ -21,7 +22,9 @@ fn one(e: CmdError) -> Vec<CmdError> {
     vec![e]
 }
 
-pub fn run(sd: &StateDir, cmd: PoolCmd, cmdline: &str) -> CmdResult {
+pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
+    let cmdline = ctx.cmdline.clone();
+    let cmdline = cmdline.as_str();
     match cmd {
         PoolCmd::Create {
             force,
@@ -29,48 +32,48 @@ pub fn run(sd: &StateDir, cmd: PoolCmd, cmdline: &str) -> CmdResult {
             size,
             pool,
             vdevs,
-        } => create(sd, force, &props, size.as_deref(), &pool, &vdevs, cmdline),
-        PoolCmd::List { flags, cols, pools } => list(sd, &flags, cols.as_deref(), &pools),
+        } => create(ctx, force, &props, size.as_deref(), &pool, &vdevs, cmdline),
+        PoolCmd::List { flags, cols, pools } => list(ctx, &flags, cols.as_deref(), &pools),
         PoolCmd::Status {
             verbose,
             full_paths,
             json,
             pools,
-        } => status(sd, verbose, full_paths, json, &pools),
+        } => status(ctx, verbose, full_paths, json, &pools),
         PoolCmd::Import {
             dirs,
             force,
             pool,
             newname,
         } => import_cmd(
-            sd,
+            ctx,
             &dirs,
             force,
             pool.as_deref(),
             newname.as_deref(),
             cmdline,
         ),
-        PoolCmd::Export { force: _, pool } => export(sd, &pool, cmdline, false),
-        PoolCmd::Destroy { force: _, pool } => export(sd, &pool, cmdline, true),
-        PoolCmd::Add { force, pool, vdevs } => add(sd, force, &pool, &vdevs, cmdline),
+        PoolCmd::Export { force, pool } => export(ctx, &pool, cmdline, false, force),
+        PoolCmd::Destroy { force, pool } => export(ctx, &pool, cmdline, true, force),
+        PoolCmd::Add { force, pool, vdevs } => add(ctx, force, &pool, &vdevs, cmdline),
         PoolCmd::Get {
             flags,
             props,
             pools,
-        } => get(sd, &flags, &props, &pools),
-        PoolCmd::Set { assignment, pool } => set(sd, &assignment, &pool, cmdline),
-        PoolCmd::History { pools } => history(sd, &pools),
+        } => get(ctx, &flags, &props, &pools),
+        PoolCmd::Set { assignment, pool } => set(ctx, &assignment, &pool, cmdline),
+        PoolCmd::History { pools } => history(ctx, &pools),
     }
 }
 
-fn host(sd: &StateDir) -> HostInfo {
+fn host(ctx: &mut Ctx) -> HostInfo {
     HostInfo {
-        host_id: sd.host_id().unwrap_or(0),
-        hostname: sd.hostname(),
+        host_id: ctx.sd.host_id().unwrap_or(0),
+        hostname: ctx.sd.hostname(),
     }
 }
 
-fn specs(words: &[String]) -> Result<Vec<TopSpec>, String> {
+fn specs(ctx: &Ctx, words: &[String]) -> Result<Vec<TopSpec>, String> {
     Ok(parse_vdev_spec(words)?
         .into_iter()
         .map(|t| TopSpec {
@@ -81,7 +84,7 @@ fn specs(words: &[String]) -> Result<Vec<TopSpec>, String> {
                     chunk: DEFAULT_STRIPE_CHUNK,
                 },
             },
-            leaves: t.leaves,
+            leaves: t.leaves.iter().map(|l| ctx.abs(l)).collect(),
         })
         .collect())
 }
@@ -110,53 +113,20 @@ fn cache_entry(pool: &Pool) -> CacheEntry {
     }
 }
 
-fn save_entry(sd: &StateDir, e: CacheEntry) -> std::io::Result<()> {
-    sd.update_cache(|v| {
+fn save_entry(ctx: &mut Ctx, e: CacheEntry) -> std::io::Result<()> {
+    ctx.sd.update_cache(|v| {
         v.retain(|x| x.guid != e.guid && x.name != e.name);
         v.push(e);
         v.sort_by(|a, b| a.name.cmp(&b.name));
     })
 }
 
-fn remove_entry(sd: &StateDir, guid: u64) -> std::io::Result<()> {
-    sd.update_cache(|v| v.retain(|x| x.guid != guid))
-}
-
-/// Open a pool imported in this state directory.
-fn open_imported(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, CmdError> {
-    let err = |r: String| CmdError::new(verb, name, r);
-    let cache = sd.load_cache().map_err(|e| err(e.to_string()))?;
-    let Some(entry) = cache.iter().find(|e| e.name == name) else {
-        return Err(err("no such pool".into()));
-    };
-    let paths: Vec<PathBuf> = entry.leaves.iter().map(PathBuf::from).collect();
-    let pool =
-        Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
-            PoolError::NotFound(_) => err(format!(
-                "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
-             import the pool again with 'cairn pool import -d DIR {name}'",
-                entry.leaves.join(", ")
-            )),
-            e => err(e.to_string()),
-        })?;
-    let cfg = pool.config();
-    let me = sd.host_id().unwrap_or(0);
-    if cfg.state != PoolState::Active || cfg.host_id != me {
-        return Err(err(format!(
-            "the pool is not imported here (it was {} by host '{}'); import it again",
-            if cfg.state == PoolState::Active {
-                "imported"
-            } else {
-                "exported or destroyed"
-            },
-            cfg.hostname
-        )));
-    }
-    Ok(pool)
+fn remove_entry(ctx: &mut Ctx, guid: u64) -> std::io::Result<()> {
+    ctx.sd.update_cache(|v| v.retain(|x| x.guid != guid))
 }
 
 fn create(
-    sd: &StateDir,
+    ctx: &mut Ctx,
     force: bool,
     props: &[String],
     size: Option<&str>,
@@ -166,7 +136,7 @@ fn create(
 ) -> CmdResult {
     let err = |r: String| one(CmdError::new("create", name, r));
     validate_pool_name(name).map_err(|r| err(format!("invalid pool name: {r}")))?;
-    let specs = specs(vdevs).map_err(err)?;
+    let specs = specs(ctx, vdevs).map_err(err)?;
     let create_size = size
         .map(parse_size)
         .transpose()
@@ -176,8 +146,8 @@ fn create(
         .map(|p| parse_assignment(p))
         .collect::<Result<Vec<_>, _>>()
         .map_err(err)?;
-    let _lock = sd.lock_cache().map_err(|e| err(e.to_string()))?;
-    let cache = sd.load_cache().map_err(|e| err(e.to_string()))?;
+    let _lock = ctx.sd.lock_cache().map_err(|e| err(e.to_string()))?;
+    let cache = ctx.sd.load_cache().map_err(|e| err(e.to_string()))?;
     if cache.iter().any(|e| e.name == name) {
         return Err(err("a pool with that name is already imported".into()));
     }
@@ -185,28 +155,30 @@ fn create(
         force,
         create_size,
         props,
-        host: host(sd),
+        host: host(ctx),
     };
     let (pool, warnings) = Pool::create(name, &specs, &opts).map_err(|e| err(e.to_string()))?;
     for w in warnings {
-        eprintln!("warning: {w}");
+        errln!(ctx, "warning: {w}");
     }
-    pool.log_history(cmdline, &sd.hostname())
+    pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
     let mut cache = cache;
     cache.push(cache_entry(&pool));
     cache.sort_by(|a, b| a.name.cmp(&b.name));
-    sd.save_cache(&cache).map_err(|e| err(e.to_string()))?;
+    ctx.sd.save_cache(&cache).map_err(|e| err(e.to_string()))?;
+    ctx.pools.added(Arc::new(pool));
     Ok(ExitCode::SUCCESS)
 }
 
 /// Pools named on the command line, or every imported pool.
-fn targets(sd: &StateDir, pools: &[String], verb: &str) -> Result<Vec<String>, Vec<CmdError>> {
+fn targets(ctx: &mut Ctx, pools: &[String], verb: &str) -> Result<Vec<String>, Vec<CmdError>> {
     if !pools.is_empty() {
         return Ok(pools.to_vec());
     }
-    let cache = sd
+    let cache = ctx
+        .sd
         .load_cache()
         .map_err(|e| one(CmdError::new(verb, "", e.to_string())))?;
     Ok(cache.into_iter().map(|e| e.name).collect())
@@ -218,15 +190,15 @@ const LIST_COLS: &[&str] = &[
 ];
 const LIST_DEFAULT: &str = "name,size,alloc,free,ckpoint,expandsz,frag,cap,dedup,health,altroot";
 
-fn list(sd: &StateDir, flags: &ListFlags, cols: Option<&str>, pools: &[String]) -> CmdResult {
+fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) -> CmdResult {
     let sel = select_columns(LIST_COLS, Some(cols.unwrap_or(LIST_DEFAULT)))
         .map_err(|r| one(CmdError::new("list", "", r)))?;
-    let names = targets(sd, pools, "list")?;
+    let names = targets(ctx, pools, "list")?;
     let mut errs = Vec::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut json_pools = Map::new();
     for n in &names {
-        let st = match open_imported(sd, n, "open") {
+        let st = match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => p.status(),
             Err(e) => {
                 errs.push(e);
@@ -276,9 +248,13 @@ fn list(sd: &StateDir, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
     }
     if flags.json {
         let v = json_envelope("cairn pool list", "pools", Value::Object(json_pools));
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        );
     } else if names.is_empty() {
-        println!("no pools available");
+        outln!(ctx, "no pools available");
     } else if !rows.is_empty() {
         let headers: Vec<String> = sel.iter().map(|&i| LIST_COLS[i].to_uppercase()).collect();
         let right: Vec<bool> = sel
@@ -289,7 +265,7 @@ fn list(sd: &StateDir, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
         for r in rows {
             t.push(r);
         }
-        print!("{}", t.render(flags.scripted));
+        out!(ctx, "{}", t.render(flags.scripted));
     }
     if errs.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -409,13 +385,13 @@ fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
     s
 }
 
-fn status(sd: &StateDir, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
-    let names = targets(sd, pools, "status")?;
+fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
+    let names = targets(ctx, pools, "status")?;
     let mut errs = Vec::new();
     let mut texts = Vec::new();
     let mut jp = Map::new();
     for n in &names {
-        match open_imported(sd, n, "open") {
+        match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => {
                 let st = p.status();
                 texts.push(status_text(&st, full, verbose));
@@ -437,11 +413,15 @@ fn status(sd: &StateDir, verbose: bool, full: bool, json_out: bool, pools: &[Str
     }
     if json_out {
         let v = json_envelope("cairn pool status", "pools", Value::Object(jp));
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        );
     } else if names.is_empty() {
-        println!("no pools available");
+        outln!(ctx, "no pools available");
     } else {
-        print!("{}", texts.join("\n"));
+        out!(ctx, "{}", texts.join("\n"));
     }
     if errs.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -512,16 +492,18 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
 }
 
 fn import_cmd(
-    sd: &StateDir,
+    ctx: &mut Ctx,
     dirs: &[PathBuf],
     force: bool,
     which: Option<&str>,
     newname: Option<&str>,
     cmdline: &str,
 ) -> CmdResult {
-    let cands = scan_dirs(dirs)?;
-    let me = sd.host_id().unwrap_or(0);
-    let cache = sd
+    let dirs: Vec<PathBuf> = dirs.iter().map(|d| ctx.abs(d)).collect();
+    let cands = scan_dirs(&dirs)?;
+    let me = ctx.sd.host_id().unwrap_or(0);
+    let cache = ctx
+        .sd
         .load_cache()
         .map_err(|e| one(CmdError::new("import", "", e.to_string())))?;
     let Some(which) = which else {
@@ -531,9 +513,9 @@ fn import_cmd(
             .map(|c| describe_candidate(c, me))
             .collect();
         if listed.is_empty() {
-            println!("no pools available to import");
+            outln!(ctx, "no pools available to import");
         } else {
-            print!("{}", listed.join("\n"));
+            out!(ctx, "{}", listed.join("\n"));
         }
         return Ok(ExitCode::SUCCESS);
     };
@@ -592,23 +574,24 @@ fn import_cmd(
     let opts = OpenOptions {
         import: true,
         new_name,
-        host: host(sd),
+        host: host(ctx),
     };
     let pool = Pool::open(&c.paths(), c.guid(), &opts).map_err(|e| err(e.to_string()))?;
-    pool.log_history(cmdline, &sd.hostname())
+    pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
-    save_entry(sd, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
+    save_entry(ctx, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
+    ctx.pools.added(Arc::new(pool));
     Ok(ExitCode::SUCCESS)
 }
 
-fn export(sd: &StateDir, name: &str, cmdline: &str, destroy: bool) -> CmdResult {
+fn export(ctx: &mut Ctx, name: &str, cmdline: &str, destroy: bool, force: bool) -> CmdResult {
     let verb = if destroy { "destroy" } else { "export" };
-    let pool = open_imported(sd, name, verb).map_err(one)?;
+    let pool = ctx.pools.take(ctx.sd, name, verb, force).map_err(one)?;
     let err = |r: String| one(CmdError::new(verb, name, r));
     let guid = pool.guid().0;
     if !destroy {
-        pool.log_history(cmdline, &sd.hostname())
+        pool.log_history(cmdline, &ctx.sd.hostname())
             .map_err(|e| err(e.to_string()))?;
     }
     let r = if destroy {
@@ -617,35 +600,35 @@ fn export(sd: &StateDir, name: &str, cmdline: &str, destroy: bool) -> CmdResult 
         pool.export()
     };
     r.map_err(|e| err(e.to_string()))?;
-    remove_entry(sd, guid).map_err(|e| err(e.to_string()))?;
+    remove_entry(ctx, guid).map_err(|e| err(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn add(sd: &StateDir, force: bool, name: &str, vdevs: &[String], cmdline: &str) -> CmdResult {
+fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) -> CmdResult {
     let err = |r: String| one(CmdError::new("add", name, r));
-    let specs = specs(vdevs).map_err(err)?;
-    let pool = open_imported(sd, name, "add").map_err(one)?;
+    let specs = specs(ctx, vdevs).map_err(err)?;
+    let pool = ctx.pools.get(ctx.sd, name, "add").map_err(one)?;
     let opts = CreateOptions {
         force,
         create_size: None,
         props: Vec::new(),
-        host: host(sd),
+        host: host(ctx),
     };
     let warnings = pool.add(&specs, &opts).map_err(|e| err(e.to_string()))?;
     for w in warnings {
-        eprintln!("warning: {w}");
+        errln!(ctx, "warning: {w}");
     }
-    pool.log_history(cmdline, &sd.hostname())
+    pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
-    save_entry(sd, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
+    save_entry(ctx, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
 const SIZE_PROPS: &[&str] = &["size", "allocated", "free", "scrub_rate_limit"];
 
-fn get(sd: &StateDir, flags: &ListFlags, props: &str, pools: &[String]) -> CmdResult {
-    let names = targets(sd, pools, "get")?;
+fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, pools: &[String]) -> CmdResult {
+    let names = targets(ctx, pools, "get")?;
     let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
     let mut t = Table::new(
         ["NAME", "PROPERTY", "VALUE", "SOURCE"],
@@ -654,7 +637,7 @@ fn get(sd: &StateDir, flags: &ListFlags, props: &str, pools: &[String]) -> CmdRe
     let mut jp = Map::new();
     let mut errs = Vec::new();
     for n in &names {
-        let pool = match open_imported(sd, n, "get") {
+        let pool = match ctx.pools.get(ctx.sd, n, "get") {
             Ok(p) => p,
             Err(e) => {
                 errs.push(e);
@@ -687,9 +670,13 @@ fn get(sd: &StateDir, flags: &ListFlags, props: &str, pools: &[String]) -> CmdRe
     }
     if flags.json {
         let v = json_envelope("cairn pool get", "pools", Value::Object(jp));
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&v).unwrap_or_default()
+        );
     } else if !t.is_empty() {
-        print!("{}", t.render(flags.scripted));
+        out!(ctx, "{}", t.render(flags.scripted));
     }
     if errs.is_empty() {
         Ok(ExitCode::SUCCESS)
@@ -698,12 +685,12 @@ fn get(sd: &StateDir, flags: &ListFlags, props: &str, pools: &[String]) -> CmdRe
     }
 }
 
-fn set(sd: &StateDir, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
+fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
     let err = |r: String| one(CmdError::new("set", name, r));
     let (k, v) = parse_assignment(assignment).map_err(err)?;
-    let pool = open_imported(sd, name, "set").map_err(one)?;
+    let pool = ctx.pools.get(ctx.sd, name, "set").map_err(one)?;
     pool.set_prop(&k, &v).map_err(|e| err(e.to_string()))?;
-    pool.log_history(cmdline, &sd.hostname())
+    pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
@@ -729,31 +716,31 @@ fn format_time(secs: u64) -> String {
     )
 }
 
-fn history(sd: &StateDir, pools: &[String]) -> CmdResult {
-    let names = targets(sd, pools, "history")?;
+fn history(ctx: &mut Ctx, pools: &[String]) -> CmdResult {
+    let names = targets(ctx, pools, "history")?;
     let mut errs = Vec::new();
     let mut first = true;
     for n in &names {
-        let recs = open_imported(sd, n, "history").and_then(|p| {
+        let recs = ctx.pools.get(ctx.sd, n, "history").and_then(|p| {
             p.history()
                 .map_err(|e| CmdError::new("history", n, e.to_string()))
         });
         match recs {
             Ok(recs) => {
                 if !first {
-                    println!();
+                    outln!(ctx);
                 }
                 first = false;
-                println!("History for '{n}':");
+                outln!(ctx, "History for '{n}':");
                 for r in recs {
-                    println!("{} {}", format_time(r.time), r.command);
+                    outln!(ctx, "{} {}", format_time(r.time), r.command);
                 }
             }
             Err(e) => errs.push(e),
         }
     }
     if names.is_empty() {
-        println!("no pools available");
+        outln!(ctx, "no pools available");
     }
     if errs.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -352,6 +352,28 @@ impl TopAlloc {
         Ok(())
     }
 
+    /// Zero every page copy stamped with a txg newer than `committed`: leftovers of a commit that never
+    /// completed. Must run before a session's first commit after an unclean close, or such a copy could
+    /// later pass for the newest committed version of its page once the txg number is reused.
+    fn invalidate_newer(&mut self, vdev: &TopVdev, committed: Txg) -> Result<u64> {
+        let zero = vec![0u8; PAGE_SIZE];
+        let mut n = 0;
+        for p in 0..self.npages {
+            for slot in 0..2u64 {
+                let off = (2 * p + slot) * PAGE_SIZE as u64;
+                let stale = vdev
+                    .read_copies(off, PAGE_SIZE)
+                    .iter()
+                    .any(|c| decode_page(c, self.guid, p).is_some_and(|(txg, _)| txg > committed));
+                if stale {
+                    vdev.write(off, &zero)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
     /// Write every page changed in `txg`.
     fn sync(&mut self, vdev: &TopVdev, txg: Txg) -> Result<()> {
         let dirty: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
@@ -492,6 +514,19 @@ impl Allocator {
         Ok(())
     }
 
+    /// See [`TopAlloc::invalidate_newer`]; returns how many page copies were zeroed.
+    pub fn invalidate_newer(
+        &mut self,
+        vdevs: &[std::sync::Arc<TopVdev>],
+        committed: Txg,
+    ) -> Result<u64> {
+        let mut n = 0;
+        for (i, t) in self.tops.iter_mut().enumerate() {
+            n += t.invalidate_newer(&vdevs[i], committed)?;
+        }
+        Ok(n)
+    }
+
     /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable.
     pub fn txg_done(&mut self, txg: Txg) {
         if txg.0 > DEFER_TXGS {
@@ -600,5 +635,36 @@ mod tests {
         }
         assert!(n * 131072 > v.asize - (2 << 20));
         assert!(a.alloc_bytes() <= v.asize);
+    }
+
+    /// A commit interrupted after writing a page, then a new session that reuses the txg number
+    /// without touching that page: the leftover copy must not win at the next open.
+    #[test]
+    fn leftover_page_of_interrupted_commit_never_wins() {
+        let v = vdev(400 << 20);
+        let vs = vec![v.clone()];
+        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        assert!(a.tops[0].npages >= 3);
+        a.tops[0].cursor = 2 * BITS_PER_PAGE;
+        let (_, x) = a.alloc(&vs, &[true], 4096, &[], Txg(0)).unwrap().unwrap();
+        assert_eq!(x / SECTOR / BITS_PER_PAGE, 2);
+        a.sync(&vs, Txg(1)).unwrap();
+        a.txg_done(Txg(1));
+        let committed_alloc = a.alloc_bytes();
+        // Txg 2 frees x and writes page 2, but never commits.
+        a.free(&vs, 0, x, 4096, Txg(2), Txg(1)).unwrap();
+        a.sync(&vs, Txg(2)).unwrap();
+        // New session from txg 1: clean up, then commit its own txg 2 touching only page 0.
+        let mut b = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, committed_alloc)]);
+        assert_eq!(b.invalidate_newer(&vs, Txg(1)).unwrap(), 1);
+        b.tops[0].cursor = 0;
+        let (_, y) = b.alloc(&vs, &[true], 4096, &[], Txg(1)).unwrap().unwrap();
+        assert_eq!(y / SECTOR / BITS_PER_PAGE, 0);
+        b.sync(&vs, Txg(2)).unwrap();
+        // Next session from txg 2: x is still in use.
+        let mut c = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, committed_alloc)]);
+        c.tops[0].cursor = 2 * BITS_PER_PAGE;
+        let (_, z) = c.alloc(&vs, &[true], 4096, &[], Txg(2)).unwrap().unwrap();
+        assert_ne!(z, x, "a block of the committed state was handed out again");
     }
 }

@@ -208,7 +208,7 @@ impl BlockPtr {
         if self.lsize == 0 || self.lsize > MAX_BLOCK || self.psize == 0 || self.psize > self.lsize {
             return bad(format!("sizes lsize={} psize={}", self.lsize, self.psize));
         }
-        if self.level as usize > crate::object::MAX_LEVELS {
+        if self.level as usize >= crate::object::MAX_LEVELS {
             return bad(format!("level {}", self.level));
         }
         if self.dvas[0].is_empty() {

@@ -480,6 +480,21 @@ impl Obj {
         read_bp(vdevs, &bp)
     }
 
+    /// Whether level-0 block `blkid` holds data (false for holes and blocks that will become holes).
+    pub fn block_allocated(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<bool> {
+        if let Some(d) = self.dirty.get(&blkid) {
+            return Ok(d.as_ref().is_some_and(|b| b.iter().any(|&x| x != 0)));
+        }
+        if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() {
+            return Ok(false);
+        }
+        Ok(!self.get_bp(vdevs, 0, blkid)?.is_hole())
+    }
+
+    pub fn mark_dnode_dirty(&mut self) {
+        self.dnode_dirty = true;
+    }
+
     /// Read `buf.len()` bytes at `off`.
     pub fn read(&mut self, vdevs: &[Arc<TopVdev>], off: u64, buf: &mut [u8]) -> Result<()> {
         let bs = self.dnode.block_size() as u64;
@@ -698,7 +713,7 @@ impl Obj {
 pub const OBJSET_SIZE: usize = 4096;
 pub const OBJSET_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNOS\0");
 pub const OBJSET_VERSION: u32 = 1;
-pub const MAX_TOPS: usize = 256;
+pub const MAX_TOPS: usize = cairn_vdev::config::MAX_TOPS;
 
 pub struct ObjsetPhys {
     pub meta: Dnode,

@@ -127,6 +127,14 @@ struct Inner {
     suspended: Option<String>,
     dir: BTreeMap<String, u64>,
     dir_dirty: bool,
+    /// Set by export/destroy/close: the pool takes no more requests.
+    closed: Option<&'static str>,
+    /// The uberblock the pool was opened from was written by a clean close.
+    opened_clean: bool,
+    /// Leftover page copies of an interrupted commit have been zeroed (see `Allocator::invalidate_newer`).
+    invalidated: bool,
+    /// Txgs committed by this session.
+    session_commits: u64,
 }
 
 /// An open pool.
@@ -480,6 +488,10 @@ impl Pool {
                 suspended: None,
                 dir: BTreeMap::new(),
                 dir_dirty: false,
+                closed: None,
+                opened_clean: true,
+                invalidated: false,
+                session_commits: 0,
             }),
             stop_sync: Mutex::new(false),
         };
@@ -717,6 +729,10 @@ impl Pool {
             suspended: None,
             dir: BTreeMap::new(),
             dir_dirty: false,
+            closed: None,
+            opened_clean: ub.flags & label::UB_FLAG_CLEAN != 0,
+            invalidated: false,
+            session_commits: 0,
         };
         let vdevs = inner.tree.tops.clone();
         let dirblob = read_blob(&mut inner.mos, &vdevs, DIR_OBJ)?;
@@ -810,23 +826,39 @@ impl Pool {
             .ok();
     }
 
-    /// Commit and mark the pool exported; the pool is closed when dropped.
-    pub fn export(self) -> Result<()> {
-        self.set_state(PoolState::Exported)
+    /// Commit and mark the pool exported. The pool takes no more requests; its leaves are released
+    /// when the last reference is dropped.
+    pub fn export(&self) -> Result<()> {
+        self.set_state(PoolState::Exported, "exported")
     }
 
     /// Mark the pool destroyed (its leaves become free for reuse).
-    pub fn destroy(self) -> Result<()> {
-        self.set_state(PoolState::Destroyed)
+    pub fn destroy(&self) -> Result<()> {
+        self.set_state(PoolState::Destroyed, "destroyed")
     }
 
-    fn set_state(&self, st: PoolState) -> Result<()> {
+    /// Commit everything and close the pool cleanly (the daemon's shutdown). Idempotent.
+    pub fn close(&self) -> Result<()> {
         *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
         let mut g = self.lock();
+        if g.closed.is_some() {
+            return Ok(());
+        }
+        let r = g.close_clean();
+        g.closed = Some("closed");
+        r
+    }
+
+    fn set_state(&self, st: PoolState, what: &'static str) -> Result<()> {
+        *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        let mut g = self.lock();
+        g.check_writable()?;
         g.sync_txg()?;
         g.config.state = st;
         g.config_dirty = true;
-        g.sync_txg()
+        let r = g.commit(true);
+        g.closed = Some(what);
+        r
     }
 
     /// Add top-level vdevs. Refuses a mix of redundant and non-redundant vdevs unless `force`.
@@ -980,6 +1012,7 @@ impl Pool {
             .map_err(|e| PoolError::Invalid(e.to_string()))?;
         let mut g = self.lock();
         let inner = &mut *g;
+        inner.check_writable()?;
         let id = inner.dir_obj("history")?;
         let vdevs = inner.tree.tops.clone();
         let o = inner.mos.obj(&vdevs, id)?;
@@ -988,6 +1021,7 @@ impl Pool {
         rec_bytes.extend_from_slice(&body);
         o.write(&vdevs, off, &rec_bytes)?;
         o.dnode.size = off + rec_bytes.len() as u64;
+        o.mark_dnode_dirty();
         Ok(())
     }
 
@@ -1047,13 +1081,24 @@ impl Pool {
 
     /// Write into an object. Refuses with `NoSpace` when the pool could not hold the change.
     pub fn write_object(&self, id: u64, off: u64, data: &[u8]) -> Result<()> {
+        self.write_object_reserved(id, off, data, 0)
+    }
+
+    /// Write into an object, keeping `headroom` bytes free for other datasets' reservations.
+    pub fn write_object_reserved(
+        &self,
+        id: u64,
+        off: u64,
+        data: &[u8],
+        headroom: u64,
+    ) -> Result<()> {
         check_range(off, data.len() as u64)?;
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
         let vdevs = inner.tree.tops.clone();
         let copies = inner.mos.obj(&vdevs, id)?.dnode.copies;
-        inner.check_space(data.len() as u64, copies)?;
+        inner.check_space(data.len() as u64 + headroom, copies)?;
         inner.mos.obj(&vdevs, id)?.write(&vdevs, off, data)?;
         if inner.mos.dirty_bytes() > DIRTY_MAX {
             inner.sync_txg()?;
@@ -1087,8 +1132,93 @@ impl Pool {
         check_range(size, 0)?;
         let o = inner.mos.obj(&vdevs, id)?;
         o.dnode.size = size;
+        o.mark_dnode_dirty();
         o.free_range(&vdevs, size, (1 << 60) - size)?;
         Ok(())
+    }
+
+    /// Set the number of copies new blocks of an object get (1..=3).
+    pub fn set_object_copies(&self, id: u64, copies: u8) -> Result<()> {
+        if !(1..=3).contains(&copies) {
+            return Err(PoolError::Invalid(format!(
+                "copies must be 1, 2 or 3, not {copies}"
+            )));
+        }
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.check_writable()?;
+        let vdevs = inner.tree.tops.clone();
+        let o = inner.mos.obj(&vdevs, id)?;
+        o.dnode.copies = copies;
+        o.mark_dnode_dirty();
+        Ok(())
+    }
+
+    /// Allocation map of `[off, off+len)` of an object: `(offset, length, allocated)` extents at block
+    /// granularity, merged.
+    pub fn object_map(&self, id: u64, off: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+        check_range(off, len)?;
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let vdevs = inner.tree.tops.clone();
+        let o = inner.mos.obj(&vdevs, id)?;
+        let bs = o.dnode.block_size() as u64;
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let blkid = pos / bs;
+            let next = ((blkid + 1) * bs).min(end);
+            let a = o.block_allocated(&vdevs, blkid)?;
+            match out.last_mut() {
+                Some(last) if last.2 == a => last.1 += next - pos,
+                _ => out.push((pos, next - pos, a)),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+
+    /// The contents of a small named blob kept in the pool directory (None if never written).
+    pub fn read_named_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(&id) = inner.dir.get(name) else {
+            return Ok(None);
+        };
+        let vdevs = inner.tree.tops.clone();
+        read_blob(&mut inner.mos, &vdevs, id).map(Some)
+    }
+
+    /// Replace a named blob in the pool directory (created on first use); committed with the next txg.
+    pub fn write_named_blob(&self, name: &str, data: &[u8]) -> Result<()> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.check_writable()?;
+        let id = match inner.dir.get(name) {
+            Some(&id) => id,
+            None => {
+                let vdevs = inner.tree.tops.clone();
+                let id = inner
+                    .mos
+                    .create_object(&vdevs, ObjType::Bytes, 14, MOS_COPIES)?;
+                inner.dir.insert(name.to_string(), id);
+                inner.dir_dirty = true;
+                id
+            }
+        };
+        write_blob(inner, id, data)
+    }
+
+    /// Space figures for datasets: (pool size, allocated, slop reserved for metadata).
+    pub fn space(&self) -> (u64, u64, u64) {
+        let g = self.lock();
+        let size = g.alloc.size();
+        (
+            size,
+            g.alloc.alloc_bytes() + g.mos.dirty_space(),
+            slop_for(size),
+        )
     }
 
     /// Look up a name in the pool directory.
@@ -1110,12 +1240,18 @@ impl Drop for Pool {
     fn drop(&mut self) {
         *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
         let mut g = self.lock();
-        if g.suspended.is_none() {
-            if let Err(e) = g.sync_txg() {
+        if g.closed.is_none() && g.suspended.is_none() {
+            if let Err(e) = g.close_clean() {
                 tracing::error!("final txg sync failed: {e}");
             }
         }
     }
+}
+
+/// Space kept back for metadata so commits never run out: 1/32 of the pool, at least 4 MiB and at most
+/// 128 MiB (never more than half), as OpenZFS's slop space.
+fn slop_for(size: u64) -> u64 {
+    (size / 32).clamp(4 << 20, 128 << 20).min(size / 2)
 }
 
 /// Objects address at most 2^60 bytes; anything beyond is refused before any arithmetic on it.
@@ -1138,6 +1274,7 @@ fn write_blob(inner: &mut Inner, id: u64, blob: &[u8]) -> Result<()> {
         o.free_range(&vdevs, blob.len() as u64, old - blob.len() as u64)?;
     }
     o.dnode.size = blob.len() as u64;
+    o.mark_dnode_dirty();
     Ok(())
 }
 
@@ -1157,17 +1294,33 @@ fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Result<Vec<u8
 
 impl Inner {
     fn check_writable(&self) -> Result<()> {
+        if let Some(what) = self.closed {
+            return Err(PoolError::Unavailable(format!("the pool has been {what}")));
+        }
         if let Some(s) = &self.suspended {
             return Err(PoolError::Suspended(s.clone()));
         }
         Ok(())
     }
 
+    /// The last commit of a session: everything, marked clean so the next open needs no cleanup.
+    /// A session that committed nothing leaves the pool untouched.
+    fn close_clean(&mut self) -> Result<()> {
+        if self.session_commits == 0 && !self.is_dirty() {
+            return Ok(());
+        }
+        self.commit(true)
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.mos.is_dirty() || self.config_dirty || self.dir_dirty
+    }
+
     /// Refuse a write that could leave the pool unable to commit. Keeps 1/32 of the pool (at least
     /// 4 MiB, at most 128 MiB) for metadata, as OpenZFS's slop space does.
     fn check_space(&self, len: u64, copies: u8) -> Result<()> {
         let size = self.alloc.size();
-        let slop = (size / 32).clamp(4 << 20, 128 << 20).min(size / 2);
+        let slop = slop_for(size);
         // Dirty data lands once per copy, plus indirect blocks (1/128 of the data, twice).
         let data = self.mos.dirty_space() + len * copies as u64;
         let pending = data + data / 32;
@@ -1194,13 +1347,24 @@ impl Inner {
     }
 
     fn sync_txg(&mut self) -> Result<()> {
+        if self.closed.is_some() {
+            return Ok(());
+        }
+        if !self.is_dirty() {
+            if let Some(s) = &self.suspended {
+                return Err(PoolError::Suspended(s.clone()));
+            }
+            return Ok(());
+        }
+        self.commit(false)
+    }
+
+    /// Commit a txg (even an empty one), optionally marked as the clean end of the session.
+    fn commit(&mut self, clean: bool) -> Result<()> {
         if let Some(s) = &self.suspended {
             return Err(PoolError::Suspended(s.clone()));
         }
-        if !self.mos.is_dirty() && !self.config_dirty && !self.dir_dirty {
-            return Ok(());
-        }
-        let r = self.sync_inner();
+        let r = self.sync_inner(clean);
         if let Err(e) = &r {
             tracing::error!("txg {} failed to commit: {e}", self.committed.next());
             self.suspended = Some(e.to_string());
@@ -1208,9 +1372,17 @@ impl Inner {
         r
     }
 
-    fn sync_inner(&mut self) -> Result<()> {
+    fn sync_inner(&mut self, clean: bool) -> Result<()> {
         let txg = self.committed.next();
         let vdevs = self.tree.tops.clone();
+        if !self.opened_clean && !self.invalidated {
+            let n = self.alloc.invalidate_newer(&vdevs, self.committed)?;
+            if n > 0 {
+                tracing::info!("zeroed {n} allocation page copies left by an interrupted commit");
+                self.tree.flush_all()?;
+            }
+            self.invalidated = true;
+        }
         if self.dir_dirty {
             let blob = blob_opts()
                 .serialize(&self.dir)
@@ -1267,11 +1439,13 @@ impl Inner {
             guid_sum: self.config.guid_sum(),
             config_txg: self.config.config_txg,
             root,
+            flags: if clean { label::UB_FLAG_CLEAN } else { 0 },
         };
         self.tree
             .sync_labels(self.config_dirty.then_some(&self.config), &ub)?;
         self.root_bp = bp;
         self.committed = txg;
+        self.session_commits += 1;
         self.config_dirty = false;
         self.alloc.txg_done(txg);
         Ok(())

@@ -9,6 +9,9 @@ use crate::identity::LeafIdentity;
 use crate::units::{Guid, Txg};
 use serde::{Deserialize, Serialize};
 
+/// Most top-level vdevs a pool can have (the objset block records usage for each).
+pub const MAX_TOPS: usize = 256;
+
 /// Current version of the configuration blob layout.
 pub const CONFIG_VERSION: u32 = 1;
 /// The largest encoded configuration a label can hold (see `label::CONFIG_MAX`).
@@ -127,7 +130,7 @@ impl PoolConfig {
         if self.pool_guid.0 == 0 {
             return Err("pool guid is zero".into());
         }
-        if self.tops.is_empty() || self.tops.len() > 4096 {
+        if self.tops.is_empty() || self.tops.len() > MAX_TOPS {
             return Err(format!("bad top-level vdev count {}", self.tops.len()));
         }
         for (i, t) in self.tops.iter().enumerate() {

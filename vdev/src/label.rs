@@ -298,10 +298,16 @@ pub struct Uberblock {
     pub config_txg: Txg,
     /// The pool's root block pointer, encoded by the pool crate.
     pub root: [u8; ROOT_BP_SIZE],
+    /// `UB_FLAG_CLEAN`: the last commit of a session that closed the pool cleanly.
+    pub flags: u32,
 }
+
+/// Uberblock flag: written by a clean close (no uncommitted writes of a later txg can exist).
+pub const UB_FLAG_CLEAN: u32 = 1;
 
 const U_MAGIC: usize = 0;
 const U_VERSION: usize = 8;
+const U_FLAGS: usize = 12;
 const U_TXG: usize = 16;
 const U_TIME: usize = 24;
 const U_POOL: usize = 32;
@@ -315,6 +321,7 @@ impl Uberblock {
         let mut b = vec![0u8; UB_SLOT_SIZE as usize];
         put64(&mut b, U_MAGIC, UB_MAGIC);
         put32(&mut b, U_VERSION, UB_VERSION);
+        put32(&mut b, U_FLAGS, self.flags);
         put64(&mut b, U_TXG, self.txg.0);
         put64(&mut b, U_TIME, self.timestamp);
         put64(&mut b, U_POOL, self.pool_guid.0);
@@ -350,6 +357,7 @@ impl Uberblock {
             guid_sum: le64(b, U_GSUM),
             config_txg: Txg(le64(b, U_CTXG)),
             root,
+            flags: le32(b, U_FLAGS),
         })
     }
 
@@ -504,6 +512,7 @@ mod tests {
             guid_sum: c.guid_sum(),
             config_txg: Txg(3),
             root: [5u8; ROOT_BP_SIZE],
+            flags: UB_FLAG_CLEAN,
         };
         for i in 0..4 {
             write_uberblock(&leaf, i, &ub).unwrap();

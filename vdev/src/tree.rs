@@ -513,8 +513,8 @@ impl VdevTree {
     }
 
     /// Commit a txg's labels: with a new configuration, even labels, flush, uberblocks, flush, odd
-    /// labels, flush; otherwise just the uberblocks and a flush. Succeeds if the uberblock reached at
-    /// least one leaf of every top-level vdev that has a usable leaf.
+    /// labels, flush; otherwise just the uberblocks and a flush. Succeeds if at least one leaf both took
+    /// the uberblock and flushed it (import takes the newest uberblock found on any leaf).
     pub fn sync_labels(&self, config: Option<&PoolConfig>, ub: &Uberblock) -> Result<()> {
         let encoded = match config {
             Some(c) => Some(
@@ -530,18 +530,19 @@ impl VdevTree {
             .leaves()
             .filter_map(|(t, c)| c.usable_dev().map(|d| (t.guid, c.guid, d, c.clone())))
             .collect();
-        let flush_all = |what: &'static str| -> Result<usize> {
-            let mut ok = 0;
-            for (_, _, d, lv) in &leaves {
-                match d.flush() {
-                    Ok(()) => ok += 1,
+        // Flush every leaf; returns which ones succeeded.
+        let flush_all = |what: &'static str| -> Vec<bool> {
+            leaves
+                .iter()
+                .map(|(_, _, d, lv)| match d.flush() {
+                    Ok(()) => true,
                     Err(e) => {
                         lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!("{}: flush after {what} failed: {e}", d.path());
+                        false
                     }
-                }
-            }
-            Ok(ok)
+                })
+                .collect()
         };
         let write_labels = |idxs: [usize; 2]| {
             if let (Some(c), Some(enc)) = (config, encoded.as_ref()) {
@@ -557,26 +558,26 @@ impl VdevTree {
         };
         if config.is_some() {
             write_labels([0, 2]);
-            flush_all("even labels")?;
+            flush_all("even labels");
         }
-        let mut ub_ok = 0;
-        for (_, _, d, lv) in &leaves {
-            let mut any = false;
-            for i in 0..4 {
-                match label::write_uberblock(d.as_ref(), i, ub) {
-                    Ok(()) => any = true,
-                    Err(e) => {
-                        lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("{e}");
+        let wrote: Vec<bool> = leaves
+            .iter()
+            .map(|(_, _, d, lv)| {
+                let mut any = false;
+                for i in 0..4 {
+                    match label::write_uberblock(d.as_ref(), i, ub) {
+                        Ok(()) => any = true,
+                        Err(e) => {
+                            lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("{e}");
+                        }
                     }
                 }
-            }
-            if any {
-                ub_ok += 1;
-            }
-        }
-        let flushed = flush_all("uberblocks")?;
-        if ub_ok == 0 || flushed == 0 {
+                any
+            })
+            .collect();
+        let flushed = flush_all("uberblocks");
+        if !wrote.iter().zip(&flushed).any(|(w, f)| *w && *f) {
             return Err(VdevError::Invalid {
                 path: "pool".into(),
                 reason: format!("txg {} could not be written to any leaf", ub.txg),
@@ -584,7 +585,7 @@ impl VdevTree {
         }
         if config.is_some() {
             write_labels([1, 3]);
-            flush_all("odd labels")?;
+            flush_all("odd labels");
         }
         Ok(())
     }

@@ -1,0 +1,116 @@
+//! The context a command runs in: the state directory, where pools come from, the caller's working
+//! directory and the captured output.
+//!
+//! The same command code runs in two places: in the `cairn` process itself (pools are opened for the
+//! duration of the command, [`LocalPools`]) and inside `cairn serve` on behalf of a client (pools are the
+//! daemon's open pools). Output is captured so the daemon can send it back to the client.
+
+use crate::statedir::StateDir;
+use crate::CmdError;
+use cairn_pool::{Guid, OpenOptions, Pool, PoolError, PoolState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a command gets its pools.
+pub trait Pools: Send + Sync {
+    /// An imported pool by name.
+    fn get(&self, sd: &StateDir, name: &str, verb: &str) -> Result<Arc<Pool>, CmdError>;
+    /// A pool was created or imported: keep it (the daemon) or let it close (the CLI).
+    fn added(&self, pool: Arc<Pool>);
+    /// A pool is about to be exported or destroyed: stop using it. `force` disconnects its clients.
+    fn take(
+        &self,
+        sd: &StateDir,
+        name: &str,
+        verb: &str,
+        force: bool,
+    ) -> Result<Arc<Pool>, CmdError>;
+}
+
+pub struct Ctx<'a> {
+    pub sd: &'a StateDir,
+    pub pools: &'a dyn Pools,
+    pub cwd: PathBuf,
+    pub cmdline: String,
+    pub out: String,
+    pub err: String,
+}
+
+impl Ctx<'_> {
+    /// A path argument as the caller meant it (relative to the caller's working directory).
+    pub fn abs(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.cwd.join(p)
+        }
+    }
+}
+
+#[macro_export]
+macro_rules! outln {
+    ($ctx:expr) => { $ctx.out.push('\n') };
+    ($ctx:expr, $($a:tt)*) => {{ use std::fmt::Write as _; let _ = writeln!($ctx.out, $($a)*); }};
+}
+
+#[macro_export]
+macro_rules! out {
+    ($ctx:expr, $($a:tt)*) => {{ use std::fmt::Write as _; let _ = write!($ctx.out, $($a)*); }};
+}
+
+#[macro_export]
+macro_rules! errln {
+    ($ctx:expr, $($a:tt)*) => {{ use std::fmt::Write as _; let _ = writeln!($ctx.err, $($a)*); }};
+}
+
+/// Open a pool recorded in the state directory's cache, checking it is still imported by us.
+pub fn open_from_cache(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, CmdError> {
+    let err = |r: String| CmdError::new(verb, name, r);
+    let cache = sd.load_cache().map_err(|e| err(e.to_string()))?;
+    let Some(entry) = cache.iter().find(|e| e.name == name) else {
+        return Err(err("no such pool".into()));
+    };
+    let paths: Vec<PathBuf> = entry.leaves.iter().map(PathBuf::from).collect();
+    let pool =
+        Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
+            PoolError::NotFound(_) => err(format!(
+                "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
+                 import the pool again with 'cairn pool import -d DIR {name}'",
+                entry.leaves.join(", ")
+            )),
+            e => err(e.to_string()),
+        })?;
+    let cfg = pool.config();
+    let me = sd.host_id().unwrap_or(0);
+    if cfg.state != PoolState::Active || cfg.host_id != me {
+        return Err(err(format!(
+            "the pool is not imported here (it was {} by host '{}'); import it again",
+            if cfg.state == PoolState::Active {
+                "imported"
+            } else {
+                "exported or destroyed"
+            },
+            cfg.hostname
+        )));
+    }
+    Ok(pool)
+}
+
+/// Pools opened by the command itself and closed when it ends.
+pub struct LocalPools;
+
+impl Pools for LocalPools {
+    fn get(&self, sd: &StateDir, name: &str, verb: &str) -> Result<Arc<Pool>, CmdError> {
+        open_from_cache(sd, name, verb).map(Arc::new)
+    }
+    fn added(&self, _pool: Arc<Pool>) {}
+    fn take(
+        &self,
+        sd: &StateDir,
+        name: &str,
+        verb: &str,
+        _force: bool,
+    ) -> Result<Arc<Pool>, CmdError> {
+        self.get(sd, name, verb)
+    }
+}
