@@ -20,7 +20,6 @@ fn pool_char_ok(c: char) -> bool {
 }
 
 /// Characters allowed in a dataset name component besides ASCII alphanumerics.
-#[allow(dead_code)] // for dataset names (volumes issue)
 fn component_char_ok(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':')
 }
@@ -66,7 +65,6 @@ pub fn validate_pool_name(name: &str) -> Result<(), String> {
 /// neither `.` nor `..`. The whole name is at most [`MAX_NAME_LEN`] bytes.
 /// Snapshot (`@`) and bookmark (`#`) delimiters are rejected: this is for
 /// plain dataset names.
-#[allow(dead_code)] // for dataset names (volumes issue)
 pub fn validate_dataset_name(name: &str) -> Result<(String, String), String> {
     if name.is_empty() {
         return Err("empty name".to_string());

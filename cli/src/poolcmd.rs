@@ -10,7 +10,9 @@ use crate::{errln, out, outln};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
 use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
-use cairn_pool::{CreateOptions, HostInfo, OpenOptions, Pool, PoolState, TopKind, TopSpec};
+use cairn_pool::{
+    CreateOptions, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
+};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -157,7 +159,10 @@ fn create(
         props,
         host: host(ctx),
     };
-    let (pool, warnings) = Pool::create(name, &specs, &opts).map_err(|e| err(e.to_string()))?;
+    let (pool, warnings) = Pool::create(name, &specs, &opts).map_err(|e| match e {
+        PoolError::NotFound(m) => err(format!("{m} (use --size to create it)")),
+        e => err(e.to_string()),
+    })?;
     for w in warnings {
         errln!(ctx, "warning: {w}");
     }
@@ -465,7 +470,7 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
     );
     let elsewhere = c.state() == PoolState::Active && c.config.host_id != me;
     if root.state == "UNAVAIL" {
-        s.push_str("status: One or more devices are missing from the system.\n");
+        s.push_str(" status: One or more devices are missing from the system.\n");
         s.push_str(
             " action: The pool cannot be imported. Attach the missing devices and try again.\n",
         );
@@ -696,7 +701,7 @@ fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult 
     Ok(ExitCode::SUCCESS)
 }
 
-fn format_time(secs: u64) -> String {
+pub fn format_time(secs: u64) -> String {
     // SAFETY: localtime_r writes only into `tm`, which is a valid, exclusively borrowed struct.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
     let t = secs as libc::time_t;

@@ -216,12 +216,24 @@ fn prepare_tops(
         }
         for l in &s.leaves {
             let abs = absolute(l);
-            let key = std::fs::canonicalize(&abs)
+            // The same file under two names (symlink, hard link) is the same leaf.
+            let key = match std::fs::metadata(&abs) {
+                Ok(md) => {
+                    use std::os::unix::fs::MetadataExt;
+                    if md.file_type().is_file() || md.rdev() == 0 {
+                        format!("inode:{}:{}", md.dev(), md.ino())
+                    } else {
+                        format!("rdev:{}", md.rdev())
+                    }
+                }
+                Err(_) => abs.to_string_lossy().into_owned(),
+            };
+            let shown = l.display().to_string();
+            let canon = std::fs::canonicalize(&abs)
                 .unwrap_or_else(|_| abs.clone())
                 .to_string_lossy()
                 .into_owned();
-            let shown = l.display().to_string();
-            if existing.contains(&key) {
+            if existing.contains(&canon) || existing.contains(&abs.to_string_lossy().into_owned()) {
                 return Err(PoolError::InUse(format!(
                     "{shown} is already part of this pool"
                 )));
@@ -233,7 +245,7 @@ fn prepare_tops(
             }
             if !abs.exists() && opts.create_size.is_none() {
                 return Err(PoolError::NotFound(format!(
-                    "cannot open '{shown}': no such file or directory (use --size to create it)"
+                    "cannot open '{shown}': no such file or directory"
                 )));
             }
         }

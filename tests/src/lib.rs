@@ -151,14 +151,25 @@ impl Env {
     }
 
     /// Runs `cairn --state-dir STATE ARGS...` with another state directory (a second "system").
+    pub fn run_with_state(&self, state: &Path, args: &[&str]) -> Out {
+        self.run_full(self.dir.path(), state, args)
+    }
+
+    /// Runs `cairn --state-dir STATE ARGS...` with this environment's state directory, from another
+    /// working directory.
+    pub fn run_in(&self, cwd: &Path, args: &[&str]) -> Out {
+        self.run_full(cwd, &self.state, args)
+    }
+
+    /// Runs `cairn --state-dir STATE ARGS...` in `cwd`.
     ///
     /// Every command is checked never to panic, and killed if it runs longer than [`COMMAND_TIMEOUT`].
-    pub fn run_with_state(&self, state: &Path, args: &[&str]) -> Out {
+    pub fn run_full(&self, cwd: &Path, state: &Path, args: &[&str]) -> Out {
         let mut child = Command::new(cairn_bin())
             .arg("--state-dir")
             .arg(state)
             .args(args)
-            .current_dir(self.dir.path())
+            .current_dir(cwd)
             .env_remove("CAIRN_STATE_DIR")
             .env_remove("CAIRN_LOG")
             .env("RUST_BACKTRACE", "1")

@@ -1,0 +1,372 @@
+//! The `cairn dataset` commands: create, list, get, set, destroy (volumes).
+
+use crate::ctx::Ctx;
+use crate::names::validate_dataset_name;
+use crate::output::{json_envelope, select_columns, Table};
+use crate::size::{format_compact, parse_size};
+use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
+use cairn_dataset::{self as ds, CreateVolume, DatasetError, VolumeInfo};
+use serde_json::{json, Map, Value};
+
+type CmdResult = Result<(), Vec<CmdError>>;
+
+fn one(e: CmdError) -> Vec<CmdError> {
+    vec![e]
+}
+
+pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
+    let cmdline = ctx.cmdline.clone();
+    match cmd {
+        DatasetCmd::Create {
+            volsize,
+            sparse,
+            blocksize,
+            props,
+            name,
+        } => create(ctx, &volsize, sparse, blocksize.as_deref(), &props, &name, &cmdline),
+        DatasetCmd::List {
+            types,
+            recursive: _,
+            flags,
+            cols,
+            names,
+        } => list(ctx, types.as_deref(), &flags, cols.as_deref(), &names),
+        DatasetCmd::Get { flags, props, names } => get(ctx, &flags, &props, &names),
+        DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
+        DatasetCmd::Destroy {
+            recursive: _,
+            name,
+        } => destroy(ctx, &name, &cmdline),
+    }
+}
+
+const SIZE_PROPS: &[&str] = &[
+    "used",
+    "available",
+    "referenced",
+    "volsize",
+    "volblocksize",
+    "refreservation",
+];
+
+fn reason(e: DatasetError) -> String {
+    match e {
+        DatasetError::Pool(p) => p.to_string(),
+        e => e.to_string(),
+    }
+}
+
+/// Turn a user value into what the dataset layer stores (sizes in bytes).
+fn normalise(prop: &str, v: &str) -> Result<String, String> {
+    match prop {
+        "volsize" => Ok(parse_size(v)?.to_string()),
+        "refreservation" if v != "none" && v != "auto" => Ok(parse_size(v)?.to_string()),
+        _ => Ok(v.to_string()),
+    }
+}
+
+fn split_assignment(a: &str) -> Result<(String, String), String> {
+    let (k, v) = a
+        .split_once('=')
+        .ok_or_else(|| format!("bad property assignment '{a}': expected PROP=VALUE"))?;
+    Ok((k.to_string(), normalise(k, v)?))
+}
+
+/// Validate a dataset name and return its pool.
+fn pool_of(name: &str, verb: &str) -> Result<String, Vec<CmdError>> {
+    validate_dataset_name(name)
+        .map(|(p, _)| p)
+        .map_err(|r| one(CmdError::new(verb, name, format!("invalid dataset name: {r}"))))
+}
+
+fn create(
+    ctx: &mut Ctx,
+    volsize: &str,
+    sparse: bool,
+    blocksize: Option<&str>,
+    props: &[String],
+    name: &str,
+    cmdline: &str,
+) -> CmdResult {
+    let err = |r: String| one(CmdError::new("create", name, r));
+    let pool_name = pool_of(name, "create")?;
+    let volsize = parse_size(volsize).map_err(|r| err(format!("bad volume size: {r}")))?;
+    let volblocksize = match blocksize {
+        Some(b) => parse_size(b).map_err(|r| err(format!("bad volblocksize: {r}")))?,
+        None => ds::DEFAULT_BLOCKSIZE,
+    };
+    let mut pv = Vec::new();
+    for p in props {
+        let (k, v) = split_assignment(p).map_err(err)?;
+        if k == "volblocksize" {
+            return Err(err("use -b to set volblocksize".into()));
+        }
+        pv.push((k, v));
+    }
+    let pool = ctx.pools.get(ctx.sd, &pool_name, "create").map_err(one)?;
+    ds::create_volume(
+        &pool,
+        name,
+        &CreateVolume {
+            volsize,
+            volblocksize,
+            sparse,
+            props: pv,
+        },
+    )
+    .map_err(|e| err(reason(e)))?;
+    pool.log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn prop_value(v: &VolumeInfo, prop: &str, parsable: bool) -> Option<(String, String)> {
+    if prop == "name" {
+        return Some((v.name.clone(), "-".into()));
+    }
+    if prop == "mountpoint" {
+        return Some(("-".into(), "-".into()));
+    }
+    let (_, val, src) = v.props().into_iter().find(|(k, _, _)| k == prop)?;
+    let shown = if !parsable && SIZE_PROPS.contains(&prop) {
+        val.parse::<u64>().map(format_compact).unwrap_or(val)
+    } else if !parsable && prop == "creation" {
+        val.parse::<u64>()
+            .map(crate::poolcmd::format_time)
+            .unwrap_or(val)
+    } else {
+        val
+    };
+    Some((shown, src))
+}
+
+/// Volumes named (or all volumes of all pools).
+fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo>, Vec<CmdError>> {
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    if names.is_empty() {
+        let pools = ctx
+            .sd
+            .load_cache()
+            .map_err(|e| one(CmdError::new(verb, "", e.to_string())))?;
+        for p in pools {
+            match ctx.pools.get(ctx.sd, &p.name, verb) {
+                Ok(pool) => match ds::list(&pool) {
+                    Ok(v) => out.extend(v),
+                    Err(e) => errs.push(CmdError::new(verb, &p.name, reason(e))),
+                },
+                Err(e) => errs.push(e),
+            }
+        }
+    } else {
+        for n in names {
+            let pool_name = match pool_of(n, verb) {
+                Ok(p) => p,
+                Err(mut e) => {
+                    errs.append(&mut e);
+                    continue;
+                }
+            };
+            match ctx.pools.get(ctx.sd, &pool_name, verb) {
+                Ok(pool) => match ds::get(&pool, n) {
+                    Ok(v) => out.push(v),
+                    Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
+                },
+                Err(e) => errs.push(CmdError::new(verb, n, e.reason)),
+            }
+        }
+    }
+    if errs.is_empty() || !out.is_empty() {
+        if !errs.is_empty() {
+            for e in errs {
+                crate::errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
+            }
+        }
+        Ok(out)
+    } else {
+        Err(errs)
+    }
+}
+
+const LIST_COLS: &[&str] = &[
+    "name",
+    "used",
+    "available",
+    "referenced",
+    "mountpoint",
+    "volsize",
+    "volblocksize",
+    "refreservation",
+    "readonly",
+    "checksum",
+    "copies",
+    "creation",
+    "type",
+    "guid",
+];
+
+fn list(
+    ctx: &mut Ctx,
+    types: Option<&str>,
+    flags: &ListFlags,
+    cols: Option<&str>,
+    names: &[String],
+) -> CmdResult {
+    let want_volumes = match types {
+        None => true,
+        Some(t) => {
+            let mut v = false;
+            for x in t.split(',') {
+                match x {
+                    "volume" | "all" => v = true,
+                    "snapshot" | "snap" | "filesystem" => {}
+                    other => {
+                        return Err(one(CmdError::new(
+                            "list",
+                            other,
+                            "invalid type (volume, snapshot or all)",
+                        )))
+                    }
+                }
+            }
+            v
+        }
+    };
+    // zfs's aliases for columns.
+    let cols = cols.map(|c| {
+        c.split(',')
+            .map(|x| match x {
+                "avail" => "available",
+                "refer" => "referenced",
+                "volblock" => "volblocksize",
+                "refreserv" => "refreservation",
+                "rdonly" => "readonly",
+                x => x,
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    let sel = select_columns(
+        LIST_COLS,
+        Some(cols.as_deref().unwrap_or("name,used,available,referenced,mountpoint")),
+    )
+    .map_err(|r| one(CmdError::new("list", "", r)))?;
+    let vols = if want_volumes {
+        collect(ctx, names, "list")?
+    } else {
+        Vec::new()
+    };
+    if flags.json {
+        let mut m = Map::new();
+        for v in &vols {
+            let mut props = Map::new();
+            for &i in &sel {
+                if let Some((val, src)) = prop_value(v, LIST_COLS[i], flags.parsable) {
+                    props.insert(
+                        LIST_COLS[i].into(),
+                        json!({"value": val, "source": {"type": src.to_uppercase(), "data": "-"}}),
+                    );
+                }
+            }
+            m.insert(
+                v.name.clone(),
+                json!({"name": v.name, "type": "VOLUME", "pool": v.name.split('/').next(),
+                       "properties": props}),
+            );
+        }
+        let j = json_envelope("cairn dataset list", "datasets", Value::Object(m));
+        outln!(ctx, "{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+        return Ok(());
+    }
+    if vols.is_empty() {
+        if !flags.scripted {
+            outln!(ctx, "no datasets available");
+        }
+        return Ok(());
+    }
+    let headers: Vec<String> = sel
+        .iter()
+        .map(|&i| match LIST_COLS[i] {
+            "available" => "AVAIL".to_string(),
+            "referenced" => "REFER".to_string(),
+            c => c.to_uppercase(),
+        })
+        .collect();
+    let right: Vec<bool> = sel
+        .iter()
+        .map(|&i| SIZE_PROPS.contains(&LIST_COLS[i]) || LIST_COLS[i] == "copies")
+        .collect();
+    let mut t = Table::new(headers, right);
+    for v in &vols {
+        t.push(sel.iter().map(|&i| {
+            prop_value(v, LIST_COLS[i], flags.parsable)
+                .map(|x| x.0)
+                .unwrap_or_else(|| "-".into())
+        }));
+    }
+    out!(ctx, "{}", t.render(flags.scripted));
+    Ok(())
+}
+
+fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdResult {
+    if names.is_empty() {
+        return Err(one(CmdError::new("get", props, "missing dataset name")));
+    }
+    let vols = collect(ctx, names, "get")?;
+    let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
+    let mut t = Table::new(["NAME", "PROPERTY", "VALUE", "SOURCE"], vec![false; 4]);
+    let mut jm = Map::new();
+    for v in &vols {
+        let list: Vec<String> = if wanted.iter().any(|w| w == "all") {
+            v.props().into_iter().map(|(k, _, _)| k).collect()
+        } else {
+            wanted.clone()
+        };
+        let mut pj = Map::new();
+        for p in list {
+            let Some((val, src)) = prop_value(v, &p, flags.parsable) else {
+                return Err(one(CmdError::new("get", &v.name, format!("invalid property '{p}'"))));
+            };
+            pj.insert(
+                p.clone(),
+                json!({"value": val, "source": {"type": src.to_uppercase(), "data": "-"}}),
+            );
+            t.push([v.name.clone(), p, val, src]);
+        }
+        jm.insert(v.name.clone(), json!({"name": v.name, "properties": pj}));
+    }
+    if flags.json {
+        let j = json_envelope("cairn dataset get", "datasets", Value::Object(jm));
+        outln!(ctx, "{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+    } else {
+        out!(ctx, "{}", t.render(flags.scripted));
+    }
+    Ok(())
+}
+
+fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("set", name, r));
+    let (k, v) = split_assignment(assignment).map_err(err)?;
+    let pool_name = pool_of(name, "set")?;
+    let pool = ctx.pools.get(ctx.sd, &pool_name, "set").map_err(one)?;
+    ds::set(&pool, name, &k, &v).map_err(|e| err(reason(e)))?;
+    pool.log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("destroy", name, r));
+    let pool_name = pool_of(name, "destroy")?;
+    let pool = ctx.pools.get(ctx.sd, &pool_name, "destroy").map_err(one)?;
+    if ctx.pools.in_use(name) {
+        return Err(err("dataset is busy: an NBD client is connected to it".into()));
+    }
+    ds::destroy(&pool, name).map_err(|e| err(reason(e)))?;
+    pool.log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,626 @@
+//! An NBD server (fixed newstyle handshake, structured replies, base:allocation block status) for
+//! the daemon's volumes. Written from the NBD protocol document (NetworkBlockDevice/nbd doc/proto.md).
+//!
+//! Invariants: nothing a client sends is trusted: option and request lengths are bounded before any
+//! allocation, unknown options get `NBD_REP_ERR_UNSUP`, bad requests get the protocol's error and the
+//! connection goes on; only a broken framing (bad magic, oversized payload we cannot skip) closes it.
+//! A reply to a write is sent only after the pool holds the data, so FLUSH (which commits the pool's
+//! txg) covers every write acknowledged before it; FUA writes commit before their reply.
+//! Volume I/O is synchronous and runs on tokio's blocking pool; the network side is async.
+
+use cairn_dataset::{DatasetError, Volume};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CFLAG_FIXED_NEWSTYLE: u32 = 1;
+const CFLAG_NO_ZEROES: u32 = 2;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
+const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_INVALID: u32 = 0x8000_0003;
+const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
+const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TF_HAS_FLAGS: u16 = 1;
+const TF_READ_ONLY: u16 = 2;
+const TF_SEND_FLUSH: u16 = 4;
+const TF_SEND_FUA: u16 = 8;
+const TF_SEND_TRIM: u16 = 32;
+const TF_SEND_WRITE_ZEROES: u16 = 64;
+const TF_SEND_DF: u16 = 128;
+const TF_CAN_MULTI_CONN: u16 = 256;
+const TF_SEND_FAST_ZERO: u16 = 2048;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const CMDF_FUA: u16 = 1;
+const CMDF_NO_HOLE: u16 = 2;
+const CMDF_DF: u16 = 4;
+const CMDF_REQ_ONE: u16 = 8;
+const CMDF_FAST_ZERO: u16 = 16;
+
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_NONE: u16 = 0;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = 0x8001;
+
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
+
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const ESHUTDOWN: u32 = 108;
+
+/// Largest payload of a read or write.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Largest option payload a client may send during the handshake.
+const MAX_OPTION: u32 = 64 << 10;
+/// Requests served at once per connection.
+const MAX_INFLIGHT: usize = 64;
+const BASE_ALLOCATION: &str = "base:allocation";
+const META_ID: u32 = 1;
+
+/// What the server needs from the daemon.
+pub trait Exports: Send + Sync + 'static {
+    /// Names of every export (POOL/VOLUME).
+    fn list(&self) -> Vec<String>;
+    /// Open an export for a connection.
+    fn open(&self, name: &str) -> Result<Arc<Volume>, String>;
+    /// A connection starts or stops serving `name` (for busy checks on export/destroy).
+    fn attach(&self, name: &str, conn: u64, stop: watch::Sender<bool>);
+    fn detach(&self, conn: u64);
+}
+
+fn map_err(e: &DatasetError, write: bool) -> u32 {
+    match e {
+        DatasetError::ReadOnly => EPERM,
+        DatasetError::NoSpace => ENOSPC,
+        DatasetError::OutOfRange { .. } if write => ENOSPC,
+        DatasetError::OutOfRange { .. } | DatasetError::Invalid(_) => EINVAL,
+        _ => EIO,
+    }
+}
+
+async fn send_opt_reply<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    typ: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(20 + data.len());
+    b.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&opt.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    b.extend_from_slice(data);
+    w.write_all(&b).await
+}
+
+async fn send_opt_err<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    opt: u32,
+    typ: u32,
+    msg: &str,
+) -> std::io::Result<()> {
+    send_opt_reply(w, opt, typ, msg.as_bytes()).await
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The transmission flags of an export.
+fn tflags(v: &Volume) -> u16 {
+    let mut f = TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_SEND_DF
+        | TF_CAN_MULTI_CONN
+        | TF_SEND_FAST_ZERO;
+    if v.readonly() {
+        f |= TF_READ_ONLY;
+    }
+    f
+}
+
+/// Parse `u32 len, name, ...rest` and return (name, rest offset).
+fn parse_name(data: &[u8]) -> Option<(String, usize)> {
+    let n = be32(data, 0)? as usize;
+    let name = data.get(4..4 + n)?;
+    Some((String::from_utf8(name.to_vec()).ok()?, 4 + n))
+}
+
+/// The export for `name`; the empty name means the only export, if there is exactly one.
+fn resolve(exports: &dyn Exports, name: &str) -> Result<(String, Arc<Volume>), String> {
+    let name = if name.is_empty() {
+        let all = exports.list();
+        match all.as_slice() {
+            [one] => one.clone(),
+            [] => return Err("no exports".into()),
+            _ => return Err("no default export: name one of the exports".into()),
+        }
+    } else {
+        name.trim_start_matches('/').to_string()
+    };
+    exports.open(&name).map(|v| (name, v))
+}
+
+struct Negotiated {
+    name: String,
+    vol: Arc<Volume>,
+    structured: bool,
+    meta: bool,
+}
+
+/// The handshake. `Ok(None)`: the client left or aborted.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    exports: &dyn Exports,
+) -> std::io::Result<Option<Negotiated>> {
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello).await?;
+    let cflags = s.read_u32().await?;
+    if cflags & !(CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES) != 0 {
+        return Ok(None);
+    }
+    let no_zeroes = cflags & CFLAG_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut meta = false;
+    loop {
+        if s.read_u64().await? != IHAVEOPT {
+            return Ok(None);
+        }
+        let opt = s.read_u32().await?;
+        let len = s.read_u32().await?;
+        if len > MAX_OPTION {
+            // Skip it without allocating it, then refuse.
+            tokio::io::copy(&mut (&mut *s).take(len as u64), &mut tokio::io::sink()).await?;
+            send_opt_err(s, opt, REP_ERR_TOO_BIG, "option too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data).await?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Ok((name, vol)) = resolve(exports, &name) else {
+                    // The protocol has no error reply here: close.
+                    return Ok(None);
+                };
+                let mut b = Vec::new();
+                b.extend_from_slice(&vol.size().to_be_bytes());
+                b.extend_from_slice(&tflags(&vol).to_be_bytes());
+                if !no_zeroes {
+                    b.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&b).await?;
+                return Ok(Some(Negotiated {
+                    name,
+                    vol,
+                    structured,
+                    meta,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = send_opt_reply(s, opt, REP_ACK, &[]).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send_opt_err(s, opt, REP_ERR_INVALID, "LIST takes no data").await?;
+                    continue;
+                }
+                for n in exports.list() {
+                    let mut d = (n.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(n.as_bytes());
+                    send_opt_reply(s, opt, REP_SERVER, &d).await?;
+                }
+                send_opt_reply(s, opt, REP_ACK, &[]).await?;
+            }
+            OPT_INFO | OPT_GO => {
+                let parsed = parse_name(&data).and_then(|(name, at)| {
+                    let n = be16(&data, at)? as usize;
+                    if data.len() != at + 2 + 2 * n {
+                        return None;
+                    }
+                    let reqs: Vec<u16> = (0..n).filter_map(|i| be16(&data, at + 2 + 2 * i)).collect();
+                    Some((name, reqs))
+                });
+                let Some((name, reqs)) = parsed else {
+                    send_opt_err(s, opt, REP_ERR_INVALID, "malformed INFO/GO request").await?;
+                    continue;
+                };
+                let (name, vol) = match resolve(exports, &name) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}")).await?;
+                        continue;
+                    }
+                };
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&vol.size().to_be_bytes());
+                d.extend_from_slice(&tflags(&vol).to_be_bytes());
+                send_opt_reply(s, opt, REP_INFO, &d).await?;
+                if reqs.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    send_opt_reply(s, opt, REP_INFO, &d).await?;
+                }
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&1u32.to_be_bytes());
+                d.extend_from_slice(&(vol.block_size() as u32).to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                send_opt_reply(s, opt, REP_INFO, &d).await?;
+                send_opt_reply(s, opt, REP_ACK, &[]).await?;
+                if opt == OPT_GO {
+                    return Ok(Some(Negotiated {
+                        name,
+                        vol,
+                        structured,
+                        meta,
+                    }));
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    send_opt_err(s, opt, REP_ERR_INVALID, "STRUCTURED_REPLY takes no data").await?;
+                    continue;
+                }
+                structured = true;
+                send_opt_reply(s, opt, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let parsed = parse_name(&data).and_then(|(name, mut at)| {
+                    let n = be32(&data, at)?;
+                    at += 4;
+                    let mut qs = Vec::new();
+                    for _ in 0..n {
+                        let l = be32(&data, at)? as usize;
+                        let q = data.get(at + 4..at + 4 + l)?;
+                        qs.push(String::from_utf8(q.to_vec()).ok()?);
+                        at += 4 + l;
+                    }
+                    (at == data.len()).then_some((name, qs))
+                });
+                let Some((name, queries)) = parsed else {
+                    send_opt_err(s, opt, REP_ERR_INVALID, "malformed meta context request").await?;
+                    continue;
+                };
+                if opt == OPT_SET_META_CONTEXT && !structured {
+                    send_opt_err(s, opt, REP_ERR_INVALID, "negotiate structured replies first")
+                        .await?;
+                    continue;
+                }
+                if let Err(e) = resolve(exports, &name) {
+                    send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}")).await?;
+                    continue;
+                }
+                let matches = |q: &str| q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && q == "base:");
+                let selected = if queries.is_empty() {
+                    opt == OPT_LIST_META_CONTEXT
+                } else {
+                    queries.iter().any(|q| matches(q))
+                };
+                if selected {
+                    let mut d = META_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    send_opt_reply(s, opt, REP_META_CONTEXT, &d).await?;
+                }
+                if opt == OPT_SET_META_CONTEXT {
+                    meta = selected;
+                }
+                send_opt_reply(s, opt, REP_ACK, &[]).await?;
+            }
+            _ => {
+                send_opt_err(s, opt, REP_ERR_UNSUP, "option not supported").await?;
+            }
+        }
+    }
+}
+
+fn simple_reply(cookie: u64, error: u32, data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + data.len());
+    b.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+fn chunk(cookie: u64, flags: u16, typ: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + payload.len());
+    b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&typ.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// The reply to a request: success (with read data) or an error.
+fn reply(structured: bool, cookie: u64, result: Result<Vec<u8>, (u32, String)>, offset: u64, read: bool) -> Vec<u8> {
+    match (structured, result) {
+        (false, Ok(data)) => simple_reply(cookie, 0, &data),
+        (false, Err((e, _))) => simple_reply(cookie, e, &[]),
+        (true, Ok(data)) if read => {
+            let mut p = offset.to_be_bytes().to_vec();
+            p.extend_from_slice(&data);
+            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, &p)
+        }
+        (true, Ok(payload)) if !payload.is_empty() => {
+            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &payload)
+        }
+        (true, Ok(_)) => chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]),
+        (true, Err((e, msg))) => {
+            let msg = &msg.as_bytes()[..msg.len().min(4096)];
+            let mut p = e.to_be_bytes().to_vec();
+            p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            p.extend_from_slice(msg);
+            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &p)
+        }
+    }
+}
+
+struct Req {
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// Check a request against the export; `Err` is the NBD error to reply with.
+fn validate(r: &Req, size: u64, readonly: bool, meta: bool) -> Result<(), (u32, String)> {
+    let bad = |m: &str| Err((EINVAL, m.to_string()));
+    let allowed = match r.typ {
+        CMD_READ => CMDF_DF | CMDF_FUA,
+        CMD_WRITE => CMDF_FUA,
+        CMD_FLUSH => 0,
+        CMD_TRIM => CMDF_FUA,
+        CMD_WRITE_ZEROES => CMDF_FUA | CMDF_NO_HOLE | CMDF_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMDF_REQ_ONE,
+        _ => return bad("unknown command"),
+    };
+    if r.flags & !allowed != 0 {
+        return bad("flag not valid for this command");
+    }
+    if r.typ == CMD_FLUSH {
+        return Ok(());
+    }
+    if r.typ == CMD_BLOCK_STATUS && !meta {
+        return bad("no metadata context negotiated");
+    }
+    if r.len == 0 {
+        return bad("zero length");
+    }
+    if matches!(r.typ, CMD_READ | CMD_WRITE) && r.len > MAX_PAYLOAD {
+        return Err((EINVAL, format!("request of {} bytes is over the {} limit", r.len, MAX_PAYLOAD)));
+    }
+    let end = r.offset.checked_add(r.len as u64);
+    if end.is_none_or(|e| e > size) {
+        let e = if matches!(r.typ, CMD_WRITE | CMD_WRITE_ZEROES) {
+            ENOSPC
+        } else {
+            EINVAL
+        };
+        return Err((e, "request beyond the end of the export".into()));
+    }
+    if readonly && matches!(r.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) {
+        return Err((EPERM, "export is read-only".into()));
+    }
+    Ok(())
+}
+
+/// Execute one request on the volume (blocking).
+fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String)> {
+    let fua = r.flags & CMDF_FUA != 0;
+    let w = |e: DatasetError| (map_err(&e, true), e.to_string());
+    let rd = |e: DatasetError| (map_err(&e, false), e.to_string());
+    match r.typ {
+        CMD_READ => {
+            let mut buf = vec![0u8; r.len as usize];
+            vol.read(r.offset, &mut buf).map_err(rd)?;
+            Ok(buf)
+        }
+        CMD_WRITE => {
+            vol.write(r.offset, &data).map_err(w)?;
+            if fua {
+                vol.flush().map_err(w)?;
+            }
+            Ok(Vec::new())
+        }
+        CMD_FLUSH => {
+            vol.flush().map_err(w)?;
+            Ok(Vec::new())
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if r.typ == CMD_TRIM {
+                vol.trim(r.offset, r.len as u64).map_err(w)?;
+            } else {
+                vol.write_zeroes(r.offset, r.len as u64).map_err(w)?;
+            }
+            if fua {
+                vol.flush().map_err(w)?;
+            }
+            Ok(Vec::new())
+        }
+        CMD_BLOCK_STATUS => {
+            let ext = vol.map(r.offset, r.len as u64).map_err(rd)?;
+            let mut p = META_ID.to_be_bytes().to_vec();
+            for e in ext.iter().take(if r.flags & CMDF_REQ_ONE != 0 { 1 } else { 4096 }) {
+                let flags = if e.allocated { 0 } else { STATE_HOLE | STATE_ZERO };
+                p.extend_from_slice(&(e.length as u32).to_be_bytes());
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            Ok(p)
+        }
+        _ => Err((EINVAL, "unknown command".into())),
+    }
+}
+
+/// Serve one client connection until it disconnects or `stop` fires.
+pub async fn serve_conn<S>(mut s: S, exports: Arc<dyn Exports>, conn: u64, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let neg = tokio::select! {
+        r = handshake(&mut s, exports.as_ref()) => r,
+        _ = shutdown.changed() => return,
+    };
+    let Ok(Some(neg)) = neg else { return };
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    exports.attach(&neg.name, conn, stop_tx);
+    let (mut rd, mut wr) = tokio::io::split(s);
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT * 2);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = rx.recv().await {
+            if wr.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    });
+    let sem = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let size = neg.vol.size();
+    let readonly = neg.vol.readonly();
+    loop {
+        let mut hdr = [0u8; 28];
+        let got = tokio::select! {
+            r = rd.read_exact(&mut hdr) => r.is_ok(),
+            _ = shutdown.changed() => false,
+            _ = stop_rx.changed() => false,
+        };
+        if !got {
+            break;
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        if magic != REQUEST_MAGIC {
+            tracing::warn!("nbd connection {conn}: bad request magic {magic:#x}; closing");
+            break;
+        }
+        let r = Req {
+            flags: u16::from_be_bytes([hdr[4], hdr[5]]),
+            typ: u16::from_be_bytes([hdr[6], hdr[7]]),
+            cookie: u64::from_be_bytes(hdr[8..16].try_into().unwrap_or([0; 8])),
+            offset: u64::from_be_bytes(hdr[16..24].try_into().unwrap_or([0; 8])),
+            len: u32::from_be_bytes([hdr[24], hdr[25], hdr[26], hdr[27]]),
+        };
+        if r.typ == CMD_DISC {
+            break;
+        }
+        let mut payload = Vec::new();
+        if r.typ == CMD_WRITE {
+            if r.len > MAX_PAYLOAD {
+                // Cannot stay in sync without reading it; refuse and close.
+                let _ = tx
+                    .send(reply(neg.structured, r.cookie, Err((EINVAL, "write too large".into())), r.offset, false))
+                    .await;
+                break;
+            }
+            payload = vec![0u8; r.len as usize];
+            if rd.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+        }
+        let is_read = r.typ == CMD_READ;
+        if let Err(e) = validate(&r, size, readonly, neg.meta) {
+            let _ = tx.send(reply(neg.structured, r.cookie, Err(e), r.offset, is_read)).await;
+            continue;
+        }
+        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let vol = neg.vol.clone();
+        let tx = tx.clone();
+        let structured = neg.structured;
+        tokio::spawn(async move {
+            let (cookie, offset) = (r.cookie, r.offset);
+            let res = tokio::task::spawn_blocking(move || execute(&vol, &r, payload))
+                .await
+                .unwrap_or_else(|_| Err((EIO, "internal error".into())));
+            let _ = tx.send(reply(structured, cookie, res, offset, is_read)).await;
+            drop(permit);
+        });
+    }
+    // Let requests in flight finish and their replies go out.
+    let _ = sem.acquire_many(MAX_INFLIGHT as u32).await;
+    drop(tx);
+    let _ = writer.await;
+    exports.detach(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        let r = |typ, flags, offset, len| Req { flags, typ, cookie: 1, offset, len };
+        assert!(validate(&r(CMD_READ, 0, 0, 4096), 8192, false, false).is_ok());
+        assert_eq!(validate(&r(CMD_READ, 0, 4096, 8192), 8192, false, false).unwrap_err().0, EINVAL);
+        assert_eq!(validate(&r(CMD_WRITE, 0, u64::MAX, 1), 8192, false, false).unwrap_err().0, ENOSPC);
+        assert_eq!(validate(&r(CMD_WRITE, 0, 0, 1), 8192, true, false).unwrap_err().0, EPERM);
+        assert_eq!(validate(&r(99, 0, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
+        assert_eq!(validate(&r(CMD_WRITE, CMDF_DF, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
+        assert_eq!(validate(&r(CMD_BLOCK_STATUS, 0, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
+        assert!(validate(&r(CMD_BLOCK_STATUS, 0, 0, 1), 8192, false, true).is_ok());
+        assert!(validate(&r(CMD_FLUSH, 0, 0, 0), 8192, false, false).is_ok());
+        assert_eq!(validate(&r(CMD_READ, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false).unwrap_err().0, EINVAL);
+    }
+
+    #[test]
+    fn reply_shapes() {
+        let s = reply(false, 7, Ok(vec![1, 2]), 0, true);
+        assert_eq!(&s[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&s[16..], &[1, 2]);
+        let c = reply(true, 7, Ok(vec![1, 2]), 4096, true);
+        assert_eq!(&c[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([c[6], c[7]]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(u32::from_be_bytes([c[16], c[17], c[18], c[19]]), 10);
+        let e = reply(true, 7, Err((EIO, "x".into())), 0, true);
+        assert_eq!(u16::from_be_bytes([e[6], e[7]]), REPLY_TYPE_ERROR);
+        assert_eq!(u32::from_be_bytes([e[20], e[21], e[22], e[23]]), EIO);
+    }
+}
