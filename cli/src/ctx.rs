@@ -25,6 +25,10 @@ pub trait Pools: Send + Sync {
         verb: &str,
         force: bool,
     ) -> Result<Arc<Pool>, CmdError>;
+    /// Is an NBD client connected to this dataset?
+    fn in_use(&self, _dataset: &str) -> bool {
+        false
+    }
 }
 
 pub struct Ctx<'a> {

@@ -23,7 +23,15 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
             blocksize,
             props,
             name,
-        } => create(ctx, &volsize, sparse, blocksize.as_deref(), &props, &name, &cmdline),
+        } => create(
+            ctx,
+            &volsize,
+            sparse,
+            blocksize.as_deref(),
+            &props,
+            &name,
+            &cmdline,
+        ),
         DatasetCmd::List {
             types,
             recursive: _,
@@ -31,12 +39,13 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
             cols,
             names,
         } => list(ctx, types.as_deref(), &flags, cols.as_deref(), &names),
-        DatasetCmd::Get { flags, props, names } => get(ctx, &flags, &props, &names),
+        DatasetCmd::Get {
+            flags,
+            props,
+            names,
+        } => get(ctx, &flags, &props, &names),
         DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
-        DatasetCmd::Destroy {
-            recursive: _,
-            name,
-        } => destroy(ctx, &name, &cmdline),
+        DatasetCmd::Destroy { recursive: _, name } => destroy(ctx, &name, &cmdline),
     }
 }
 
@@ -74,9 +83,13 @@ fn split_assignment(a: &str) -> Result<(String, String), String> {
 
 /// Validate a dataset name and return its pool.
 fn pool_of(name: &str, verb: &str) -> Result<String, Vec<CmdError>> {
-    validate_dataset_name(name)
-        .map(|(p, _)| p)
-        .map_err(|r| one(CmdError::new(verb, name, format!("invalid dataset name: {r}"))))
+    validate_dataset_name(name).map(|(p, _)| p).map_err(|r| {
+        one(CmdError::new(
+            verb,
+            name,
+            format!("invalid dataset name: {r}"),
+        ))
+    })
 }
 
 fn create(
@@ -249,7 +262,10 @@ fn list(
     });
     let sel = select_columns(
         LIST_COLS,
-        Some(cols.as_deref().unwrap_or("name,used,available,referenced,mountpoint")),
+        Some(
+            cols.as_deref()
+                .unwrap_or("name,used,available,referenced,mountpoint"),
+        ),
     )
     .map_err(|r| one(CmdError::new("list", "", r)))?;
     let vols = if want_volumes {
@@ -276,7 +292,11 @@ fn list(
             );
         }
         let j = json_envelope("cairn dataset list", "datasets", Value::Object(m));
-        outln!(ctx, "{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&j).unwrap_or_default()
+        );
         return Ok(());
     }
     if vols.is_empty() {
@@ -326,7 +346,11 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdRe
         let mut pj = Map::new();
         for p in list {
             let Some((val, src)) = prop_value(v, &p, flags.parsable) else {
-                return Err(one(CmdError::new("get", &v.name, format!("invalid property '{p}'"))));
+                return Err(one(CmdError::new(
+                    "get",
+                    &v.name,
+                    format!("invalid property '{p}'"),
+                )));
             };
             pj.insert(
                 p.clone(),
@@ -338,7 +362,11 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdRe
     }
     if flags.json {
         let j = json_envelope("cairn dataset get", "datasets", Value::Object(jm));
-        outln!(ctx, "{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&j).unwrap_or_default()
+        );
     } else {
         out!(ctx, "{}", t.render(flags.scripted));
     }
@@ -362,7 +390,9 @@ fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
     let pool_name = pool_of(name, "destroy")?;
     let pool = ctx.pools.get(ctx.sd, &pool_name, "destroy").map_err(one)?;
     if ctx.pools.in_use(name) {
-        return Err(err("dataset is busy: an NBD client is connected to it".into()));
+        return Err(err(
+            "dataset is busy: an NBD client is connected to it".into()
+        ));
     }
     ds::destroy(&pool, name).map_err(|e| err(reason(e)))?;
     pool.log_history(cmdline, &ctx.sd.hostname())

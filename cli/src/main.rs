@@ -5,7 +5,10 @@
 //! Errors print as `cannot <verb> '<name>': <reason>` and exit 1; usage errors exit 2.
 
 mod ctx;
+mod daemon;
+mod datasetcmd;
 mod names;
+mod nbd;
 mod output;
 mod poolcmd;
 mod size;
@@ -22,19 +25,79 @@ use std::process::ExitCode;
     version,
     about = "Cairn: a pooled volume manager with checksums, mirrors and NBD"
 )]
-struct Cli {
+pub struct Cli {
     /// State directory (imported pools, sockets); default $CAIRN_STATE_DIR, else a per-user directory.
     #[arg(long, global = true, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     #[command(subcommand)]
-    cmd: Top,
+    pub cmd: Top,
 }
 
 #[derive(Subcommand)]
-enum Top {
+pub enum Top {
     /// Pool commands (like zpool).
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// Dataset (volume) commands (like zfs).
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
+    /// Run the daemon: hold the pools open, serve volumes over NBD, answer the CLI.
+    Serve {
+        /// Unix socket for NBD clients (default: nbd.sock in the state directory).
+        #[arg(long, value_name = "PATH")]
+        nbd_socket: Option<PathBuf>,
+        /// Also listen for NBD clients on TCP (HOST:PORT, or :PORT for loopback).
+        #[arg(long, value_name = "HOST:PORT")]
+        nbd_listen: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum DatasetCmd {
+    /// Create a volume: cairn dataset create -V SIZE [-s] [-b BLOCKSIZE] [-o PROP=VAL]... POOL/NAME
+    Create {
+        /// Volume size.
+        #[arg(short = 'V', value_name = "SIZE", required = true)]
+        volsize: String,
+        /// Sparse: reserve no space.
+        #[arg(short = 's')]
+        sparse: bool,
+        /// Block size (power of 2, 4K to 128K; default 16K).
+        #[arg(short = 'b', value_name = "BLOCKSIZE")]
+        blocksize: Option<String>,
+        #[arg(short = 'o', value_name = "PROP=VAL")]
+        props: Vec<String>,
+        name: String,
+    },
+    /// List datasets.
+    List {
+        /// Types: volume, snapshot or all.
+        #[arg(short = 't', value_name = "TYPE")]
+        types: Option<String>,
+        #[arg(short = 'r')]
+        recursive: bool,
+        #[command(flatten)]
+        flags: ListFlags,
+        /// Columns: name,used,avail,refer,mountpoint,volsize,volblocksize,refreservation,...
+        #[arg(short = 'o', value_name = "COLS")]
+        cols: Option<String>,
+        names: Vec<String>,
+    },
+    /// Show dataset properties: cairn dataset get PROP[,PROP...]|all NAME...
+    Get {
+        #[command(flatten)]
+        flags: ListFlags,
+        props: String,
+        names: Vec<String>,
+    },
+    /// Set a dataset property: cairn dataset set PROP=VAL NAME
+    Set { assignment: String, name: String },
+    /// Destroy a dataset.
+    Destroy {
+        #[arg(short = 'r')]
+        recursive: bool,
+        name: String,
+    },
 }
 
 #[derive(Args, Clone, Default)]
@@ -163,6 +226,15 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let state_dir = statedir::resolve_state_dir(cli.state_dir.as_deref());
+    if !matches!(cli.cmd, Top::Serve { .. }) {
+        // A running daemon holds the pools: let it run the command.
+        if let Some(r) = daemon::forward(&state_dir, std::env::args().collect()) {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(r.out.as_bytes());
+            let _ = std::io::stderr().write_all(r.err.as_bytes());
+            return ExitCode::from(r.code);
+        }
+    }
     let sd = match statedir::StateDir::open(&state_dir) {
         Ok(sd) => sd,
         Err(e) => {
@@ -175,6 +247,19 @@ fn main() -> ExitCode {
         .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
         .collect::<Vec<_>>()
         .join(" ");
+    if let Top::Serve {
+        nbd_socket,
+        nbd_listen,
+    } = cli.cmd
+    {
+        return match daemon::serve(&sd, nbd_socket, nbd_listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cannot serve: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let mut ctx = ctx::Ctx {
         sd: &sd,
         pools: &ctx::LocalPools,
@@ -191,9 +276,11 @@ fn main() -> ExitCode {
 }
 
 /// Run a parsed command; output goes to `ctx`, the exit code is returned.
-fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
+pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
     let result = match cmd {
-        Top::Pool(cmd) => poolcmd::run(ctx, cmd),
+        Top::Pool(cmd) => poolcmd::run(ctx, cmd).map(|_| ()),
+        Top::Dataset(cmd) => datasetcmd::run(ctx, cmd),
+        Top::Serve { .. } => Err(vec![CmdError::new("serve", "", "not from here")]),
     };
     match result {
         Ok(_) => 0,

@@ -112,6 +112,7 @@ fn map_err(e: &DatasetError, write: bool) -> u32 {
         DatasetError::NoSpace => ENOSPC,
         DatasetError::OutOfRange { .. } if write => ENOSPC,
         DatasetError::OutOfRange { .. } | DatasetError::Invalid(_) => EINVAL,
+        DatasetError::Pool(cairn_pool::PoolError::Unavailable(_)) => ESHUTDOWN,
         _ => EIO,
     }
 }
@@ -266,7 +267,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     if data.len() != at + 2 + 2 * n {
                         return None;
                     }
-                    let reqs: Vec<u16> = (0..n).filter_map(|i| be16(&data, at + 2 + 2 * i)).collect();
+                    let reqs: Vec<u16> =
+                        (0..n).filter_map(|i| be16(&data, at + 2 + 2 * i)).collect();
                     Some((name, reqs))
                 });
                 let Some((name, reqs)) = parsed else {
@@ -276,7 +278,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 let (name, vol) = match resolve(exports, &name) {
                     Ok(x) => x,
                     Err(e) => {
-                        send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}")).await?;
+                        send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}"))
+                            .await?;
                         continue;
                     }
                 };
@@ -330,15 +333,22 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     continue;
                 };
                 if opt == OPT_SET_META_CONTEXT && !structured {
-                    send_opt_err(s, opt, REP_ERR_INVALID, "negotiate structured replies first")
-                        .await?;
+                    send_opt_err(
+                        s,
+                        opt,
+                        REP_ERR_INVALID,
+                        "negotiate structured replies first",
+                    )
+                    .await?;
                     continue;
                 }
                 if let Err(e) = resolve(exports, &name) {
                     send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}")).await?;
                     continue;
                 }
-                let matches = |q: &str| q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && q == "base:");
+                let matches = |q: &str| {
+                    q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && q == "base:")
+                };
                 let selected = if queries.is_empty() {
                     opt == OPT_LIST_META_CONTEXT
                 } else {
@@ -382,7 +392,13 @@ fn chunk(cookie: u64, flags: u16, typ: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 /// The reply to a request: success (with read data) or an error.
-fn reply(structured: bool, cookie: u64, result: Result<Vec<u8>, (u32, String)>, offset: u64, read: bool) -> Vec<u8> {
+fn reply(
+    structured: bool,
+    cookie: u64,
+    result: Result<Vec<u8>, (u32, String)>,
+    offset: u64,
+    read: bool,
+) -> Vec<u8> {
     match (structured, result) {
         (false, Ok(data)) => simple_reply(cookie, 0, &data),
         (false, Err((e, _))) => simple_reply(cookie, e, &[]),
@@ -438,7 +454,13 @@ fn validate(r: &Req, size: u64, readonly: bool, meta: bool) -> Result<(), (u32, 
         return bad("zero length");
     }
     if matches!(r.typ, CMD_READ | CMD_WRITE) && r.len > MAX_PAYLOAD {
-        return Err((EINVAL, format!("request of {} bytes is over the {} limit", r.len, MAX_PAYLOAD)));
+        return Err((
+            EINVAL,
+            format!(
+                "request of {} bytes is over the {} limit",
+                r.len, MAX_PAYLOAD
+            ),
+        ));
     }
     let end = r.offset.checked_add(r.len as u64);
     if end.is_none_or(|e| e > size) {
@@ -491,8 +513,15 @@ fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String
         CMD_BLOCK_STATUS => {
             let ext = vol.map(r.offset, r.len as u64).map_err(rd)?;
             let mut p = META_ID.to_be_bytes().to_vec();
-            for e in ext.iter().take(if r.flags & CMDF_REQ_ONE != 0 { 1 } else { 4096 }) {
-                let flags = if e.allocated { 0 } else { STATE_HOLE | STATE_ZERO };
+            for e in ext
+                .iter()
+                .take(if r.flags & CMDF_REQ_ONE != 0 { 1 } else { 4096 })
+            {
+                let flags = if e.allocated {
+                    0
+                } else {
+                    STATE_HOLE | STATE_ZERO
+                };
                 p.extend_from_slice(&(e.length as u32).to_be_bytes());
                 p.extend_from_slice(&flags.to_be_bytes());
             }
@@ -503,8 +532,12 @@ fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String
 }
 
 /// Serve one client connection until it disconnects or `stop` fires.
-pub async fn serve_conn<S>(mut s: S, exports: Arc<dyn Exports>, conn: u64, mut shutdown: watch::Receiver<bool>)
-where
+pub async fn serve_conn<S>(
+    mut s: S,
+    exports: Arc<dyn Exports>,
+    conn: u64,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let neg = tokio::select! {
@@ -557,7 +590,13 @@ where
             if r.len > MAX_PAYLOAD {
                 // Cannot stay in sync without reading it; refuse and close.
                 let _ = tx
-                    .send(reply(neg.structured, r.cookie, Err((EINVAL, "write too large".into())), r.offset, false))
+                    .send(reply(
+                        neg.structured,
+                        r.cookie,
+                        Err((EINVAL, "write too large".into())),
+                        r.offset,
+                        false,
+                    ))
                     .await;
                 break;
             }
@@ -568,10 +607,14 @@ where
         }
         let is_read = r.typ == CMD_READ;
         if let Err(e) = validate(&r, size, readonly, neg.meta) {
-            let _ = tx.send(reply(neg.structured, r.cookie, Err(e), r.offset, is_read)).await;
+            let _ = tx
+                .send(reply(neg.structured, r.cookie, Err(e), r.offset, is_read))
+                .await;
             continue;
         }
-        let Ok(permit) = sem.clone().acquire_owned().await else { break };
+        let Ok(permit) = sem.clone().acquire_owned().await else {
+            break;
+        };
         let vol = neg.vol.clone();
         let tx = tx.clone();
         let structured = neg.structured;
@@ -580,7 +623,9 @@ where
             let res = tokio::task::spawn_blocking(move || execute(&vol, &r, payload))
                 .await
                 .unwrap_or_else(|_| Err((EIO, "internal error".into())));
-            let _ = tx.send(reply(structured, cookie, res, offset, is_read)).await;
+            let _ = tx
+                .send(reply(structured, cookie, res, offset, is_read))
+                .await;
             drop(permit);
         });
     }
@@ -597,17 +642,56 @@ mod tests {
 
     #[test]
     fn validation() {
-        let r = |typ, flags, offset, len| Req { flags, typ, cookie: 1, offset, len };
+        let r = |typ, flags, offset, len| Req {
+            flags,
+            typ,
+            cookie: 1,
+            offset,
+            len,
+        };
         assert!(validate(&r(CMD_READ, 0, 0, 4096), 8192, false, false).is_ok());
-        assert_eq!(validate(&r(CMD_READ, 0, 4096, 8192), 8192, false, false).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&r(CMD_WRITE, 0, u64::MAX, 1), 8192, false, false).unwrap_err().0, ENOSPC);
-        assert_eq!(validate(&r(CMD_WRITE, 0, 0, 1), 8192, true, false).unwrap_err().0, EPERM);
-        assert_eq!(validate(&r(99, 0, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&r(CMD_WRITE, CMDF_DF, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
-        assert_eq!(validate(&r(CMD_BLOCK_STATUS, 0, 0, 1), 8192, false, false).unwrap_err().0, EINVAL);
+        assert_eq!(
+            validate(&r(CMD_READ, 0, 4096, 8192), 8192, false, false)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, 0, u64::MAX, 1), 8192, false, false)
+                .unwrap_err()
+                .0,
+            ENOSPC
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, 0, 0, 1), 8192, true, false)
+                .unwrap_err()
+                .0,
+            EPERM
+        );
+        assert_eq!(
+            validate(&r(99, 0, 0, 1), 8192, false, false).unwrap_err().0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&r(CMD_WRITE, CMDF_DF, 0, 1), 8192, false, false)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
+        assert_eq!(
+            validate(&r(CMD_BLOCK_STATUS, 0, 0, 1), 8192, false, false)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
         assert!(validate(&r(CMD_BLOCK_STATUS, 0, 0, 1), 8192, false, true).is_ok());
         assert!(validate(&r(CMD_FLUSH, 0, 0, 0), 8192, false, false).is_ok());
-        assert_eq!(validate(&r(CMD_READ, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false).unwrap_err().0, EINVAL);
+        assert_eq!(
+            validate(&r(CMD_READ, 0, 0, MAX_PAYLOAD + 1), u64::MAX, false, false)
+                .unwrap_err()
+                .0,
+            EINVAL
+        );
     }
 
     #[test]

@@ -1,0 +1,456 @@
+//! `cairn serve`: the daemon. It holds the imported pools open, serves every volume over NBD, answers
+//! the CLI on a control socket in the state directory, commits txgs on a timer and on FLUSH, and shuts
+//! down cleanly on SIGTERM/SIGINT (stops taking requests, commits, closes the pools).
+//!
+//! Control protocol: the client sends one JSON line `{"argv": [...], "cwd": "..."}`; the daemon runs the
+//! same command code as the CLI (against its open pools) and answers one JSON line
+//! `{"code": N, "out": "...", "err": "..."}`.
+//!
+//! Threads: a small tokio runtime for the sockets; pool work runs on tokio's blocking pool and the
+//! pools' own txg sync threads.
+
+use crate::ctx::{open_from_cache, Ctx, Pools};
+use crate::nbd::{self, Exports};
+use crate::statedir::StateDir;
+use crate::CmdError;
+use cairn_dataset::Volume;
+use cairn_pool::Pool;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+
+pub const CONTROL_SOCKET: &str = "cairn.sock";
+pub const NBD_SOCKET: &str = "nbd.sock";
+const LOCK_FILE: &str = "daemon.lock";
+/// Txgs commit at least this often.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(5);
+const MAX_CONTROL_REQUEST: u64 = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+pub struct ControlRequest {
+    pub argv: Vec<String>,
+    pub cwd: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct ControlReply {
+    pub code: u8,
+    pub out: String,
+    pub err: String,
+}
+
+pub struct Daemon {
+    root: PathBuf,
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// Pools of the cache that could not be opened at start, with the reason.
+    failed: Mutex<HashMap<String, String>>,
+    /// NBD connections: id -> (export, stop signal).
+    conns: Mutex<HashMap<u64, (String, watch::Sender<bool>)>>,
+    next_conn: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Daemon {
+    fn keep(&self, pool: Arc<Pool>) {
+        pool.start_sync_thread(SYNC_INTERVAL);
+        lock(&self.failed).remove(&pool.name());
+        lock(&self.pools).insert(pool.name(), pool);
+    }
+
+    fn clients_of(&self, pred: impl Fn(&str) -> bool) -> Vec<u64> {
+        lock(&self.conns)
+            .iter()
+            .filter(|(_, (e, _))| pred(e))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+impl Pools for Daemon {
+    fn get(&self, sd: &StateDir, name: &str, verb: &str) -> Result<Arc<Pool>, CmdError> {
+        if let Some(p) = lock(&self.pools).get(name) {
+            return Ok(p.clone());
+        }
+        if let Some(r) = lock(&self.failed).get(name) {
+            // Perhaps the devices are back: try again.
+            match open_from_cache(sd, name, verb) {
+                Ok(p) => {
+                    let p = Arc::new(p);
+                    self.keep(p.clone());
+                    return Ok(p);
+                }
+                Err(_) => return Err(CmdError::new(verb, name, r)),
+            }
+        }
+        Err(CmdError::new(verb, name, "no such pool"))
+    }
+
+    fn added(&self, pool: Arc<Pool>) {
+        self.keep(pool);
+    }
+
+    fn take(
+        &self,
+        sd: &StateDir,
+        name: &str,
+        verb: &str,
+        force: bool,
+    ) -> Result<Arc<Pool>, CmdError> {
+        let pool = self.get(sd, name, verb)?;
+        let prefix = format!("{name}/");
+        let busy = self.clients_of(|e| e.starts_with(&prefix));
+        if !busy.is_empty() {
+            if !force {
+                return Err(CmdError::new(
+                    verb,
+                    name,
+                    format!(
+                        "pool is busy: {} NBD client(s) connected to its volumes (use -f to \
+                         disconnect them)",
+                        busy.len()
+                    ),
+                ));
+            }
+            for id in busy {
+                if let Some((_, stop)) = lock(&self.conns).get(&id) {
+                    let _ = stop.send(true);
+                }
+            }
+        }
+        lock(&self.pools).remove(name);
+        Ok(pool)
+    }
+
+    fn in_use(&self, dataset: &str) -> bool {
+        !self.clients_of(|e| e == dataset).is_empty()
+    }
+}
+
+impl Exports for Daemon {
+    fn list(&self) -> Vec<String> {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        let mut out: Vec<String> = pools
+            .iter()
+            .flat_map(|p| cairn_dataset::list(p).unwrap_or_default())
+            .map(|v| v.name)
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn open(&self, name: &str) -> Result<Arc<Volume>, String> {
+        let pool_name = name.split('/').next().unwrap_or("");
+        let pool = lock(&self.pools)
+            .get(pool_name)
+            .cloned()
+            .ok_or_else(|| "no such export".to_string())?;
+        Volume::open(pool, name)
+            .map(Arc::new)
+            .map_err(|_| "no such export".to_string())
+    }
+
+    fn attach(&self, name: &str, conn: u64, stop: watch::Sender<bool>) {
+        lock(&self.conns).insert(conn, (name.to_string(), stop));
+    }
+
+    fn detach(&self, conn: u64) {
+        lock(&self.conns).remove(&conn);
+    }
+}
+
+/// Run one control request (blocking).
+fn control(d: &Arc<Daemon>, req: ControlRequest) -> ControlReply {
+    use clap::Parser;
+    let cli = match crate::Cli::try_parse_from(&req.argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let text = e.render().to_string();
+            return if e.use_stderr() {
+                ControlReply {
+                    code,
+                    out: String::new(),
+                    err: text,
+                }
+            } else {
+                ControlReply {
+                    code,
+                    out: text,
+                    err: String::new(),
+                }
+            };
+        }
+    };
+    if matches!(cli.cmd, crate::Top::Serve { .. }) {
+        return ControlReply {
+            code: 1,
+            out: String::new(),
+            err: "cannot serve: a daemon is already running for this state directory\n".into(),
+        };
+    }
+    let sd = match StateDir::open(&d.root) {
+        Ok(sd) => sd,
+        Err(e) => {
+            return ControlReply {
+                code: 1,
+                out: String::new(),
+                err: format!("cannot open state directory: {e}\n"),
+            }
+        }
+    };
+    let mut ctx = Ctx {
+        sd: &sd,
+        pools: d.as_ref(),
+        cwd: PathBuf::from(req.cwd),
+        cmdline: req
+            .argv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                if i == 0 {
+                    "cairn".to_string()
+                } else {
+                    a.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        out: String::new(),
+        err: String::new(),
+    };
+    let code = crate::execute(&mut ctx, cli.cmd);
+    ControlReply {
+        code,
+        out: ctx.out,
+        err: ctx.err,
+    }
+}
+
+async fn control_conn(d: Arc<Daemon>, s: tokio::net::UnixStream) {
+    let (rd, mut wr) = s.into_split();
+    let mut line = String::new();
+    let mut rd = BufReader::new(rd.take(MAX_CONTROL_REQUEST));
+    if rd.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let reply = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(req) => {
+            let d2 = d.clone();
+            tokio::task::spawn_blocking(move || control(&d2, req))
+                .await
+                .unwrap_or_else(|_| ControlReply {
+                    code: 1,
+                    out: String::new(),
+                    err: "internal error\n".into(),
+                })
+        }
+        Err(e) => ControlReply {
+            code: 2,
+            out: String::new(),
+            err: format!("bad control request: {e}\n"),
+        },
+    };
+    let mut b = serde_json::to_vec(&reply).unwrap_or_default();
+    b.push(b'\n');
+    let _ = wr.write_all(&b).await;
+}
+
+/// Send a command to a running daemon; `None` if none answers on the socket.
+pub fn forward(sd_root: &Path, argv: Vec<String>) -> Option<ControlReply> {
+    use std::io::{BufRead, Write};
+    let sock = sd_root.join(CONTROL_SOCKET);
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+    let req = ControlRequest {
+        argv,
+        cwd: std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let mut b = serde_json::to_vec(&req).ok()?;
+    b.push(b'\n');
+    s.write_all(&b).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        // A socket left by a daemon that died; the daemon lock says none is running.
+        std::fs::remove_file(path)?;
+    }
+    UnixListener::bind(path)
+}
+
+/// Run the daemon until SIGTERM/SIGINT.
+pub fn serve(
+    sd: &StateDir,
+    nbd_socket: Option<PathBuf>,
+    nbd_listen: Option<String>,
+) -> Result<(), String> {
+    let lockf = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(sd.path(LOCK_FILE))
+        .map_err(|e| format!("cannot open {}: {e}", sd.path(LOCK_FILE).display()))?;
+    if lockf.try_lock().is_err() {
+        return Err("a daemon is already running for this state directory".into());
+    }
+    let d = Arc::new(Daemon {
+        root: sd.root().to_path_buf(),
+        pools: Mutex::new(HashMap::new()),
+        failed: Mutex::new(HashMap::new()),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+    });
+    let cache = sd.load_cache().map_err(|e| e.to_string())?;
+    for e in cache {
+        match open_from_cache(sd, &e.name, "open") {
+            Ok(p) => d.keep(Arc::new(p)),
+            Err(err) => {
+                eprintln!("cairn: cannot open '{}': {}", err.name, err.reason);
+                lock(&d.failed).insert(e.name.clone(), err.reason);
+            }
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let ctl_path = sd.path(CONTROL_SOCKET);
+    let nbd_path = nbd_socket.unwrap_or_else(|| sd.path(NBD_SOCKET));
+    let result = rt.block_on(async {
+        let ctl = bind_unix(&ctl_path)
+            .map_err(|e| format!("cannot listen on {}: {e}", ctl_path.display()))?;
+        let nbd_unix = bind_unix(&nbd_path)
+            .map_err(|e| format!("cannot listen on {}: {e}", nbd_path.display()))?;
+        let tcp = match &nbd_listen {
+            Some(addr) => {
+                let addr = if addr.starts_with(':') {
+                    format!("127.0.0.1{addr}")
+                } else {
+                    addr.clone()
+                };
+                Some(
+                    TcpListener::bind(&addr)
+                        .await
+                        .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+                )
+            }
+            None => None,
+        };
+        let (shut_tx, shut_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        {
+            let d = d.clone();
+            let mut shut = shut_rx.clone();
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        a = ctl.accept() => match a {
+                            Ok((s, _)) => { tokio::spawn(control_conn(d.clone(), s)); }
+                            Err(e) => tracing::warn!("control accept: {e}"),
+                        },
+                        _ = shut.changed() => break,
+                    }
+                }
+            });
+        }
+        {
+            let d = d.clone();
+            let mut shut = shut_rx.clone();
+            let conn_shut = shut_rx.clone();
+            tasks.spawn(async move {
+                let mut conns = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        a = nbd_unix.accept() => match a {
+                            Ok((s, _)) => {
+                                let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
+                                let ex: Arc<dyn Exports> = d.clone();
+                                conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
+                            }
+                            Err(e) => tracing::warn!("nbd accept: {e}"),
+                        },
+                        _ = shut.changed() => break,
+                    }
+                }
+                while conns.join_next().await.is_some() {}
+            });
+        }
+        if let Some(tcp) = tcp {
+            let d = d.clone();
+            let mut shut = shut_rx.clone();
+            let conn_shut = shut_rx.clone();
+            tasks.spawn(async move {
+                let mut conns = tokio::task::JoinSet::new();
+                loop {
+                    tokio::select! {
+                        a = tcp.accept() => match a {
+                            Ok((s, _)) => {
+                                let _ = s.set_nodelay(true);
+                                let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
+                                let ex: Arc<dyn Exports> = d.clone();
+                                conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
+                            }
+                            Err(e) => tracing::warn!("nbd accept: {e}"),
+                        },
+                        _ = shut.changed() => break,
+                    }
+                }
+                while conns.join_next().await.is_some() {}
+            });
+        }
+        eprintln!(
+            "cairn: serving {} pool(s); NBD on {}{}; control on {}",
+            lock(&d.pools).len(),
+            nbd_path.display(),
+            nbd_listen
+                .as_ref()
+                .map(|a| format!(" and tcp {a}"))
+                .unwrap_or_default(),
+            ctl_path.display()
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        eprintln!("cairn: shutting down");
+        let _ = shut_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        Ok::<(), String>(())
+    });
+    let _ = std::fs::remove_file(&ctl_path);
+    let _ = std::fs::remove_file(&nbd_path);
+    let pools: Vec<Arc<Pool>> = lock(&d.pools).drain().map(|(_, p)| p).collect();
+    let mut err = None;
+    for p in pools {
+        if let Err(e) = p.close() {
+            err = Some(format!("cannot close '{}': {e}", p.name()));
+        }
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    drop(lockf);
+    result?;
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
