@@ -527,10 +527,15 @@ impl Allocator {
         Ok(n)
     }
 
-    /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable.
-    pub fn txg_done(&mut self, txg: Txg) {
+    /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable, but none made
+    /// after `oldest_reader` (the committed txg whose block pointers an unlocked reader may still be
+    /// following).
+    pub fn txg_done(&mut self, txg: Txg, oldest_reader: Option<Txg>) {
         if txg.0 > DEFER_TXGS {
-            let upto = Txg(txg.0 - DEFER_TXGS);
+            let mut upto = Txg(txg.0 - DEFER_TXGS);
+            if let Some(r) = oldest_reader {
+                upto = upto.min(r);
+            }
             for t in &mut self.tops {
                 t.release(upto);
             }
@@ -578,22 +583,22 @@ mod tests {
         assert_ne!(o1, o2);
         assert!(o1 >= TopAlloc::map_bytes(v.asize));
         a.sync(&vs, Txg(1)).unwrap();
-        a.txg_done(Txg(1));
+        a.txg_done(Txg(1), None);
         a.free(&vs, 0, o1, 16384, Txg(2), Txg(1)).unwrap();
         assert!(
             a.free(&vs, 0, o1, 16384, Txg(2), Txg(1)).is_err(),
             "double free"
         );
         a.sync(&vs, Txg(2)).unwrap();
-        a.txg_done(Txg(2));
+        a.txg_done(Txg(2), None);
         // Not reusable before txg 2 + DEFER has committed.
         a.tops[0].cursor = 0;
         let (_, o3) = a.alloc(&vs, &[true], 16384, &[], Txg(2)).unwrap().unwrap();
         assert_ne!(o3, o1);
         a.sync(&vs, Txg(3)).unwrap();
-        a.txg_done(Txg(3));
+        a.txg_done(Txg(3), None);
         a.sync(&vs, Txg(4)).unwrap();
-        a.txg_done(Txg(4));
+        a.txg_done(Txg(4), None);
         a.tops[0].cursor = 0;
         let (_, o4) = a.alloc(&vs, &[true], 16384, &[], Txg(4)).unwrap().unwrap();
         assert_eq!(o4, o1);
@@ -649,7 +654,7 @@ mod tests {
         let (_, x) = a.alloc(&vs, &[true], 4096, &[], Txg(0)).unwrap().unwrap();
         assert_eq!(x / SECTOR / BITS_PER_PAGE, 2);
         a.sync(&vs, Txg(1)).unwrap();
-        a.txg_done(Txg(1));
+        a.txg_done(Txg(1), None);
         let committed_alloc = a.alloc_bytes();
         // Txg 2 frees x and writes page 2, but never commits.
         a.free(&vs, 0, x, 4096, Txg(2), Txg(1)).unwrap();
@@ -666,5 +671,24 @@ mod tests {
         c.tops[0].cursor = 2 * BITS_PER_PAGE;
         let (_, z) = c.alloc(&vs, &[true], 4096, &[], Txg(2)).unwrap().unwrap();
         assert_ne!(z, x, "a block of the committed state was handed out again");
+    }
+
+    /// A reader following block pointers of committed txg 4 keeps every block freed later.
+    #[test]
+    fn frees_wait_for_readers_of_older_states() {
+        let v = vdev(200 << 20);
+        let vs = vec![v.clone()];
+        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let (_, x) = a.alloc(&vs, &[true], 4096, &[], Txg(0)).unwrap().unwrap();
+        a.sync(&vs, Txg(4)).unwrap();
+        a.free(&vs, 0, x, 4096, Txg(5), Txg(4)).unwrap();
+        a.txg_done(Txg(10), Some(Txg(4)));
+        a.tops[0].cursor = 0;
+        let (_, y) = a.alloc(&vs, &[true], 4096, &[], Txg(10)).unwrap().unwrap();
+        assert_ne!(y, x, "reused under a reader");
+        a.txg_done(Txg(11), None);
+        a.tops[0].cursor = 0;
+        let (_, z) = a.alloc(&vs, &[true], 4096, &[], Txg(11)).unwrap().unwrap();
+        assert_eq!(z, x);
     }
 }

@@ -495,6 +495,50 @@ impl Obj {
         self.dnode_dirty = true;
     }
 
+    /// Fill what can be filled from memory (dirty blocks, holes) and return the blocks that must be
+    /// read from disk: `(block pointer, offset within the block, offset in buf, length)`.
+    pub fn plan_read(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<(BlockPtr, usize, usize, usize)>> {
+        let bs = self.dnode.block_size() as u64;
+        let mut todo = Vec::new();
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let o = off + pos as u64;
+            let blkid = o / bs;
+            let within = (o % bs) as usize;
+            let take = (bs as usize - within).min(buf.len() - pos);
+            let dst = &mut buf[pos..pos + take];
+            match self.dirty.get(&blkid) {
+                Some(Some(d)) => dst.copy_from_slice(&d[within..within + take]),
+                Some(None) => dst.fill(0),
+                None if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() => {
+                    dst.fill(0)
+                }
+                None => {
+                    let bp = self.get_bp(vdevs, 0, blkid)?;
+                    if bp.is_hole() {
+                        dst.fill(0);
+                    } else if (bp.kind != BlockKind::Data && bp.kind != BlockKind::Dnodes)
+                        || bp.psize as u64 != bs
+                    {
+                        return Err(PoolError::corrupt(
+                            format!("object {} block {blkid}", self.id),
+                            format!("pointer says kind {:?} size {}", bp.kind, bp.psize),
+                        ));
+                    } else {
+                        todo.push((bp, within, pos, take));
+                    }
+                }
+            }
+            pos += take;
+        }
+        Ok(todo)
+    }
+
     /// Read `buf.len()` bytes at `off`.
     pub fn read(&mut self, vdevs: &[Arc<TopVdev>], off: u64, buf: &mut [u8]) -> Result<()> {
         let bs = self.dnode.block_size() as u64;

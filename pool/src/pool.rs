@@ -135,6 +135,42 @@ struct Inner {
     invalidated: bool,
     /// Txgs committed by this session.
     session_commits: u64,
+    readers: Readers,
+}
+
+/// Unlocked readers by the committed txg whose block pointers they follow.
+type Readers = Arc<Mutex<BTreeMap<Txg, usize>>>;
+
+/// Registers a reader for its lifetime.
+struct ReaderGuard {
+    readers: Readers,
+    txg: Txg,
+}
+
+impl ReaderGuard {
+    fn new(readers: &Readers, txg: Txg) -> ReaderGuard {
+        *readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(txg)
+            .or_insert(0) += 1;
+        ReaderGuard {
+            readers: readers.clone(),
+            txg,
+        }
+    }
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = r.get_mut(&self.txg) {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&self.txg);
+            }
+        }
+    }
 }
 
 /// An open pool.
@@ -504,6 +540,7 @@ impl Pool {
                 opened_clean: true,
                 invalidated: false,
                 session_commits: 0,
+                readers: Readers::default(),
             }),
             stop_sync: Mutex::new(false),
         };
@@ -745,6 +782,7 @@ impl Pool {
             opened_clean: ub.flags & label::UB_FLAG_CLEAN != 0,
             invalidated: false,
             session_commits: 0,
+            readers: Readers::default(),
         };
         let vdevs = inner.tree.tops.clone();
         let dirblob = read_blob(&mut inner.mos, &vdevs, DIR_OBJ)?;
@@ -1083,12 +1121,24 @@ impl Pool {
         inner.mos.destroy_object(&vdevs, id)
     }
 
+    /// Read from an object. Block pointers are looked up under the pool lock; the blocks themselves are
+    /// read and verified outside it, so reads run in parallel with each other. While such a read is in
+    /// flight the allocator keeps every block freed after the state it looked at (see `Readers`).
     pub fn read_object(&self, id: u64, off: u64, buf: &mut [u8]) -> Result<()> {
         check_range(off, buf.len() as u64)?;
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let vdevs = inner.tree.tops.clone();
-        inner.mos.obj(&vdevs, id)?.read(&vdevs, off, buf)
+        let (todo, vdevs, _guard) = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let vdevs = inner.tree.tops.clone();
+            let todo = inner.mos.obj(&vdevs, id)?.plan_read(&vdevs, off, buf)?;
+            let guard = ReaderGuard::new(&inner.readers, inner.committed);
+            (todo, vdevs, guard)
+        };
+        for (bp, within, at, len) in todo {
+            let data = object::read_bp(&vdevs, &bp)?;
+            buf[at..at + len].copy_from_slice(&data[within..within + len]);
+        }
+        Ok(())
     }
 
     /// Write into an object. Refuses with `NoSpace` when the pool could not hold the change.
@@ -1459,7 +1509,14 @@ impl Inner {
         self.committed = txg;
         self.session_commits += 1;
         self.config_dirty = false;
-        self.alloc.txg_done(txg);
+        let oldest_reader = self
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .next()
+            .copied();
+        self.alloc.txg_done(txg, oldest_reader);
         Ok(())
     }
 

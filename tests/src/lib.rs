@@ -19,7 +19,8 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -59,6 +60,21 @@ pub fn cairn_bin() -> PathBuf {
     bin
 }
 
+/// How long the daemon may take to answer on its control socket after it is started.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the daemon may take to exit after SIGTERM.
+pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one run of an NBD client (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) may take.
+pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The control socket of the daemon, in the state directory.
+pub const CONTROL_SOCKET: &str = "cairn.sock";
+
+/// The daemon's default NBD socket, in the state directory.
+pub const NBD_SOCKET: &str = "nbd.sock";
+
 /// The result of one command.
 #[derive(Debug, Clone)]
 pub struct Out {
@@ -74,6 +90,8 @@ pub struct Out {
 pub struct Env {
     dir: tempfile::TempDir,
     state: PathBuf,
+    /// How many daemons this environment has started (for their log files).
+    daemons: AtomicU32,
 }
 
 impl Default for Env {
@@ -91,7 +109,11 @@ impl Env {
             .expect("cannot create a temporary directory");
         let state = dir.path().join("state");
         std::fs::create_dir(&state).expect("cannot create the state directory");
-        Env { dir, state }
+        Env {
+            dir,
+            state,
+            daemons: AtomicU32::new(0),
+        }
     }
 
     /// The temporary directory (the working directory of every command).
@@ -165,53 +187,16 @@ impl Env {
     ///
     /// Every command is checked never to panic, and killed if it runs longer than [`COMMAND_TIMEOUT`].
     pub fn run_full(&self, cwd: &Path, state: &Path, args: &[&str]) -> Out {
-        let mut child = Command::new(cairn_bin())
-            .arg("--state-dir")
+        let mut cmd = Command::new(cairn_bin());
+        cmd.arg("--state-dir")
             .arg(state)
             .args(args)
             .current_dir(cwd)
             .env_remove("CAIRN_STATE_DIR")
             .env_remove("CAIRN_LOG")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot run the cairn binary");
-        let mut so = child.stdout.take().expect("stdout");
-        let mut se = child.stderr.take().expect("stderr");
-        let t_out = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = so.read_to_end(&mut s);
-            s
-        });
-        let t_err = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = se.read_to_end(&mut s);
-            s
-        });
-        let start = Instant::now();
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait for cairn") {
-                break st;
-            }
-            if start.elapsed() > COMMAND_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`cairn {}` did not finish in {COMMAND_TIMEOUT:?}",
-                    args.join(" ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
-        let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
-        let out = Out {
-            code: status.code().unwrap_or(-1),
-            stdout,
-            stderr,
-        };
+            .env("RUST_BACKTRACE", "1");
+        let what = format!("cairn {}", args.join(" "));
+        let (out, status) = run_with_timeout(&mut cmd, &what, COMMAND_TIMEOUT);
         assert!(
             !out.stderr.contains("panicked") && status.code().is_some(),
             "`cairn {}` crashed (status {status}):\n{}",
@@ -313,6 +298,280 @@ impl Env {
             .filter_map(|l| l.trim_start().strip_prefix("pool: "))
             .map(str::to_string)
             .collect()
+    }
+}
+
+impl Env {
+    /// The daemon's default NBD socket (`STATE/nbd.sock`).
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.state.join(NBD_SOCKET)
+    }
+
+    /// The NBD URI of an export (`POOL/VOL`, or "" for the default export) on the default socket.
+    pub fn nbd_uri(&self, export: &str) -> String {
+        format!(
+            "nbd+unix:///{export}?socket={}",
+            self.nbd_socket().to_str().expect("non-UTF-8 temp path")
+        )
+    }
+
+    /// Starts `cairn --state-dir STATE serve` and waits until it answers (see [`Daemon`]).
+    pub fn serve(&self) -> Daemon {
+        self.serve_with(&[])
+    }
+
+    /// Starts `cairn --state-dir STATE serve ARGS...` with stderr appended to `serve-N.log` in the
+    /// temporary directory, and waits until its control socket (and its NBD socket, unless
+    /// `--nbd-socket` is given) accepts connections. Panics with the daemon's log when it exits or does
+    /// not answer within [`DAEMON_START_TIMEOUT`].
+    pub fn serve_with(&self, args: &[&str]) -> Daemon {
+        let n = self.daemons.fetch_add(1, Ordering::Relaxed) + 1;
+        let log = self.dir.path().join(format!("serve-{n}.log"));
+        let logf = File::create(&log).expect("cannot create the daemon log");
+        let child = Command::new(cairn_bin())
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("serve")
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("CAIRN_STATE_DIR")
+            .env_remove("CAIRN_LOG")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(logf))
+            .spawn()
+            .expect("cannot run `cairn serve`");
+        let mut d = Daemon {
+            child,
+            log,
+            status: None,
+        };
+        let mut sockets = vec![self.state.join(CONTROL_SOCKET)];
+        if !args.iter().any(|a| a.starts_with("--nbd-socket")) {
+            sockets.push(self.nbd_socket());
+        }
+        let start = Instant::now();
+        for sock in sockets {
+            loop {
+                if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                    break;
+                }
+                if let Some(st) = d.try_status() {
+                    panic!(
+                        "`cairn serve` exited ({st}) before it listened on {}; its log:\n{}",
+                        sock.display(),
+                        d.log()
+                    );
+                }
+                if start.elapsed() > DAEMON_START_TIMEOUT {
+                    d.kill();
+                    panic!(
+                        "`cairn serve` did not listen on {} within {DAEMON_START_TIMEOUT:?}; its log:\n{}",
+                        sock.display(),
+                        d.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        d
+    }
+
+    /// Runs an external program (an NBD client) in the temporary directory, with a timeout of
+    /// [`TOOL_TIMEOUT`]. Panics with a hint to install its package when it is not installed.
+    pub fn tool(&self, program: &str, args: &[&str]) -> Out {
+        let path = find_program(program).unwrap_or_else(|| {
+            panic!(
+                "`{program}` was not found in PATH: install the {} package (apt-get install \
+                 qemu-utils libnbd-bin fio; CI installs them) to run the NBD end-to-end tests",
+                package_of(program)
+            )
+        });
+        let mut cmd = Command::new(path);
+        cmd.args(args).current_dir(self.dir.path());
+        let what = format!("{program} {}", args.join(" "));
+        run_with_timeout(&mut cmd, &what, TOOL_TIMEOUT).0
+    }
+
+    /// [`Env::tool`] that must exit 0; returns its standard output.
+    pub fn tool_ok(&self, program: &str, args: &[&str]) -> String {
+        let o = self.tool(program, args);
+        assert_eq!(
+            o.code,
+            0,
+            "`{program} {}` failed:\nstdout:\n{}\nstderr:\n{}",
+            args.join(" "),
+            o.stdout,
+            o.stderr
+        );
+        o.stdout
+    }
+}
+
+/// The Debian package that provides an NBD client program.
+pub fn package_of(program: &str) -> &'static str {
+    match program {
+        "qemu-io" | "qemu-img" | "qemu-nbd" => "qemu-utils",
+        "nbdinfo" | "nbdcopy" | "nbdsh" => "libnbd-bin",
+        "fio" => "fio",
+        _ => "matching",
+    }
+}
+
+/// The full path of `program` found in `PATH`, if it is there and executable.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Runs `cmd` with stdin closed and stdout/stderr captured; kills it and panics if it runs longer than
+/// `timeout`. `what` names the command in messages.
+pub fn run_with_timeout(cmd: &mut Command, what: &str, timeout: Duration) -> (Out, ExitStatus) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{what}`: {e}"));
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = so.read_to_end(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = se.read_to_end(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for a child") {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`{what}` did not finish in {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let stdout = String::from_utf8_lossy(&t_out.join().expect("stdout reader")).into_owned();
+    let stderr = String::from_utf8_lossy(&t_err.join().expect("stderr reader")).into_owned();
+    let out = Out {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr,
+    };
+    (out, status)
+}
+
+/// A running `cairn serve` started by [`Env::serve`]. Dropping it kills the daemon (SIGKILL) unless it
+/// has already stopped; [`Daemon::stop`] shuts it down cleanly with SIGTERM.
+pub struct Daemon {
+    child: Child,
+    log: PathBuf,
+    status: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The exit status if the daemon has exited (without blocking).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("wait for the daemon");
+        }
+        self.status
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn is_alive(&mut self) -> bool {
+        self.try_status().is_none()
+    }
+
+    /// Panics with the daemon's log unless it is still running.
+    pub fn assert_alive(&mut self) {
+        if let Some(st) = self.try_status() {
+            panic!("the daemon died ({st}); its log:\n{}", self.log());
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (as a crash would) and reaps it.
+    pub fn kill(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            self.status = Some(self.child.wait().expect("wait for the daemon"));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to [`DAEMON_STOP_TIMEOUT`] for the daemon to exit; returns its status.
+    /// Panics (after a SIGKILL) when it does not exit in time.
+    pub fn terminate(&mut self) -> ExitStatus {
+        if let Some(st) = self.try_status() {
+            return st;
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) takes no pointers; `pid` is our own child, which has not been reaped yet
+        // (try_status above saw it running), so the pid cannot have been reused.
+        let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            rc,
+            0,
+            "kill(SIGTERM) failed: {}",
+            std::io::Error::last_os_error()
+        );
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.try_status() {
+                return st;
+            }
+            if start.elapsed() > DAEMON_STOP_TIMEOUT {
+                self.kill();
+                panic!(
+                    "the daemon did not exit within {DAEMON_STOP_TIMEOUT:?} of SIGTERM; its log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Shuts the daemon down with SIGTERM and asserts that it exits 0.
+    pub fn stop(&mut self) {
+        let st = self.terminate();
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "the daemon should exit 0 after SIGTERM, got {st}; its log:\n{}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
