@@ -8,6 +8,9 @@
 //! txg) covers every write acknowledged before it; FUA writes commit before their reply.
 //! Volume I/O is synchronous and runs on tokio's blocking pool; the network side is async.
 
+// The NBD protocol is big-endian on the wire (on-disk structures stay little-endian).
+#![allow(clippy::big_endian_bytes)]
+
 use cairn_dataset::{DatasetError, Volume};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -208,7 +208,7 @@ fn check_volsize(volsize: u64, bs: u64) -> Result<()> {
     if volsize == 0 {
         return Err(DatasetError::Invalid("volsize cannot be zero".into()));
     }
-    if volsize % bs != 0 {
+    if !volsize.is_multiple_of(bs) {
         return Err(DatasetError::Invalid(format!(
             "volsize must be a multiple of volblocksize ({bs})"
         )));

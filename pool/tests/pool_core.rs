@@ -448,7 +448,7 @@ fn concurrent_reads_writes_and_commits_stay_consistent() {
             let mut ver = 1;
             while !stop.load(Ordering::Relaxed) {
                 let blk = rnd(&mut s) % NBLK;
-                if rnd(&mut s) % 8 == 0 {
+                if rnd(&mut s).is_multiple_of(8) {
                     pool.free_object_range(obj, blk * BS as u64, BS as u64)
                         .unwrap();
                 } else {
