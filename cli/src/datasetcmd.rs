@@ -2,7 +2,7 @@
 
 use crate::ctx::Ctx;
 use crate::names::validate_dataset_name;
-use crate::output::{json_envelope, select_columns, Table};
+use crate::output::{json_envelope, render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
 use cairn_dataset::{self as ds, CreateVolume, DatasetError, VolumeInfo};
@@ -41,9 +41,10 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
         } => list(ctx, types.as_deref(), &flags, cols.as_deref(), &names),
         DatasetCmd::Get {
             flags,
+            fields,
             props,
             names,
-        } => get(ctx, &flags, &props, &names),
+        } => get(ctx, &flags, fields.as_deref(), &props, &names),
         DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
         DatasetCmd::Destroy { recursive: _, name } => destroy(ctx, &name, &cmdline),
     }
@@ -329,13 +330,19 @@ fn list(
     Ok(())
 }
 
-fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdResult {
+fn get(
+    ctx: &mut Ctx,
+    flags: &ListFlags,
+    fields: Option<&str>,
+    props: &str,
+    names: &[String],
+) -> CmdResult {
     if names.is_empty() {
         return Err(one(CmdError::new("get", props, "missing dataset name")));
     }
     let vols = collect(ctx, names, "get")?;
     let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
-    let mut t = Table::new(["NAME", "PROPERTY", "VALUE", "SOURCE"], vec![false; 4]);
+    let mut rows: Vec<[String; 4]> = Vec::new();
     let mut jm = Map::new();
     for v in &vols {
         let list: Vec<String> = if wanted.iter().any(|w| w == "all") {
@@ -356,7 +363,7 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdRe
                 p.clone(),
                 json!({"value": val, "source": {"type": src.to_uppercase(), "data": "-"}}),
             );
-            t.push([v.name.clone(), p, val, src]);
+            rows.push([v.name.clone(), p, val, src]);
         }
         jm.insert(v.name.clone(), json!({"name": v.name, "properties": pj}));
     }
@@ -368,7 +375,9 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, names: &[String]) -> CmdRe
             serde_json::to_string_pretty(&j).unwrap_or_default()
         );
     } else {
-        out!(ctx, "{}", t.render(flags.scripted));
+        let text = render_get(&rows, fields, flags.scripted)
+            .map_err(|r| one(CmdError::new("get", props, r)))?;
+        out!(ctx, "{}", text);
     }
     Ok(())
 }

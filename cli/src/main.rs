@@ -87,6 +87,9 @@ pub enum DatasetCmd {
     Get {
         #[command(flatten)]
         flags: ListFlags,
+        /// Fields to show: name,property,value,source.
+        #[arg(short = 'o', value_name = "FIELDS")]
+        fields: Option<String>,
         props: String,
         names: Vec<String>,
     },
@@ -187,6 +190,9 @@ pub enum PoolCmd {
     Get {
         #[command(flatten)]
         flags: ListFlags,
+        /// Fields to show: name,property,value,source.
+        #[arg(short = 'o', value_name = "FIELDS")]
+        fields: Option<String>,
         props: String,
         pools: Vec<String>,
     },

@@ -44,6 +44,7 @@ impl Table {
     }
 
     /// Whether no row has been pushed.
+    #[allow(dead_code)]
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
@@ -132,6 +133,25 @@ pub fn select_columns(all: &[&str], requested: Option<&str>) -> Result<Vec<usize
 
 /// Wraps `-j` output in zpool's envelope:
 /// `{"output_version": {"command": command, "vers_major": 0, "vers_minor": 1}, key: body}`.
+/// The NAME PROPERTY VALUE SOURCE table of `get`, with `-o` choosing fields.
+pub fn render_get(
+    rows: &[[String; 4]],
+    fields: Option<&str>,
+    scripted: bool,
+) -> Result<String, String> {
+    const FIELDS: &[&str] = &["name", "property", "value", "source"];
+    let sel = select_columns(FIELDS, Some(fields.unwrap_or("name,property,value,source")))
+        .map_err(|e| e.replace("property", "field"))?;
+    let mut t = Table::new(
+        sel.iter().map(|&i| FIELDS[i].to_uppercase()),
+        vec![false; sel.len()],
+    );
+    for r in rows {
+        t.push(sel.iter().map(|&i| r[i].clone()));
+    }
+    Ok(t.render(scripted))
+}
+
 pub fn json_envelope(command: &str, key: &str, body: Value) -> Value {
     let mut map = Map::new();
     map.insert(

@@ -2,7 +2,7 @@
 
 use crate::ctx::Ctx;
 use crate::names::validate_pool_name;
-use crate::output::{json_envelope, select_columns, Table};
+use crate::output::{json_envelope, render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::statedir::CacheEntry;
 use crate::vdevspec::{parse_vdev_spec, SpecKind};
@@ -60,9 +60,10 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         PoolCmd::Add { force, pool, vdevs } => add(ctx, force, &pool, &vdevs, cmdline),
         PoolCmd::Get {
             flags,
+            fields,
             props,
             pools,
-        } => get(ctx, &flags, &props, &pools),
+        } => get(ctx, &flags, fields.as_deref(), &props, &pools),
         PoolCmd::Set { assignment, pool } => set(ctx, &assignment, &pool, cmdline),
         PoolCmd::History { pools } => history(ctx, &pools),
     }
@@ -632,13 +633,16 @@ fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) 
 
 const SIZE_PROPS: &[&str] = &["size", "allocated", "free", "scrub_rate_limit"];
 
-fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, pools: &[String]) -> CmdResult {
+fn get(
+    ctx: &mut Ctx,
+    flags: &ListFlags,
+    fields: Option<&str>,
+    props: &str,
+    pools: &[String],
+) -> CmdResult {
     let names = targets(ctx, pools, "get")?;
     let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
-    let mut t = Table::new(
-        ["NAME", "PROPERTY", "VALUE", "SOURCE"],
-        vec![false, false, false, false],
-    );
+    let mut rows: Vec<[String; 4]> = Vec::new();
     let mut jp = Map::new();
     let mut errs = Vec::new();
     for n in &names {
@@ -669,7 +673,7 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, pools: &[String]) -> CmdRe
                 k.clone(),
                 json!({"value": shown, "source": {"type": src.to_uppercase(), "data": "-"}}),
             );
-            t.push([n.clone(), k, shown, src]);
+            rows.push([n.clone(), k, shown, src]);
         }
         jp.insert(n.clone(), json!({"name": n, "properties": pj}));
     }
@@ -680,8 +684,10 @@ fn get(ctx: &mut Ctx, flags: &ListFlags, props: &str, pools: &[String]) -> CmdRe
             "{}",
             serde_json::to_string_pretty(&v).unwrap_or_default()
         );
-    } else if !t.is_empty() {
-        out!(ctx, "{}", t.render(flags.scripted));
+    } else if !rows.is_empty() {
+        let text = render_get(&rows, fields, flags.scripted)
+            .map_err(|r| one(CmdError::new("get", props, r)))?;
+        out!(ctx, "{}", text);
     }
     if errs.is_empty() {
         Ok(ExitCode::SUCCESS)

@@ -161,6 +161,8 @@ pub struct TopAlloc {
     cursor: u64,
     /// Allocated bytes in the committed-state sense (deferred frees count as free).
     pub alloc_bytes: u64,
+    /// Bytes freed but not yet allocatable (deferred).
+    deferred_bytes: u64,
     dirty: BTreeSet<u64>,
 }
 
@@ -186,6 +188,7 @@ impl TopAlloc {
             page_free: vec![UNKNOWN; npages as usize],
             cursor: 2 * npages,
             alloc_bytes,
+            deferred_bytes: 0,
             dirty: BTreeSet::new(),
         }
     }
@@ -349,6 +352,7 @@ impl TopAlloc {
         page.deferred.push((txg, bit, n));
         self.dirty.insert(p);
         self.alloc_bytes = self.alloc_bytes.saturating_sub(n * SECTOR);
+        self.deferred_bytes += n * SECTOR;
         Ok(())
     }
 
@@ -407,6 +411,7 @@ impl TopAlloc {
             for (s, n) in released {
                 page.set_range(s, n, false);
                 page.free += n;
+                self.deferred_bytes = self.deferred_bytes.saturating_sub(n * SECTOR);
             }
             self.page_free[p as usize] = page.free as u32;
         }
@@ -431,6 +436,11 @@ impl Allocator {
 
     pub fn alloc_bytes(&self) -> u64 {
         self.tops.iter().map(|t| t.alloc_bytes).sum()
+    }
+
+    /// Bytes freed recently that cannot be allocated yet.
+    pub fn deferred_bytes(&self) -> u64 {
+        self.tops.iter().map(|t| t.deferred_bytes).sum()
     }
 
     pub fn size(&self) -> u64 {

@@ -1160,7 +1160,7 @@ impl Pool {
         inner.check_writable()?;
         let vdevs = inner.tree.tops.clone();
         let copies = inner.mos.obj(&vdevs, id)?.dnode.copies;
-        inner.check_space(data.len() as u64 + headroom, copies)?;
+        inner.make_space(data.len() as u64, copies, headroom)?;
         inner.mos.obj(&vdevs, id)?.write(&vdevs, off, data)?;
         if inner.mos.dirty_bytes() > DIRTY_MAX {
             inner.sync_txg()?;
@@ -1380,16 +1380,35 @@ impl Inner {
 
     /// Refuse a write that could leave the pool unable to commit. Keeps 1/32 of the pool (at least
     /// 4 MiB, at most 128 MiB) for metadata, as OpenZFS's slop space does.
-    fn check_space(&self, len: u64, copies: u8) -> Result<()> {
+    fn check_space(&self, len: u64, copies: u8, headroom: u64) -> Result<()> {
         let size = self.alloc.size();
         let slop = slop_for(size);
         // Dirty data lands once per copy, plus indirect blocks (1/128 of the data, twice).
         let data = self.mos.dirty_space() + len * copies as u64;
         let pending = data + data / 32;
-        if self.alloc.alloc_bytes() + pending + slop > size {
+        // Recently freed space is not allocatable until its deferral ends.
+        let used = self.alloc.alloc_bytes() + self.alloc.deferred_bytes();
+        if used + pending + slop + headroom > size {
             return Err(PoolError::NoSpace);
         }
         Ok(())
+    }
+
+    /// `check_space`, and if only deferred frees stand in the way, commit (empty) txgs until they are
+    /// released.
+    fn make_space(&mut self, len: u64, copies: u8, headroom: u64) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            match self.check_space(len, copies, headroom) {
+                Err(PoolError::NoSpace)
+                    if self.alloc.deferred_bytes() > 0 && tries <= crate::alloc::DEFER_TXGS =>
+                {
+                    self.commit(false)?;
+                    tries += 1;
+                }
+                r => return r,
+            }
+        }
     }
 
     fn dir_obj(&self, name: &str) -> Result<u64> {
