@@ -6,7 +6,7 @@
 //! the object id and properties) is a bincode map kept in the pool's directory under "datasets".
 //!
 //! Space: a volume created without `-s` has a refreservation (its size plus indirect-block overhead);
-//! the pool keeps that space for it, so it never sees ENOSPC for its own blocks while other writers do.
+//! the pool keeps that space for it: other writers get ENOSPC before they can take it.
 //! Sparse volumes reserve nothing. A write that does not fit gets `NoSpace` and changes nothing.
 //!
 //! Invariants: every request is bounds-checked against `volsize` before it reaches the pool; names are
@@ -98,11 +98,13 @@ fn save(pool: &Pool, reg: &Registry) -> Result<()> {
     Ok(())
 }
 
-/// The reservation a non-sparse volume of this size and copies takes.
-pub fn reservation_for(volsize: u64, copies: u8) -> u64 {
-    // Data once per copy plus indirect blocks (1/128 of the data, at one more copy).
+/// The reservation a non-sparse volume takes: its data once per copy, plus its indirect blocks
+/// (a 128-byte pointer per block, plus 1% for the levels above, at one more copy, up to 3).
+pub fn reservation_for(volsize: u64, copies: u8, volblocksize: u64) -> u64 {
     let data = volsize * copies as u64;
-    data + data / 64
+    let pointers = volsize / volblocksize.max(1) * 128;
+    let meta_copies = (copies as u64 + 1).min(3);
+    data + (pointers + pointers / 100) * meta_copies
 }
 
 /// The short name (after `POOL/`) of a full dataset name, checking it belongs to `pool`.
@@ -275,7 +277,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
     rec.refreservation = match refres {
         Some(r) => r,
         None if c.sparse => 0,
-        None => reservation_for(c.volsize, rec.copies),
+        None => reservation_for(c.volsize, rec.copies, c.volblocksize),
     };
     if rec.refreservation > 0 {
         let avail = available(pool, &reg, None)?;
@@ -392,7 +394,7 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
                 .map_err(|_| DatasetError::Invalid(format!("bad volsize '{value}'")))?;
             check_volsize(n, rec.volblocksize)?;
             if rec.refreservation > 0 {
-                let newres = reservation_for(n, rec.copies);
+                let newres = reservation_for(n, rec.copies, rec.volblocksize);
                 let (size, alloc, slop) = pool.space();
                 let (_, _, used, _) = pool.object_info(rec.object)?;
                 let free_now = size.saturating_sub(alloc + slop + others);

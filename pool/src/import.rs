@@ -77,6 +77,11 @@ impl ImportCandidate {
                         } else {
                             Some("cannot open".into())
                         },
+                        reads: 0,
+                        writes: 0,
+                        read_bytes: 0,
+                        write_bytes: 0,
+                        dtl: Vec::new(),
                         children: Vec::new(),
                     }
                 })
@@ -118,6 +123,11 @@ impl ImportCandidate {
                     checksum_errors: 0,
                     repaired_bytes: 0,
                     reason: (state == "UNAVAIL").then(|| "insufficient replicas".into()),
+                    reads: 0,
+                    writes: 0,
+                    read_bytes: 0,
+                    write_bytes: 0,
+                    dtl: Vec::new(),
                     children,
                 });
             }
@@ -135,6 +145,11 @@ impl ImportCandidate {
             checksum_errors: 0,
             repaired_bytes: 0,
             reason: None,
+            reads: 0,
+            writes: 0,
+            read_bytes: 0,
+            write_bytes: 0,
+            dtl: Vec::new(),
             children: tops,
         }
     }

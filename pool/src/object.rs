@@ -199,7 +199,9 @@ pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
             continue;
         };
         let want = bp.checksum;
-        match v.read(d.offset, &mut buf, &|b: &[u8]| checksum(b) == want) {
+        match v.read(d.offset, &mut buf, bp.birth, &|b: &[u8]| {
+            checksum(b) == want
+        }) {
             Ok(()) => return Ok(buf),
             Err(e) => last = Some(e.into()),
         }
@@ -489,6 +491,14 @@ impl Obj {
             return Ok(false);
         }
         Ok(!self.get_bp(vdevs, 0, blkid)?.is_hole())
+    }
+
+    /// The block pointer of level-0 block `blkid` in the current tree (a hole if unwritten).
+    pub fn block_pointer(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<BlockPtr> {
+        if blkid >= self.dnode.capacity() {
+            return Ok(BlockPtr::HOLE);
+        }
+        self.get_bp(vdevs, 0, blkid)
     }
 
     pub fn mark_dnode_dirty(&mut self) {
@@ -912,6 +922,11 @@ impl ObjSet {
 
     pub fn dirty_bytes(&self) -> u64 {
         self.objs.values().map(|o| o.dirty_bytes()).sum::<u64>() + self.meta.dirty_bytes()
+    }
+
+    /// The block size of a loaded object.
+    pub fn loaded_block_size(&self, id: u64) -> Option<u64> {
+        self.objs.get(&id).map(|o| o.dnode.block_size() as u64)
     }
 
     /// Space the dirty data will take once written (every copy).

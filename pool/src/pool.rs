@@ -39,7 +39,7 @@ pub const DEFAULT_STRIPE_CHUNK: u64 = 128 * 1024;
 pub const DIRTY_MAX: u64 = 256 << 20;
 /// MOS object ids.
 const DIR_OBJ: u64 = 1;
-const MOS_COPIES: u8 = 2;
+pub(crate) const MOS_COPIES: u8 = 2;
 const OBJSET_COPIES: u8 = 3;
 
 /// Who is importing: the state directory's host id and name.
@@ -83,7 +83,7 @@ pub struct HistoryRecord {
 }
 
 /// What `status` shows of one vdev.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct VdevStatus {
     pub name: String,
     pub vdev_type: String,
@@ -97,6 +97,13 @@ pub struct VdevStatus {
     pub checksum_errors: u64,
     pub repaired_bytes: u64,
     pub reason: Option<String>,
+    /// I/O through this vdev since the pool was opened (iostat).
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    /// Txg ranges this leaf lacks (its dirty time log), awaiting resilver.
+    pub dtl: Vec<(u64, u64)>,
     pub children: Vec<VdevStatus>,
 }
 
@@ -116,26 +123,33 @@ pub struct PoolStatus {
     pub root: VdevStatus,
 }
 
-struct Inner {
-    config: PoolConfig,
-    config_dirty: bool,
-    tree: VdevTree,
-    alloc: Allocator,
-    mos: ObjSet,
-    root_bp: BlockPtr,
-    committed: Txg,
-    suspended: Option<String>,
-    dir: BTreeMap<String, u64>,
-    dir_dirty: bool,
+pub(crate) struct Inner {
+    pub(crate) config: PoolConfig,
+    pub(crate) config_dirty: bool,
+    pub(crate) tree: VdevTree,
+    pub(crate) alloc: Allocator,
+    pub(crate) mos: ObjSet,
+    pub(crate) root_bp: BlockPtr,
+    pub(crate) committed: Txg,
+    pub(crate) suspended: Option<String>,
+    pub(crate) dir: BTreeMap<String, u64>,
+    pub(crate) dir_dirty: bool,
     /// Set by export/destroy/close: the pool takes no more requests.
-    closed: Option<&'static str>,
+    pub(crate) closed: Option<&'static str>,
     /// The uberblock the pool was opened from was written by a clean close.
-    opened_clean: bool,
+    pub(crate) opened_clean: bool,
     /// Leftover page copies of an interrupted commit have been zeroed (see `Allocator::invalidate_newer`).
-    invalidated: bool,
+    pub(crate) invalidated: bool,
     /// Txgs committed by this session.
-    session_commits: u64,
-    readers: Readers,
+    pub(crate) session_commits: u64,
+    pub(crate) readers: Readers,
+    /// Blocks no copy could serve: (object, block id). Shared with unlocked readers.
+    pub(crate) errlog: Arc<Mutex<std::collections::BTreeSet<(u64, u64)>>>,
+    /// The uberblock the session opened from, and whether its clean flag has been cleared on disk.
+    pub(crate) opened_ub: Option<Uberblock>,
+    pub(crate) marked_in_use: bool,
+    /// The health blob last written (to write it only when it changed).
+    pub(crate) health_written: Vec<u8>,
 }
 
 /// Unlocked readers by the committed txg whose block pointers they follow.
@@ -175,7 +189,7 @@ impl Drop for ReaderGuard {
 
 /// An open pool.
 pub struct Pool {
-    inner: Mutex<Inner>,
+    pub(crate) inner: Mutex<Inner>,
     stop_sync: Mutex<bool>,
 }
 
@@ -186,7 +200,7 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn blob_opts() -> impl bincode::Options {
+pub(crate) fn blob_opts() -> impl bincode::Options {
     bincode::DefaultOptions::new()
         .with_fixint_encoding()
         .with_little_endian()
@@ -541,6 +555,10 @@ impl Pool {
                 invalidated: false,
                 session_commits: 0,
                 readers: Readers::default(),
+                errlog: Default::default(),
+                health_written: Vec::new(),
+                opened_ub: None,
+                marked_in_use: false,
             }),
             stop_sync: Mutex::new(false),
         };
@@ -783,12 +801,17 @@ impl Pool {
             invalidated: false,
             session_commits: 0,
             readers: Readers::default(),
+            errlog: Default::default(),
+            health_written: Vec::new(),
+            opened_ub: Some(ub.clone()),
+            marked_in_use: false,
         };
         let vdevs = inner.tree.tops.clone();
         let dirblob = read_blob(&mut inner.mos, &vdevs, DIR_OBJ)?;
         inner.dir = blob_opts()
             .deserialize(&dirblob)
             .map_err(|e| PoolError::corrupt("pool directory", e.to_string()))?;
+        inner.load_health()?;
         if opts.import {
             inner.config.state = PoolState::Active;
             inner.config.host_id = opts.host.host_id;
@@ -823,7 +846,7 @@ impl Pool {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -833,6 +856,11 @@ impl Pool {
 
     pub fn guid(&self) -> Guid {
         self.lock().config.pool_guid
+    }
+
+    /// Was the pool closed cleanly before this open (its uberblock carried the clean flag)?
+    pub fn opened_clean(&self) -> bool {
+        self.lock().opened_clean
     }
 
     /// The last committed txg.
@@ -1126,17 +1154,43 @@ impl Pool {
     /// flight the allocator keeps every block freed after the state it looked at (see `Readers`).
     pub fn read_object(&self, id: u64, off: u64, buf: &mut [u8]) -> Result<()> {
         check_range(off, buf.len() as u64)?;
-        let (todo, vdevs, _guard) = {
+        let (todo, vdevs, _guard, errlog, bs, events) = {
             let mut g = self.lock();
             let inner = &mut *g;
             let vdevs = inner.tree.tops.clone();
-            let todo = inner.mos.obj(&vdevs, id)?.plan_read(&vdevs, off, buf)?;
+            let o = inner.mos.obj(&vdevs, id)?;
+            let bs = o.dnode.block_size() as u64;
+            let todo = o.plan_read(&vdevs, off, buf)?;
             let guard = ReaderGuard::new(&inner.readers, inner.committed);
-            (todo, vdevs, guard)
+            (
+                todo,
+                vdevs,
+                guard,
+                inner.errlog.clone(),
+                bs,
+                inner.tree.events.clone(),
+            )
         };
         for (bp, within, at, len) in todo {
-            let data = object::read_bp(&vdevs, &bp)?;
-            buf[at..at + len].copy_from_slice(&data[within..within + len]);
+            match object::read_bp(&vdevs, &bp) {
+                Ok(data) => buf[at..at + len].copy_from_slice(&data[within..within + len]),
+                Err(e) => {
+                    // No copy could serve the block: a permanent error until it is rewritten.
+                    let blkid = (off + at as u64) / bs;
+                    errlog
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert((id, blkid));
+                    events.push(cairn_vdev::tree::Event {
+                        time: now_secs(),
+                        class: "data_error".into(),
+                        vdev: format!("object {id}"),
+                        offset: Some(blkid * bs),
+                        detail: e.to_string(),
+                    });
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -1161,6 +1215,7 @@ impl Pool {
         let vdevs = inner.tree.tops.clone();
         let copies = inner.mos.obj(&vdevs, id)?.dnode.copies;
         inner.make_space(data.len() as u64, copies, headroom)?;
+        inner.forget_errors(id, off, data.len() as u64);
         inner.mos.obj(&vdevs, id)?.write(&vdevs, off, data)?;
         if inner.mos.dirty_bytes() > DIRTY_MAX {
             inner.sync_txg()?;
@@ -1173,6 +1228,7 @@ impl Pool {
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
+        inner.forget_errors(id, off, len);
         let vdevs = inner.tree.tops.clone();
         inner.mos.obj(&vdevs, id)?.free_range(&vdevs, off, len)
     }
@@ -1327,7 +1383,7 @@ fn check_range(off: u64, len: u64) -> Result<()> {
 }
 
 /// Replace the whole contents of a byte object.
-fn write_blob(inner: &mut Inner, id: u64, blob: &[u8]) -> Result<()> {
+pub(crate) fn write_blob(inner: &mut Inner, id: u64, blob: &[u8]) -> Result<()> {
     let vdevs = inner.tree.tops.clone();
     let o = inner.mos.obj(&vdevs, id)?;
     let old = o.dnode.size;
@@ -1340,7 +1396,7 @@ fn write_blob(inner: &mut Inner, id: u64, blob: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Result<Vec<u8>> {
+pub(crate) fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Result<Vec<u8>> {
     let o = mos.obj(vdevs, id)?;
     let size = o.dnode.size;
     if size > 64 << 20 {
@@ -1355,7 +1411,7 @@ fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Result<Vec<u8
 }
 
 impl Inner {
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if let Some(what) = self.closed {
             return Err(PoolError::Unavailable(format!("the pool has been {what}")));
         }
@@ -1375,7 +1431,7 @@ impl Inner {
     }
 
     fn is_dirty(&self) -> bool {
-        self.mos.is_dirty() || self.config_dirty || self.dir_dirty
+        self.mos.is_dirty() || self.config_dirty || self.dir_dirty || self.tree.events.has_new()
     }
 
     /// Refuse a write that could leave the pool unable to commit. Keeps 1/32 of the pool (at least
@@ -1383,7 +1439,7 @@ impl Inner {
     fn check_space(&self, len: u64, copies: u8, headroom: u64) -> Result<()> {
         let size = self.alloc.size();
         let slop = slop_for(size);
-        // Dirty data lands once per copy, plus indirect blocks (1/128 of the data, twice).
+        // Dirty data lands once per copy, plus a generous 1/32 for indirect blocks and metadata.
         let data = self.mos.dirty_space() + len * copies as u64;
         let pending = data + data / 32;
         // Recently freed space is not allocatable until its deferral ends.
@@ -1427,9 +1483,10 @@ impl Inner {
             .map_err(|e| PoolError::corrupt("pool properties", e.to_string()))
     }
 
-    fn sync_txg(&mut self) -> Result<()> {
-        if self.closed.is_some() {
-            return Ok(());
+    pub(crate) fn sync_txg(&mut self) -> Result<()> {
+        if let Some(what) = self.closed {
+            // Nothing can be made durable any more: say so (an NBD FLUSH must not be acknowledged).
+            return Err(PoolError::Unavailable(format!("the pool has been {what}")));
         }
         if !self.is_dirty() {
             if let Some(s) = &self.suspended {
@@ -1441,7 +1498,7 @@ impl Inner {
     }
 
     /// Commit a txg (even an empty one), optionally marked as the clean end of the session.
-    fn commit(&mut self, clean: bool) -> Result<()> {
+    pub(crate) fn commit(&mut self, clean: bool) -> Result<()> {
         if let Some(s) = &self.suspended {
             return Err(PoolError::Suspended(s.clone()));
         }
@@ -1456,6 +1513,14 @@ impl Inner {
     fn sync_inner(&mut self, clean: bool) -> Result<()> {
         let txg = self.committed.next();
         let vdevs = self.tree.tops.clone();
+        if self.opened_clean && !self.marked_in_use {
+            if let Some(ub) = &self.opened_ub {
+                let mut u = ub.clone();
+                u.flags &= !label::UB_FLAG_CLEAN;
+                self.tree.mark_dirty(&u)?;
+            }
+            self.marked_in_use = true;
+        }
         if !self.opened_clean && !self.invalidated {
             let n = self.alloc.invalidate_newer(&vdevs, self.committed)?;
             if n > 0 {
@@ -1464,6 +1529,7 @@ impl Inner {
             }
             self.invalidated = true;
         }
+        self.health_before_commit(txg)?;
         if self.dir_dirty {
             let blob = blob_opts()
                 .serialize(&self.dir)
@@ -1575,6 +1641,23 @@ impl Inner {
                         .repaired_bytes
                         .load(std::sync::atomic::Ordering::Relaxed),
                     reason,
+                    reads: c.stats.reads.load(std::sync::atomic::Ordering::Relaxed),
+                    writes: c.stats.writes.load(std::sync::atomic::Ordering::Relaxed),
+                    read_bytes: c
+                        .stats
+                        .read_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    write_bytes: c
+                        .stats
+                        .write_bytes
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    dtl: c
+                        .dtl
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .map(|&(a, b)| (a.0, b.0))
+                        .collect(),
                     children: Vec::new(),
                 });
             }
@@ -1604,6 +1687,11 @@ impl Inner {
                     checksum_errors: 0,
                     repaired_bytes: 0,
                     reason,
+                    reads: children.iter().map(|c| c.reads).sum(),
+                    writes: children.iter().map(|c| c.writes).sum(),
+                    read_bytes: children.iter().map(|c| c.read_bytes).sum(),
+                    write_bytes: children.iter().map(|c| c.write_bytes).sum(),
+                    dtl: Vec::new(),
                     children,
                 });
             }
@@ -1664,6 +1752,11 @@ impl Inner {
                 checksum_errors: 0,
                 repaired_bytes: 0,
                 reason: None,
+                reads: tops.iter().map(|c| c.reads).sum(),
+                writes: tops.iter().map(|c| c.writes).sum(),
+                read_bytes: tops.iter().map(|c| c.read_bytes).sum(),
+                write_bytes: tops.iter().map(|c| c.write_bytes).sum(),
+                dtl: Vec::new(),
                 children: tops,
             },
         }

@@ -4,7 +4,7 @@
 use cairn_pool::object::ObjType;
 use cairn_pool::{HostInfo, OpenOptions, Pool, PoolError, TopKind};
 use cairn_vdev::label;
-use cairn_vdev::testleaf::{CrashLeaf, CrashMode, MemLeaf};
+use cairn_vdev::testleaf::{CrashLeaf, CrashMode, Fault, FaultIo, FaultKind, MemLeaf};
 use cairn_vdev::Leaf;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -247,8 +247,9 @@ impl Leaf for Tap {
 /// The workload: 4 rounds of writes, each followed by an acknowledged sync. Returns the model after
 /// each acknowledged round (index 0 = empty) and the total number of leaf writes.
 type Snapshot = Option<(u64, Vec<Vec<u8>>)>;
+type Workload = (Vec<Vec<u8>>, Snapshot, cairn_pool::Guid, u64, u64);
 
-fn crash_workload(trigger: u64, seed: u64) -> (Vec<Vec<u8>>, Snapshot, cairn_pool::Guid, u64) {
+fn crash_workload(trigger: u64, seed: u64) -> Workload {
     let crash: Vec<Arc<CrashLeaf>> = (0..2)
         .map(|i| Arc::new(CrashLeaf::new(64 * MIB, &format!("/crash/l{i}"))))
         .collect();
@@ -297,18 +298,18 @@ fn crash_workload(trigger: u64, seed: u64) -> (Vec<Vec<u8>>, Snapshot, cairn_poo
     let total = shared.writes.load(Ordering::SeqCst);
     std::mem::forget(pool); // no final commit: the run ends at the last acknowledged sync
     let snap = shared.snapshot.lock().unwrap().take();
-    (models, snap, guid, total)
+    (models, snap, guid, total, obj)
 }
 
 #[test]
 fn crash_at_every_write_keeps_acknowledged_data() {
-    let (_, _, _, total) = crash_workload(u64::MAX, 0);
+    let (_, _, _, total, _) = crash_workload(u64::MAX, 0);
     assert!(total > 20, "workload too small: {total} writes");
     let step = (total / 60).max(1);
     let mut checked = 0;
     let mut trigger = 1;
     while trigger <= total {
-        let (models, snap, guid, _) = crash_workload(trigger, trigger * 31);
+        let (models, snap, guid, _, obj) = crash_workload(trigger, trigger * 31);
         let (acked, imgs) = snap.expect("trigger fired");
         if acked == 0 {
             // Crashed while creating the pool: nothing was acknowledged; any outcome is fine.
@@ -323,7 +324,6 @@ fn crash_at_every_write_keeps_acknowledged_data() {
             })
             .collect();
         let pool = reopen(&devs, guid);
-        let obj = 4; // the first object after directory, props, history
         let mut back = vec![0u8; models[1].len()];
         pool.read_object(obj, 0, &mut back)
             .unwrap_or_else(|e| panic!("trigger {trigger}: read failed: {e}"));
@@ -508,4 +508,56 @@ fn concurrent_reads_writes_and_commits_stay_consistent() {
         "only {} commits",
         pool.committed_txg()
     );
+}
+
+/// A session that opened from a clean uberblock marks the pool in use before its first commit, so a
+/// crash anywhere in that commit is seen as an unclean close by the next open (which then cleans up
+/// leftovers of the interrupted commit).
+#[test]
+fn clean_flag_is_cleared_before_the_first_commit() {
+    let devs = mem_leaves(2, 64 * MIB);
+    let pool = Pool::create_on("k", vec![(TopKind::Mirror, devs.clone())], &host()).unwrap();
+    let guid = pool.guid();
+    let obj = pool.create_object(ObjType::Volume, 12, 1).unwrap();
+    pool.write_object(obj, 0, b"one").unwrap();
+    drop(pool); // clean close
+    let pool = reopen(&devs, guid);
+    assert!(pool.opened_clean());
+    drop(pool); // nothing committed: still clean
+    let pool = reopen(&devs, guid);
+    assert!(
+        pool.opened_clean(),
+        "a session that wrote nothing changed the pool"
+    );
+    pool.write_object(obj, 0, b"two").unwrap();
+    pool.sync().unwrap();
+    std::mem::forget(pool); // crash after the first commit
+    let pool = reopen(&devs, guid);
+    assert!(!pool.opened_clean(), "a crashed session looked clean");
+    let mut b = [0u8; 3];
+    pool.read_object(obj, 0, &mut b).unwrap();
+    assert_eq!(&b, b"two");
+    pool.write_object(obj, 8, b"x").unwrap();
+    drop(pool); // this session committed, so its close is clean
+                // Now the case that matters: the first commit after a clean open dies before its uberblock.
+    let pool = reopen(&devs, guid);
+    assert!(pool.opened_clean());
+    for d in &devs {
+        let (_, faults) = pool.leaf_faults(d.path()).unwrap();
+        let end = label::data_end(d.size());
+        faults.add(
+            Fault::new(FaultKind::Io, FaultIo::Write)
+                .with_range(label::DATA_START, end - label::DATA_START),
+        );
+    }
+    pool.write_object(obj, 0, b"three").unwrap();
+    assert!(pool.sync().is_err(), "the commit should have failed");
+    std::mem::forget(pool);
+    let pool = reopen(&devs, guid);
+    assert!(
+        !pool.opened_clean(),
+        "a session that died in its first commit looked clean"
+    );
+    pool.read_object(obj, 0, &mut b).unwrap();
+    assert_eq!(&b, b"two");
 }

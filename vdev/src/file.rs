@@ -211,6 +211,38 @@ impl Leaf for FileLeaf {
     fn path(&self) -> &str {
         &self.path
     }
+
+    fn check(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let mine = match self.file.metadata() {
+            Ok(m) => m,
+            Err(e) => return Some(format!("cannot stat the open device: {e}")),
+        };
+        let now = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Some("the device was removed".into())
+            }
+            Err(e) => return Some(format!("cannot stat: {e}")),
+        };
+        if self.block {
+            if now.rdev() != mine.rdev() {
+                return Some("the path now names another device".into());
+            }
+        } else {
+            if now.dev() != mine.dev() || now.ino() != mine.ino() {
+                return Some("the file was removed or replaced".into());
+            }
+            if mine.len() < self.size {
+                return Some(format!(
+                    "the file shrank from {} to {} bytes",
+                    self.size,
+                    mine.len()
+                ));
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

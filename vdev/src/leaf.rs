@@ -20,4 +20,9 @@ pub trait Leaf: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The path the leaf was opened by, for messages.
     fn path(&self) -> &str;
+    /// Is the device still the one that was opened? `Some(reason)` when it vanished (the path no
+    /// longer names the same file or device) or shrank below its size at open.
+    fn check(&self) -> Option<String> {
+        None
+    }
 }

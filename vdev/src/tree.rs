@@ -17,9 +17,13 @@ use crate::config::{LeafConfig, PoolConfig, TopKind};
 use crate::error::{Result, VdevError};
 use crate::label::{self, Uberblock, DATA_START};
 use crate::leaf::Leaf;
-use crate::units::Guid;
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::testleaf::{FaultLeaf, FaultSet};
+use crate::units::{Guid, Txg};
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Device states, computed bottom-up as zpool does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +54,7 @@ impl VdevState {
     }
 }
 
-/// Per-leaf counters, shown by `status`.
+/// Per-leaf counters, shown by `status` and `iostat`, and the figures read selection uses.
 #[derive(Debug, Default)]
 pub struct LeafStats {
     pub read_errors: AtomicU64,
@@ -59,9 +63,44 @@ pub struct LeafStats {
     pub repaired_bytes: AtomicU64,
     pub reads: AtomicU64,
     pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Reads issued and not yet completed.
+    pub pending: AtomicU64,
+    /// End offset of the last read (locality).
+    last_end: AtomicU64,
+    /// Moving average of read latency, in nanoseconds (0 = no sample yet).
+    pub lat_ewma_ns: AtomicU64,
+    /// When the last latency sample was taken (ms since the tree was built).
+    last_sample_ms: AtomicU64,
 }
 
-/// A leaf in the running tree. `dev` is `None` when the leaf could not be opened at import.
+impl LeafStats {
+    /// (read, write, checksum errors, repaired bytes): what is kept across export/import.
+    pub fn persistent(&self) -> [u64; 4] {
+        [
+            self.read_errors.load(Ordering::Relaxed),
+            self.write_errors.load(Ordering::Relaxed),
+            self.cksum_errors.load(Ordering::Relaxed),
+            self.repaired_bytes.load(Ordering::Relaxed),
+        ]
+    }
+
+    pub fn restore(&self, v: [u64; 4]) {
+        self.read_errors.store(v[0], Ordering::Relaxed);
+        self.write_errors.store(v[1], Ordering::Relaxed);
+        self.cksum_errors.store(v[2], Ordering::Relaxed);
+        self.repaired_bytes.store(v[3], Ordering::Relaxed);
+    }
+}
+
+/// I/O errors within this window count toward faulting a leaf.
+const ERROR_WINDOW: Duration = Duration::from_secs(60);
+/// I/O errors within the window that fault a leaf (when it is not the last replica).
+const ERROR_LIMIT: usize = 10;
+
+/// A leaf in the running tree. Its device is always wrapped in a [`FaultLeaf`] obeying `faults`, so
+/// faults can be injected into a running pool. `dev` is `None` when the leaf is not open.
 pub struct LeafVdev {
     pub guid: Guid,
     pub config: Mutex<LeafConfig>,
@@ -69,38 +108,71 @@ pub struct LeafVdev {
     /// Why the leaf is not usable, for status ("cannot open", ...).
     pub reason: Mutex<Option<String>>,
     pub stats: LeafStats,
+    pub faults: Arc<FaultSet>,
+    /// `pool offline -t`: offline until the pool is closed (not recorded in the labels).
+    pub temp_offline: AtomicBool,
+    /// Txg ranges (inclusive) whose writes this leaf lacks: the dirty time log.
+    pub dtl: Mutex<Vec<(Txg, Txg)>>,
+    /// A write to this leaf was skipped or failed in the txg being written.
+    pub missed: AtomicBool,
+    recent_errors: Mutex<VecDeque<Instant>>,
+    events: Arc<EventLog>,
+    epoch: Instant,
 }
 
 impl LeafVdev {
     pub fn new(config: LeafConfig, dev: Option<Arc<dyn Leaf>>, reason: Option<String>) -> LeafVdev {
+        LeafVdev::with_events(config, dev, reason, Arc::new(EventLog::default()))
+    }
+
+    fn with_events(
+        config: LeafConfig,
+        dev: Option<Arc<dyn Leaf>>,
+        reason: Option<String>,
+        events: Arc<EventLog>,
+    ) -> LeafVdev {
+        let faults = Arc::new(FaultSet::new());
+        let dev = dev.map(|d| Arc::new(FaultLeaf::new(d, faults.clone())) as Arc<dyn Leaf>);
         LeafVdev {
             guid: config.guid,
             config: Mutex::new(config),
             dev: Mutex::new(dev),
             reason: Mutex::new(reason),
             stats: LeafStats::default(),
+            faults,
+            temp_offline: AtomicBool::new(false),
+            dtl: Mutex::new(Vec::new()),
+            missed: AtomicBool::new(false),
+            recent_errors: Mutex::new(VecDeque::new()),
+            events,
+            epoch: Instant::now(),
         }
     }
 
-    /// The open device, if any.
+    /// The open device (fault wrapper included), if any.
     pub fn dev(&self) -> Option<Arc<dyn Leaf>> {
         lock(&self.dev).clone()
     }
 
-    /// Replace the device (None closes it, e.g. when it vanished).
+    /// Replace the device (None closes it, e.g. when it vanished). A new device is wrapped so it
+    /// obeys this leaf's faults.
     pub fn set_dev(&self, dev: Option<Arc<dyn Leaf>>, reason: Option<String>) {
+        let dev = dev.map(|d| Arc::new(FaultLeaf::new(d, self.faults.clone())) as Arc<dyn Leaf>);
         *lock(&self.dev) = dev;
         *lock(&self.reason) = reason;
     }
 
     pub fn state(&self) -> VdevState {
         let c = lock(&self.config);
-        if c.flags.offline {
+        if c.flags.offline || self.temp_offline.load(Ordering::Relaxed) {
             VdevState::Offline
         } else if c.flags.faulted {
             VdevState::Faulted
         } else if lock(&self.dev).is_none() {
-            VdevState::Unavail
+            match lock(&self.reason).as_deref() {
+                Some(r) if r.contains("removed") => VdevState::Removed,
+                _ => VdevState::Unavail,
+            }
         } else {
             VdevState::Online
         }
@@ -118,10 +190,192 @@ impl LeafVdev {
     pub fn path(&self) -> String {
         lock(&self.config).identity.path.clone()
     }
+
+    /// Does this leaf lack the writes of `txg`?
+    pub fn dtl_contains(&self, txg: Txg) -> bool {
+        lock(&self.dtl).iter().any(|&(a, b)| a <= txg && txg <= b)
+    }
+
+    /// Record that this leaf lacks `txg`.
+    pub fn dtl_add(&self, txg: Txg) {
+        let mut d = lock(&self.dtl);
+        if let Some(last) = d.last_mut() {
+            if last.1 .0 + 1 >= txg.0 && last.0 <= txg {
+                last.1 = last.1.max(txg);
+                return;
+            }
+        }
+        d.push((txg, txg));
+    }
+
+    fn event(&self, class: &str, offset: Option<u64>, detail: String) {
+        self.events.push(Event {
+            time: now_secs(),
+            class: class.to_string(),
+            vdev: self.path(),
+            offset,
+            detail,
+        });
+    }
+
+    /// Account an I/O error. ENXIO closes the device; repeated errors fault the leaf unless
+    /// `last_replica`. Returns true if the leaf's state changed.
+    fn io_error(&self, op: &'static str, off: u64, e: &io::Error, last_replica: bool) -> bool {
+        let counter = if op == "write" || op == "flush" {
+            &self.stats.write_errors
+        } else {
+            &self.stats.read_errors
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        self.event(&format!("{op}_error"), Some(off), e.to_string());
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            self.set_dev(None, Some("device is gone (ENXIO)".into()));
+            self.event("state_change", None, "UNAVAIL: device is gone".into());
+            return true;
+        }
+        let mut recent = lock(&self.recent_errors);
+        let now = Instant::now();
+        recent.push_back(now);
+        while recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > ERROR_WINDOW)
+        {
+            recent.pop_front();
+        }
+        if recent.len() >= ERROR_LIMIT && !last_replica {
+            recent.clear();
+            drop(recent);
+            lock(&self.config).flags.faulted = true;
+            *lock(&self.reason) = Some("too many errors".into());
+            self.event("state_change", None, "FAULTED: too many errors".into());
+            return true;
+        }
+        false
+    }
+
+    /// Check that the device is still there; close it with the reason if not. True if it changed.
+    pub fn check_device(&self) -> bool {
+        let Some(d) = self.dev() else { return false };
+        match d.check() {
+            Some(reason) => {
+                self.set_dev(None, Some(reason.clone()));
+                self.event("state_change", None, format!("UNAVAIL: {reason}"));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn record_latency(&self, ns: u64) {
+        let old = self.stats.lat_ewma_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { (old * 7 + ns) / 8 };
+        self.stats.lat_ewma_ns.store(new.max(1), Ordering::Relaxed);
+        self.stats
+            .last_sample_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// One read from the device, with the accounting read selection needs.
+    fn timed_read(&self, dev: &dyn Leaf, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        let t = Instant::now();
+        let r = dev.read_at(buf, off);
+        self.record_latency(t.elapsed().as_nanos() as u64);
+        self.stats
+            .last_end
+            .store(off + buf.len() as u64, Ordering::Relaxed);
+        self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    fn counted_write(&self, dev: &dyn Leaf, data: &[u8], off: u64) -> io::Result<()> {
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .write_bytes
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        dev.write_at(data, off)
+    }
+
+    /// How attractive this child is for a read at `off` (lower is better): outstanding reads, scaled
+    /// by the order of magnitude of its observed latency, with a penalty for a far seek. A child not
+    /// sampled for 2 s scores 0 once, so a slow child that recovered is noticed.
+    fn read_score(&self, off: u64) -> u64 {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.stats.last_sample_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) > 2000 {
+            return 0;
+        }
+        let pending = self.stats.pending.load(Ordering::Relaxed);
+        let lat = self.stats.lat_ewma_ns.load(Ordering::Relaxed).max(32_768);
+        let bucket = 63 - lat.leading_zeros() as u64;
+        let last_end = self.stats.last_end.load(Ordering::Relaxed);
+        let seek = u64::from(off.abs_diff(last_end) > (1 << 20));
+        ((pending + 1) * 2 + seek) << bucket.min(40)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Something that happened to a vdev (`pool events`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    pub time: u64,
+    pub class: String,
+    pub vdev: String,
+    pub offset: Option<u64>,
+    pub detail: String,
+}
+
+/// A bounded log of recent events, shared by the leaves of a tree.
+#[derive(Debug, Default)]
+pub struct EventLog {
+    ring: Mutex<VecDeque<Event>>,
+    /// Events added since the last `take_new`.
+    fresh: AtomicBool,
+}
+
+/// Events kept per pool.
+pub const EVENTS_KEPT: usize = 1000;
+
+impl EventLog {
+    pub fn push(&self, e: Event) {
+        let mut r = lock(&self.ring);
+        if r.len() >= EVENTS_KEPT {
+            r.pop_front();
+        }
+        r.push_back(e);
+        self.fresh.store(true, Ordering::Relaxed);
+    }
+    pub fn all(&self) -> Vec<Event> {
+        lock(&self.ring).iter().cloned().collect()
+    }
+    pub fn restore(&self, v: Vec<Event>) {
+        let mut r = lock(&self.ring);
+        r.clear();
+        r.extend(v.into_iter().rev().take(EVENTS_KEPT).rev());
+    }
+    /// Have events arrived since the last `take_new`?
+    pub fn has_new(&self) -> bool {
+        self.fresh.load(Ordering::Relaxed)
+    }
+
+    /// True once after new events arrived (the pool then persists the log).
+    pub fn take_new(&self) -> bool {
+        self.fresh.swap(false, Ordering::Relaxed)
+    }
 }
 
 /// A top-level vdev.
@@ -134,11 +388,11 @@ pub struct TopVdev {
 }
 
 /// One piece of a top-level I/O on one child.
-struct Segment {
-    child: usize,
-    leaf_off: u64,
-    buf_off: usize,
-    len: usize,
+pub struct Segment {
+    pub child: usize,
+    pub leaf_off: u64,
+    pub buf_off: usize,
+    pub len: usize,
 }
 
 impl TopVdev {
@@ -192,7 +446,9 @@ impl TopVdev {
         Ok(())
     }
 
-    fn segments(&self, off: u64, len: usize) -> Vec<Segment> {
+    /// Where the bytes [off, off+len) of this vdev live: one segment per child piece (for a mirror,
+    /// the piece is on every child; `child` is 0).
+    pub fn segments(&self, off: u64, len: usize) -> Vec<Segment> {
         match self.kind {
             TopKind::Single | TopKind::Mirror => vec![Segment {
                 child: 0,
@@ -222,20 +478,36 @@ impl TopVdev {
         }
     }
 
-    /// Write `data` at `off`. A mirror succeeds if at least one child took the write.
+    /// Is child `ci` the only usable child that can serve this vdev's data?
+    fn last_replica(&self, ci: usize) -> bool {
+        match self.kind {
+            TopKind::Mirror => !self
+                .children
+                .iter()
+                .enumerate()
+                .any(|(i, c)| i != ci && c.state().usable()),
+            _ => true,
+        }
+    }
+
+    /// Write `data` at `off`. A mirror succeeds if at least one child took the write; children that
+    /// were skipped or failed are marked as having missed this txg.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_bounds(off, data.len())?;
         match self.kind {
             TopKind::Mirror => {
                 let mut ok = 0;
                 let mut last_err = None;
-                for c in &self.children {
-                    let Some(dev) = c.usable_dev() else { continue };
-                    c.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    match dev.write_at(data, DATA_START + off) {
+                for (ci, c) in self.children.iter().enumerate() {
+                    let Some(dev) = c.usable_dev() else {
+                        c.missed.store(true, Ordering::Relaxed);
+                        continue;
+                    };
+                    match c.counted_write(dev.as_ref(), data, DATA_START + off) {
                         Ok(()) => ok += 1,
                         Err(e) => {
-                            c.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            c.missed.store(true, Ordering::Relaxed);
+                            c.io_error("write", DATA_START + off, &e, self.last_replica(ci));
                             last_err =
                                 Some(VdevError::io(dev.path(), "write", DATA_START + off, e));
                         }
@@ -251,12 +523,15 @@ impl TopVdev {
                 for s in self.segments(off, data.len()) {
                     let c = &self.children[s.child];
                     let dev = c.usable_dev().ok_or_else(|| self.no_replicas("write"))?;
-                    c.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    dev.write_at(&data[s.buf_off..s.buf_off + s.len], s.leaf_off)
-                        .map_err(|e| {
-                            c.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            VdevError::io(dev.path(), "write", s.leaf_off, e)
-                        })?;
+                    c.counted_write(
+                        dev.as_ref(),
+                        &data[s.buf_off..s.buf_off + s.len],
+                        s.leaf_off,
+                    )
+                    .map_err(|e| {
+                        c.io_error("write", s.leaf_off, &e, true);
+                        VdevError::io(dev.path(), "write", s.leaf_off, e)
+                    })?;
                 }
                 Ok(())
             }
@@ -270,45 +545,74 @@ impl TopVdev {
         }
     }
 
-    /// The order in which mirror children are tried for a read at `off`: usable children first,
-    /// rotating by 2 MiB region so that reads spread over the children with locality kept.
-    pub fn read_order(&self, off: u64) -> Vec<usize> {
+    /// The order in which mirror children are tried for a read at `off` of a block born in `birth`:
+    /// usable children that hold the txg, best score first (ties rotate by 2 MiB region, which
+    /// spreads reads and keeps locality), then children whose dirty time log says they lack it.
+    pub fn read_order(&self, off: u64, birth: Txg) -> Vec<usize> {
         let n = self.children.len();
         let start = ((off >> 21) % n as u64) as usize;
-        (0..n).map(|i| (start + i) % n).collect()
+        let mut fresh: Vec<(u64, usize, usize)> = Vec::new();
+        let mut stale: Vec<usize> = Vec::new();
+        for i in 0..n {
+            let ci = (start + i) % n;
+            let c = &self.children[ci];
+            if !c.state().usable() {
+                continue;
+            }
+            if birth.0 != 0 && c.dtl_contains(birth) {
+                stale.push(ci);
+            } else {
+                fresh.push((c.read_score(DATA_START + off), i, ci));
+            }
+        }
+        fresh.sort_unstable();
+        fresh
+            .into_iter()
+            .map(|(_, _, ci)| ci)
+            .chain(stale)
+            .collect()
     }
 
-    /// Read `buf.len()` bytes at `off`, accepting only data for which `verify` returns true.
-    pub fn read(&self, off: u64, buf: &mut [u8], verify: &dyn Fn(&[u8]) -> bool) -> Result<()> {
+    /// Read `buf.len()` bytes at `off` of a block born in txg `birth` (0 if unknown), accepting only
+    /// data for which `verify` returns true.
+    pub fn read(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        birth: Txg,
+        verify: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<()> {
         self.check_bounds(off, buf.len())?;
         match self.kind {
-            TopKind::Mirror => self.read_mirror(off, buf, verify),
+            TopKind::Mirror => self.read_mirror(off, buf, birth, verify),
             TopKind::Single | TopKind::Stripe { .. } => {
                 for s in self.segments(off, buf.len()) {
                     let c = &self.children[s.child];
                     let dev = c.usable_dev().ok_or_else(|| self.no_replicas("read"))?;
-                    c.stats.reads.fetch_add(1, Ordering::Relaxed);
-                    dev.read_at(&mut buf[s.buf_off..s.buf_off + s.len], s.leaf_off)
-                        .map_err(|e| {
-                            c.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                            VdevError::io(dev.path(), "read", s.leaf_off, e)
-                        })?;
+                    c.timed_read(
+                        dev.as_ref(),
+                        &mut buf[s.buf_off..s.buf_off + s.len],
+                        s.leaf_off,
+                    )
+                    .map_err(|e| {
+                        c.io_error("read", s.leaf_off, &e, true);
+                        VdevError::io(dev.path(), "read", s.leaf_off, e)
+                    })?;
                 }
                 if verify(buf) {
                     Ok(())
                 } else {
-                    // Without redundancy the error belongs to the leaf (for a stripe, to every child
-                    // the block touched).
-                    for s in self.segments(off, buf.len()) {
-                        self.children[s.child]
-                            .stats
-                            .cksum_errors
-                            .fetch_add(1, Ordering::Relaxed);
+                    // Without redundancy the error belongs to every child the block touched.
+                    let segs = self.segments(off, buf.len());
+                    for s in &segs {
+                        let c = &self.children[s.child];
+                        c.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
+                        c.event("checksum", Some(s.leaf_off), "checksum mismatch".into());
                     }
                     Err(VdevError::corrupt(
-                        &self.children[0].path(),
+                        &self.children[segs[0].child].path(),
                         "block",
-                        DATA_START + off,
+                        segs[0].leaf_off,
                         "checksum mismatch",
                     ))
                 }
@@ -316,18 +620,23 @@ impl TopVdev {
         }
     }
 
-    fn read_mirror(&self, off: u64, buf: &mut [u8], verify: &dyn Fn(&[u8]) -> bool) -> Result<()> {
+    fn read_mirror(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        birth: Txg,
+        verify: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<()> {
         let leaf_off = DATA_START + off;
         let mut bad: Vec<usize> = Vec::new();
         let mut last_err: Option<VdevError> = None;
         let mut good = false;
-        for ci in self.read_order(off) {
+        for ci in self.read_order(off, birth) {
             let c = &self.children[ci];
             let Some(dev) = c.usable_dev() else { continue };
-            c.stats.reads.fetch_add(1, Ordering::Relaxed);
-            match dev.read_at(buf, leaf_off) {
+            match c.timed_read(dev.as_ref(), buf, leaf_off) {
                 Err(e) => {
-                    c.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                    c.io_error("read", leaf_off, &e, self.last_replica(ci));
                     last_err = Some(VdevError::io(dev.path(), "read", leaf_off, e));
                     bad.push(ci);
                 }
@@ -337,6 +646,7 @@ impl TopVdev {
                 }
                 Ok(()) => {
                     c.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
+                    c.event("checksum", Some(leaf_off), "checksum mismatch".into());
                     last_err = Some(VdevError::corrupt(
                         dev.path(),
                         "block",
@@ -350,16 +660,25 @@ impl TopVdev {
         if !good {
             return Err(last_err.unwrap_or_else(|| self.no_replicas("read")));
         }
-        // Self-heal: rewrite the copies that failed, with the verified data.
+        // Self-heal: rewrite the copies that failed, with the verified data. A child that returned
+        // good data is never rewritten.
         for ci in bad {
             let c = &self.children[ci];
             if let Some(dev) = c.usable_dev() {
-                if dev.write_at(buf, leaf_off).is_ok() {
-                    c.stats
-                        .repaired_bytes
-                        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                } else {
-                    c.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                match c.counted_write(dev.as_ref(), buf, leaf_off) {
+                    Ok(()) => {
+                        c.stats
+                            .repaired_bytes
+                            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                        c.event(
+                            "repair",
+                            Some(leaf_off),
+                            format!("{} bytes rewritten", buf.len()),
+                        );
+                    }
+                    Err(e) => {
+                        c.io_error("write", leaf_off, &e, self.last_replica(ci));
+                    }
                 }
             }
         }
@@ -377,14 +696,14 @@ impl TopVdev {
             TopKind::Mirror => self
                 .children
                 .iter()
-                .filter_map(|c| {
+                .enumerate()
+                .filter_map(|(ci, c)| {
                     let dev = c.usable_dev()?;
                     let mut b = vec![0u8; len];
-                    c.stats.reads.fetch_add(1, Ordering::Relaxed);
-                    match dev.read_at(&mut b, DATA_START + off) {
+                    match c.timed_read(dev.as_ref(), &mut b, DATA_START + off) {
                         Ok(()) => Some(b),
-                        Err(_) => {
-                            c.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                        Err(e) => {
+                            c.io_error("read", DATA_START + off, &e, self.last_replica(ci));
                             None
                         }
                     }
@@ -392,7 +711,7 @@ impl TopVdev {
                 .collect(),
             _ => {
                 let mut b = vec![0u8; len];
-                match self.read(off, &mut b, &|_| true) {
+                match self.read(off, &mut b, Txg(0), &|_| true) {
                     Ok(()) => vec![b],
                     Err(_) => Vec::new(),
                 }
@@ -404,12 +723,13 @@ impl TopVdev {
     pub fn flush(&self) -> Result<()> {
         let mut ok = 0;
         let mut err = None;
-        for c in &self.children {
+        for (ci, c) in self.children.iter().enumerate() {
             let Some(dev) = c.usable_dev() else { continue };
             match dev.flush() {
                 Ok(()) => ok += 1,
                 Err(e) => {
-                    c.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    c.missed.store(true, Ordering::Relaxed);
+                    c.io_error("flush", 0, &e, self.last_replica(ci));
                     err = Some(VdevError::io(dev.path(), "flush", 0, e));
                 }
             }
@@ -455,6 +775,7 @@ impl TopVdev {
 /// The root of the tree.
 pub struct VdevTree {
     pub tops: Vec<Arc<TopVdev>>,
+    pub events: Arc<EventLog>,
 }
 
 impl VdevTree {
@@ -463,6 +784,7 @@ impl VdevTree {
         config: &PoolConfig,
         mut open: impl FnMut(&LeafConfig) -> (Option<Arc<dyn Leaf>>, Option<String>),
     ) -> VdevTree {
+        let events = Arc::new(EventLog::default());
         let tops = config
             .tops
             .iter()
@@ -472,7 +794,12 @@ impl VdevTree {
                     .iter()
                     .map(|lc| {
                         let (dev, reason) = open(lc);
-                        Arc::new(LeafVdev::new(lc.clone(), dev, reason))
+                        Arc::new(LeafVdev::with_events(
+                            lc.clone(),
+                            dev,
+                            reason,
+                            events.clone(),
+                        ))
                     })
                     .collect();
                 Arc::new(TopVdev {
@@ -484,7 +811,7 @@ impl VdevTree {
                 })
             })
             .collect();
-        VdevTree { tops }
+        VdevTree { tops, events }
     }
 
     pub fn leaves(&self) -> impl Iterator<Item = (&Arc<TopVdev>, &Arc<LeafVdev>)> {
@@ -508,6 +835,39 @@ impl VdevTree {
     pub fn flush_all(&self) -> Result<()> {
         for t in &self.tops {
             t.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrite the uberblock the pool was opened from with its clean flag cleared, one label at a
+    /// time with a flush after each (so a crash can tear at most one copy per leaf), before a session
+    /// that opened from a clean uberblock commits anything: a crash in that first commit must be seen
+    /// by the next open as an unclean close.
+    pub fn mark_dirty(&self, ub: &Uberblock) -> Result<()> {
+        let mut ok = 0;
+        for (_, lv) in self.leaves() {
+            let Some(d) = lv.usable_dev() else { continue };
+            let mut leaf_ok = true;
+            for i in 0..4 {
+                let r = label::write_uberblock(d.as_ref(), i, ub).and_then(|()| {
+                    d.flush()
+                        .map_err(|e| VdevError::io(d.path(), "flush", 0, e))
+                });
+                if let Err(e) = r {
+                    lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("{e}");
+                    leaf_ok = false;
+                }
+            }
+            if leaf_ok {
+                ok += 1;
+            }
+        }
+        if ok == 0 {
+            return Err(VdevError::Invalid {
+                path: "pool".into(),
+                reason: "the pool could not be marked in use on any leaf".into(),
+            });
         }
         Ok(())
     }
@@ -597,7 +957,6 @@ mod tests {
     use crate::config::LeafFlags;
     use crate::identity::LeafIdentity;
     use crate::testleaf::MemLeaf;
-    use crate::units::Txg;
 
     fn leafcfg(g: u64) -> LeafConfig {
         LeafConfig {
@@ -653,7 +1012,7 @@ mod tests {
         mems[0].read_at(&mut b, DATA_START + 8192).unwrap();
         assert!(b.iter().all(|&x| x == 3));
         let mut r = vec![0u8; 32768];
-        t.read(0, &mut r, &|_| true).unwrap();
+        t.read(0, &mut r, Txg(0), &|_| true).unwrap();
         assert_eq!(r, data);
     }
 
@@ -663,14 +1022,14 @@ mod tests {
         let data = vec![7u8; 4096];
         t.write(4096 * 600, &data).unwrap();
         // Corrupt the copy the read order tries first.
-        let first = t.read_order(4096 * 600)[0];
+        let first = t.read_order(4096 * 600, Txg(0))[0];
         mems[first]
             .write_at(&[0u8; 4096], DATA_START + 4096 * 600)
             .unwrap();
         let want = data.clone();
         let verify = move |b: &[u8]| b == &want[..];
         let mut r = vec![0u8; 4096];
-        t.read(4096 * 600, &mut r, &verify).unwrap();
+        t.read(4096 * 600, &mut r, Txg(0), &verify).unwrap();
         assert_eq!(r, data);
         assert_eq!(
             t.children[first].stats.cksum_errors.load(Ordering::Relaxed),
@@ -688,7 +1047,9 @@ mod tests {
     fn out_of_bounds_is_an_error() {
         let (t, _) = top(TopKind::Single, 1);
         assert!(t.write(t.asize, &[0u8; 4096]).is_err());
-        assert!(t.read(u64::MAX - 10, &mut [0u8; 4096], &|_| true).is_err());
+        assert!(t
+            .read(u64::MAX - 10, &mut [0u8; 4096], Txg(0), &|_| true)
+            .is_err());
     }
 
     #[test]

@@ -1,0 +1,382 @@
+//! Device health: per-leaf error counters kept across export/import, dirty time logs, events,
+//! permanent data errors, device checks, and the administrative operations (offline, online, clear).
+//!
+//! All of it lives in one "health" blob of the pool directory (bincode), rewritten in a txg only when it
+//! changed. Before every commit the pool checks that each leaf's device is still there (a deleted or
+//! shrunken file makes it UNAVAIL), records in the dirty time log of every mirror child the txgs it
+//! misses (unusable now, or a write that failed in the previous txg), and copies state changes the
+//! tree made on its own (a leaf faulted after too many errors) into the configuration.
+
+use crate::error::{PoolError, Result};
+use crate::object::ObjType;
+use crate::pool::{blob_opts, read_blob, write_blob, Inner, Pool, MOS_COPIES};
+use bincode::Options;
+use cairn_vdev::config::TopKind;
+use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
+use cairn_vdev::label;
+use cairn_vdev::testleaf::FaultSet;
+use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
+use cairn_vdev::{Leaf, Txg};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const HEALTH: &str = "health";
+
+#[derive(Serialize, Deserialize, Default, PartialEq)]
+struct Health {
+    /// Leaf guid -> [read, write, checksum errors, repaired bytes].
+    stats: BTreeMap<u64, [u64; 4]>,
+    /// Leaf guid -> txg ranges it lacks.
+    dtl: BTreeMap<u64, Vec<(u64, u64)>>,
+    events: Vec<Event>,
+    /// (object, block id) no copy could serve.
+    errlog: BTreeSet<(u64, u64)>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Inner {
+    fn health(&self) -> Health {
+        let mut h = Health::default();
+        for (_, lv) in self.tree.leaves() {
+            h.stats.insert(lv.guid.0, lv.stats.persistent());
+            let d: Vec<(u64, u64)> = lock(&lv.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect();
+            if !d.is_empty() {
+                h.dtl.insert(lv.guid.0, d);
+            }
+        }
+        h.events = self.tree.events.all();
+        h.errlog = lock(&self.errlog).clone();
+        h
+    }
+
+    /// Restore counters, dirty time logs, events and the error log at open.
+    pub(crate) fn load_health(&mut self) -> Result<()> {
+        let Some(&id) = self.dir.get(HEALTH) else {
+            return Ok(());
+        };
+        let vdevs = self.tree.tops.clone();
+        let b = read_blob(&mut self.mos, &vdevs, id)?;
+        let h: Health = blob_opts()
+            .deserialize(&b)
+            .map_err(|e| PoolError::corrupt("pool health record", e.to_string()))?;
+        for (_, lv) in self.tree.leaves() {
+            if let Some(s) = h.stats.get(&lv.guid.0) {
+                lv.stats.restore(*s);
+            }
+            if let Some(d) = h.dtl.get(&lv.guid.0) {
+                *lock(&lv.dtl) = d.iter().map(|&(a, b)| (Txg(a), Txg(b))).collect();
+            }
+        }
+        self.tree.events.restore(h.events);
+        *lock(&self.errlog) = h.errlog;
+        self.health_written = b;
+        Ok(())
+    }
+
+    /// Drop error-log entries of blocks that are being rewritten or freed.
+    pub(crate) fn forget_errors(&self, obj: u64, off: u64, len: u64) {
+        let mut e = lock(&self.errlog);
+        if e.is_empty() {
+            return;
+        }
+        let Ok(o) = self.mos_block_size(obj) else {
+            return;
+        };
+        let first = off / o;
+        let last = (off + len).div_ceil(o);
+        let partial_head = !off.is_multiple_of(o);
+        let partial_tail = !(off + len).is_multiple_of(o);
+        e.retain(|&(ob, b)| {
+            ob != obj
+                || b < first
+                || b >= last
+                || (b == first && partial_head)
+                || (b + 1 == last && partial_tail)
+        });
+    }
+
+    fn mos_block_size(&self, obj: u64) -> Result<u64> {
+        self.mos
+            .loaded_block_size(obj)
+            .ok_or_else(|| PoolError::NotFound(format!("object {obj}")))
+    }
+
+    /// Device checks, dirty time logs, state changes and the health blob, before txg `txg` is written.
+    pub(crate) fn health_before_commit(&mut self, txg: Txg) -> Result<()> {
+        let tops = self.tree.tops.clone();
+        for t in &tops {
+            for c in &t.children {
+                c.check_device();
+                if t.kind == TopKind::Mirror {
+                    if c.missed.swap(false, Ordering::Relaxed) && txg.0 > 1 {
+                        c.dtl_add(Txg(txg.0 - 1));
+                    }
+                    if !c.state().usable() {
+                        c.dtl_add(txg);
+                    }
+                }
+            }
+        }
+        // State changes made by the tree (faulted leaves) belong in the configuration.
+        for (_, lv) in self.tree.leaves() {
+            let lc = lock(&lv.config).clone();
+            if let Some((ti, ci)) = self.config.find_leaf(lv.guid) {
+                if self.config.tops[ti].children[ci].flags != lc.flags {
+                    self.config.tops[ti].children[ci].flags = lc.flags;
+                    self.config_dirty = true;
+                }
+            }
+        }
+        self.tree.events.take_new();
+        let h = self.health();
+        let b = blob_opts()
+            .serialize(&h)
+            .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        if b != self.health_written {
+            let id = match self.dir.get(HEALTH) {
+                Some(&id) => id,
+                None => {
+                    let vdevs = self.tree.tops.clone();
+                    let id = self
+                        .mos
+                        .create_object(&vdevs, ObjType::Bytes, 14, MOS_COPIES)?;
+                    self.dir.insert(HEALTH.to_string(), id);
+                    self.dir_dirty = true;
+                    id
+                }
+            };
+            write_blob(self, id, &b)?;
+            self.health_written = b;
+        }
+        Ok(())
+    }
+}
+
+/// A location of one copy of a block on a leaf (for targeted fault injection).
+#[derive(Clone, Debug)]
+pub struct BlockCopy {
+    /// Which DVA of the block (0..3).
+    pub dva: usize,
+    pub leaf: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Pool {
+    /// The leaf named `name`: its full path, its last path component (as status shows it) or its guid.
+    fn find_leaf(&self, inner: &Inner, name: &str) -> Result<(Arc<TopVdev>, Arc<LeafVdev>)> {
+        let mut found = None;
+        for (t, lv) in inner.tree.leaves() {
+            let path = lv.path();
+            let base = crate::pool::leaf_name(&path);
+            let abs = std::path::absolute(Path::new(name))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if path == name || base == name || lv.guid.0.to_string() == name || path == abs {
+                if found.is_some() {
+                    return Err(PoolError::Invalid(format!(
+                        "'{name}' matches more than one leaf; give the full path"
+                    )));
+                }
+                found = Some((t.clone(), lv.clone()));
+            }
+        }
+        found.ok_or_else(|| PoolError::NotFound(format!("no such device in pool: '{name}'")))
+    }
+
+    /// Take a leaf offline: persistently, or until the pool is closed (`temporary`).
+    pub fn offline(&self, name: &str, temporary: bool) -> Result<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        let (t, lv) = self.find_leaf(&g, name)?;
+        let others = t
+            .children
+            .iter()
+            .any(|c| c.guid != lv.guid && c.state().usable());
+        if t.kind != TopKind::Mirror || !others {
+            return Err(PoolError::Invalid(format!(
+                "cannot offline {}: no valid replicas",
+                lv.path()
+            )));
+        }
+        if temporary {
+            lv.temp_offline.store(true, Ordering::Relaxed);
+        } else {
+            lock(&lv.config).flags.offline = true;
+        }
+        g.tree.events.push(Event {
+            time: now(),
+            class: "state_change".into(),
+            vdev: lv.path(),
+            offset: None,
+            detail: format!("OFFLINE{}", if temporary { " (temporary)" } else { "" }),
+        });
+        g.commit(false)
+    }
+
+    /// Bring a leaf back: clear offline and faulted state and reopen its device if it was closed.
+    /// Returns a note for the user (e.g. that the leaf lacks writes until it is resilvered).
+    pub fn online(&self, name: &str) -> Result<Option<String>> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        let (_, lv) = self.find_leaf(&g, name)?;
+        self.reopen_leaf(&g, &lv)?;
+        lv.temp_offline.store(false, Ordering::Relaxed);
+        {
+            let mut c = lock(&lv.config);
+            c.flags.offline = false;
+            c.flags.faulted = false;
+        }
+        *lock(&lv.reason) = None;
+        g.tree.events.push(Event {
+            time: now(),
+            class: "state_change".into(),
+            vdev: lv.path(),
+            offset: None,
+            detail: "ONLINE".into(),
+        });
+        g.commit(false)?;
+        let dtl = lock(&lv.dtl).clone();
+        Ok((!dtl.is_empty()).then(|| {
+            format!(
+                "{} lacks the writes of {} txg(s); reads avoid it for those blocks until it is \
+                 resilvered",
+                lv.path(),
+                dtl.iter().map(|(a, b)| b.0 - a.0 + 1).sum::<u64>()
+            )
+        }))
+    }
+
+    /// Reopen a leaf whose device is closed, checking it carries this pool's label for this leaf.
+    fn reopen_leaf(&self, g: &Inner, lv: &LeafVdev) -> Result<()> {
+        if lv.dev().is_some() {
+            return Ok(());
+        }
+        let path = lv.path();
+        let dev = FileLeaf::open(
+            Path::new(&path),
+            LeafOpen {
+                read_only: false,
+                lock: true,
+            },
+        )?;
+        let scan = label::scan_leaf(&dev);
+        let ok = scan.best_label().is_some_and(|l| {
+            l.header.pool_guid == g.config.pool_guid && l.header.leaf_guid == lv.guid
+        });
+        if !ok {
+            return Err(PoolError::Invalid(format!(
+                "{path} does not carry this leaf's label (use 'cairn pool replace')"
+            )));
+        }
+        let size = lock(&lv.config).size;
+        if dev.size() < size {
+            return Err(PoolError::Invalid(format!(
+                "{path} is smaller than when it joined the pool"
+            )));
+        }
+        lv.set_dev(Some(Arc::new(dev) as Arc<dyn Leaf>), None);
+        Ok(())
+    }
+
+    /// Reset error counters (of one leaf or all) and bring back faulted leaves whose device works.
+    pub fn clear(&self, name: Option<&str>) -> Result<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        let targets: Vec<Arc<LeafVdev>> = match name {
+            Some(n) => vec![self.find_leaf(&g, n)?.1],
+            None => g.tree.leaves().map(|(_, l)| l.clone()).collect(),
+        };
+        for lv in targets {
+            lv.stats.restore([0; 4]);
+            let faulted = lock(&lv.config).flags.faulted;
+            if (faulted || lv.dev().is_none()) && self.reopen_leaf(&g, &lv).is_ok() {
+                lock(&lv.config).flags.faulted = false;
+                *lock(&lv.reason) = None;
+            }
+        }
+        g.commit(false)
+    }
+
+    /// Recent events, oldest first.
+    pub fn events(&self) -> Vec<Event> {
+        self.lock().tree.events.all()
+    }
+
+    /// Permanent errors: (object, byte offset of the block, block size).
+    pub fn data_errors(&self) -> Vec<(u64, u64, u64)> {
+        let g = self.lock();
+        let list: Vec<(u64, u64)> = lock(&g.errlog).iter().copied().collect();
+        list.into_iter()
+            .map(|(o, b)| {
+                let bs = g.mos_block_size(o).unwrap_or(0);
+                (o, b * bs, bs)
+            })
+            .collect()
+    }
+
+    /// The fault set of a leaf (`cairn inject`), with the leaf's path.
+    pub fn leaf_faults(&self, name: &str) -> Result<(String, Arc<FaultSet>)> {
+        let g = self.lock();
+        let (_, lv) = self.find_leaf(&g, name)?;
+        Ok((lv.path(), lv.faults.clone()))
+    }
+
+    /// Every leaf's path and fault set.
+    pub fn all_leaf_faults(&self) -> Vec<(String, Arc<FaultSet>)> {
+        self.lock()
+            .tree
+            .leaves()
+            .map(|(_, l)| (l.path(), l.faults.clone()))
+            .collect()
+    }
+
+    /// Where the copies of the block holding byte `offset` of object `obj` live on the leaves.
+    pub fn block_copies(&self, obj: u64, offset: u64) -> Result<Vec<BlockCopy>> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let vdevs = inner.tree.tops.clone();
+        let o = inner.mos.obj(&vdevs, obj)?;
+        let bs = o.dnode.block_size() as u64;
+        let bp = o.block_pointer(&vdevs, offset / bs)?;
+        if bp.is_hole() {
+            return Err(PoolError::NotFound(format!(
+                "offset {offset} of object {obj} is not allocated (write it first)"
+            )));
+        }
+        let mut out = Vec::new();
+        for (i, d) in bp.dvas.iter().enumerate().filter(|(_, d)| !d.is_empty()) {
+            let Some(t) = vdevs.get(d.vdev as usize) else {
+                continue;
+            };
+            for seg in t.segments(d.offset, bp.psize as usize) {
+                let children: Vec<&Arc<LeafVdev>> = match t.kind {
+                    TopKind::Mirror => t.children.iter().collect(),
+                    _ => vec![&t.children[seg.child]],
+                };
+                for c in children {
+                    out.push(BlockCopy {
+                        dva: i,
+                        leaf: c.path(),
+                        offset: seg.leaf_off,
+                        len: seg.len as u64,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
