@@ -25,6 +25,14 @@ pub trait Pools: Send + Sync {
         verb: &str,
         force: bool,
     ) -> Result<Arc<Pool>, CmdError>;
+    /// True inside the daemon.
+    fn is_daemon(&self) -> bool {
+        false
+    }
+    /// The daemon's fault registry (`cairn inject`); None outside the daemon.
+    fn injections(&self) -> Option<&crate::injectcmd::Injections> {
+        None
+    }
     /// Is an NBD client connected to this dataset?
     fn in_use(&self, _dataset: &str) -> bool {
         false

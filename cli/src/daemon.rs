@@ -53,6 +53,7 @@ pub struct Daemon {
     /// NBD connections: id -> (export, stop signal).
     conns: Mutex<HashMap<u64, (String, watch::Sender<bool>)>>,
     next_conn: AtomicU64,
+    injections: crate::injectcmd::Injections,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -127,7 +128,16 @@ impl Pools for Daemon {
             }
         }
         lock(&self.pools).remove(name);
+        self.injections.drop_pool(name);
         Ok(pool)
+    }
+
+    fn is_daemon(&self) -> bool {
+        true
+    }
+
+    fn injections(&self) -> Option<&crate::injectcmd::Injections> {
+        Some(&self.injections)
     }
 
     fn in_use(&self, dataset: &str) -> bool {
@@ -313,6 +323,7 @@ pub fn serve(
         failed: Mutex::new(HashMap::new()),
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
+        injections: Default::default(),
     });
     let cache = sd.load_cache().map_err(|e| e.to_string())?;
     for e in cache {

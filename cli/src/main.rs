@@ -7,6 +7,7 @@
 mod ctx;
 mod daemon;
 mod datasetcmd;
+mod injectcmd;
 mod names;
 mod nbd;
 mod output;
@@ -41,6 +42,8 @@ pub enum Top {
     /// Dataset (volume) commands (like zfs).
     #[command(subcommand)]
     Dataset(DatasetCmd),
+    /// Fault injection (through the daemon).
+    Inject(InjectArgs),
     /// Run the daemon: hold the pools open, serve volumes over NBD, answer the CLI.
     Serve {
         /// Unix socket for NBD clients (default: nbd.sock in the state directory).
@@ -200,6 +203,71 @@ pub enum PoolCmd {
     Set { assignment: String, pool: String },
     /// Show the command history of pools.
     History { pools: Vec<String> },
+    /// Take a leaf offline (-t: until the pool is closed).
+    Offline {
+        #[arg(short = 't')]
+        temporary: bool,
+        pool: String,
+        leaf: String,
+    },
+    /// Bring a leaf back online (reopening its device).
+    Online { pool: String, leaf: String },
+    /// Reset error counters (of one leaf or all) and bring back faulted leaves.
+    Clear { pool: String, leaf: Option<String> },
+    /// Show recent events (errors, state changes, repairs).
+    Events {
+        #[command(flatten)]
+        flags: ListFlags,
+        pool: Option<String>,
+    },
+    /// I/O statistics per pool (-v: per vdev) since the pool was opened, or per INTERVAL.
+    Iostat {
+        #[arg(short = 'v')]
+        verbose: bool,
+        #[command(flatten)]
+        flags: ListFlags,
+        /// POOL, then INTERVAL and COUNT.
+        args: Vec<String>,
+    },
+}
+
+/// `cairn inject`: add, list and clear faults on the leaves of a pool served by the daemon.
+#[derive(Args)]
+pub struct InjectArgs {
+    /// Leaf to fault (path, name as status shows it, or guid).
+    #[arg(short = 'd', value_name = "LEAF")]
+    pub leaf: Option<String>,
+    /// Fault: io, nxio, corrupt, latency, drop, torn (leaf); checksum or io (-t block).
+    #[arg(short = 'e', value_name = "TYPE")]
+    pub kind: Option<String>,
+    /// I/O type: read, write or all.
+    #[arg(short = 'T', value_name = "IO")]
+    pub io: Option<String>,
+    /// Percentage of matching I/Os that fail.
+    #[arg(short = 'f', value_name = "PERCENT")]
+    pub percent: Option<f64>,
+    /// Only I/O overlapping OFFSET:LENGTH (sizes as 1M etc.).
+    #[arg(long, value_name = "OFFSET:LENGTH")]
+    pub range: Option<String>,
+    /// Latency in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub delay: Option<u64>,
+    /// Dataset whose block to fault.
+    #[arg(short = 't', value_name = "DATASET")]
+    pub dataset: Option<String>,
+    /// Byte offset in the dataset of the block to fault.
+    #[arg(long, value_name = "OFFSET")]
+    pub offset: Option<String>,
+    /// Which copy of the block (0-based, in the order of `inject -l`); default all.
+    #[arg(short = 'C', value_name = "COPY")]
+    pub copy: Option<usize>,
+    /// List faults.
+    #[arg(short = 'l')]
+    pub list: bool,
+    /// Clear fault ID, or all.
+    #[arg(short = 'c', value_name = "ID")]
+    pub clear: Option<String>,
+    pub pool: Option<String>,
 }
 
 /// A failed command: printed as `cannot <verb> '<name>': <reason>`.
@@ -286,6 +354,7 @@ pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
     let result = match cmd {
         Top::Pool(cmd) => poolcmd::run(ctx, cmd).map(|_| ()),
         Top::Dataset(cmd) => datasetcmd::run(ctx, cmd),
+        Top::Inject(args) => injectcmd::run(ctx, args),
         Top::Serve { .. } => Err(vec![CmdError::new("serve", "", "not from here")]),
     };
     match result {

@@ -66,6 +66,252 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => get(ctx, &flags, fields.as_deref(), &props, &pools),
         PoolCmd::Set { assignment, pool } => set(ctx, &assignment, &pool, cmdline),
         PoolCmd::History { pools } => history(ctx, &pools),
+        PoolCmd::Offline {
+            temporary,
+            pool,
+            leaf,
+        } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "offline").map_err(one)?;
+            p.offline(&leaf, temporary)
+                .map_err(|e| one(CmdError::new("offline", &leaf, e)))?;
+            log(ctx, &p, cmdline);
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Online { pool, leaf } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "online").map_err(one)?;
+            let note = p
+                .online(&leaf)
+                .map_err(|e| one(CmdError::new("online", &leaf, e)))?;
+            if let Some(n) = note {
+                errln!(ctx, "warning: {n}");
+            }
+            log(ctx, &p, cmdline);
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Clear { pool, leaf } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "clear").map_err(one)?;
+            p.clear(leaf.as_deref())
+                .map_err(|e| one(CmdError::new("clear", leaf.as_deref().unwrap_or(&pool), e)))?;
+            log(ctx, &p, cmdline);
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Events { flags, pool } => events(ctx, &flags, pool.as_deref()),
+        PoolCmd::Iostat {
+            verbose,
+            flags,
+            args,
+        } => iostat(ctx, verbose, &flags, &args),
+    }
+}
+
+/// Record a command in the pool's history (best effort: the command itself already succeeded).
+fn log(ctx: &Ctx, pool: &Pool, cmdline: &str) {
+    if let Err(e) = pool
+        .log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+    {
+        tracing::warn!("cannot record history: {e}");
+    }
+}
+
+fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
+    let names = match pool {
+        Some(p) => vec![p.to_string()],
+        None => targets(ctx, &[], "events")?,
+    };
+    let mut t = Table::new(
+        ["TIME", "CLASS", "POOL", "VDEV", "OFFSET", "DETAIL"],
+        vec![false, false, false, false, true, false],
+    );
+    let mut all = Vec::new();
+    for n in &names {
+        let p = ctx.pools.get(ctx.sd, n, "events").map_err(one)?;
+        for e in p.events() {
+            all.push((n.clone(), e));
+        }
+    }
+    all.sort_by_key(|(_, e)| e.time);
+    if flags.json {
+        let v: Vec<Value> = all
+            .iter()
+            .map(|(p, e)| {
+                json!({"time": e.time, "class": e.class, "pool": p, "vdev": e.vdev,
+                       "offset": e.offset, "detail": e.detail})
+            })
+            .collect();
+        let j = json_envelope("cairn pool events", "events", Value::Array(v));
+        outln!(
+            ctx,
+            "{}",
+            serde_json::to_string_pretty(&j).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (p, e) in all {
+        t.push([
+            if flags.parsable {
+                e.time.to_string()
+            } else {
+                format_time(e.time)
+            },
+            e.class,
+            p,
+            e.vdev,
+            e.offset
+                .map(|o| o.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.detail,
+        ]);
+    }
+    out!(ctx, "{}", t.render(flags.scripted));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn iostat_rows(
+    v: &VdevStatus,
+    depth: usize,
+    verbose: bool,
+    rows: &mut Vec<(String, [u64; 4], u64)>,
+) {
+    rows.push((
+        format!("{}{}", "  ".repeat(depth), v.name),
+        [v.reads, v.writes, v.read_bytes, v.write_bytes],
+        v.read_latency_us,
+    ));
+    if verbose {
+        for c in &v.children {
+            iostat_rows(c, depth + 1, verbose, rows);
+        }
+    }
+}
+
+fn iostat(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, args: &[String]) -> CmdResult {
+    let bad = |m: String| one(CmdError::new("iostat", "", m));
+    let mut pools: Vec<String> = Vec::new();
+    let mut nums: Vec<u64> = Vec::new();
+    for a in args {
+        match a.parse::<u64>() {
+            Ok(n) => nums.push(n),
+            Err(_) if nums.is_empty() => pools.push(a.clone()),
+            Err(_) => return Err(bad(format!("bad interval or count '{a}'"))),
+        }
+    }
+    let interval = nums.first().copied();
+    let count = nums.get(1).copied();
+    if nums.len() > 2 || interval == Some(0) {
+        return Err(bad("usage: iostat [-v] [POOL...] [INTERVAL [COUNT]]".into()));
+    }
+    let names = targets(ctx, &pools, "iostat")?;
+    let mut opened = Vec::new();
+    for n in &names {
+        opened.push(ctx.pools.get(ctx.sd, n, "iostat").map_err(one)?);
+    }
+    let snapshot = |opened: &[Arc<Pool>]| -> Vec<(String, [u64; 4], u64, u64, u64)> {
+        let mut out = Vec::new();
+        for p in opened {
+            let st = p.status();
+            let mut rows = Vec::new();
+            iostat_rows(&st.root, 0, verbose, &mut rows);
+            for (i, (name, v, lat)) in rows.into_iter().enumerate() {
+                let (alloc, free) = if i == 0 {
+                    (st.allocated, st.free)
+                } else {
+                    (u64::MAX, u64::MAX)
+                };
+                out.push((name, v, alloc, free, lat));
+            }
+        }
+        out
+    };
+    let num = |v: u64| {
+        if v == u64::MAX {
+            "-".to_string()
+        } else if flags.parsable {
+            v.to_string()
+        } else {
+            format_compact(v)
+        }
+    };
+    let mut prev = snapshot(&opened);
+    let mut round = 0u64;
+    loop {
+        let (cur, secs) = if let Some(iv) = interval.filter(|_| round > 0) {
+            std::thread::sleep(std::time::Duration::from_secs(iv));
+            (snapshot(&opened), iv)
+        } else {
+            (prev.clone(), 1)
+        };
+        let mut t = Table::new(
+            [
+                "NAME",
+                "ALLOC",
+                "FREE",
+                "READ_OPS",
+                "WRITE_OPS",
+                "READ_BW",
+                "WRITE_BW",
+                "READ_LAT",
+            ],
+            vec![false, true, true, true, true, true, true, true],
+        );
+        for (i, (name, v, alloc, free, lat)) in cur.iter().enumerate() {
+            let d: [u64; 4] = if round > 0 {
+                let p = prev.get(i).map(|x| x.1).unwrap_or([0; 4]);
+                [0, 1, 2, 3].map(|k| v[k].saturating_sub(p[k]) / secs)
+            } else {
+                *v
+            };
+            let lat = if *lat == 0 {
+                "-".to_string()
+            } else if flags.parsable {
+                lat.to_string()
+            } else {
+                format!("{lat}us")
+            };
+            t.push([
+                name.clone(),
+                num(*alloc),
+                num(*free),
+                num(d[0]),
+                num(d[1]),
+                num(d[2]),
+                num(d[3]),
+                lat,
+            ]);
+        }
+        if flags.json {
+            let rows: Vec<Value> = cur
+                .iter()
+                .map(|(n, v, _, _, lat)| {
+                    json!({"name": n.trim(), "reads": v[0], "writes": v[1], "read_bytes": v[2],
+                           "write_bytes": v[3], "read_latency_us": lat})
+                })
+                .collect();
+            let j = json_envelope("cairn pool iostat", "vdevs", Value::Array(rows));
+            outln!(
+                ctx,
+                "{}",
+                serde_json::to_string_pretty(&j).unwrap_or_default()
+            );
+        } else {
+            out!(ctx, "{}", t.render(flags.scripted));
+        }
+        prev = cur;
+        round += 1;
+        let done = match (interval, count) {
+            (None, _) => true,
+            (Some(_), Some(c)) => round >= c.max(1),
+            (Some(_), None) => false,
+        };
+        if done {
+            return Ok(ExitCode::SUCCESS);
+        }
+        if ctx.pools.is_daemon() {
+            // The daemon answers once: an endless iostat belongs on the client side.
+            if count.is_none() {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
     }
 }
 
@@ -367,7 +613,7 @@ fn vdev_json(v: &VdevStatus) -> Value {
     o
 }
 
-fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
+fn status_text(st: &PoolStatus, full: bool, verbose: bool, errors: &[String]) -> String {
     let mut s = format!("  pool: {}\n state: {}\n", st.name, st.state);
     if let Some(x) = &st.status {
         s.push_str(&format!("status: {x}\n"));
@@ -381,7 +627,10 @@ fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
     if st.error_count == 0 {
         s.push_str("errors: No known data errors\n");
     } else if verbose {
-        s.push_str(&format!("errors: {} data errors\n", st.error_count));
+        s.push_str("errors: Permanent errors have been detected in the following datasets:\n\n");
+        for e in errors {
+            s.push_str(&format!("        {e}\n"));
+        }
     } else {
         s.push_str(&format!(
             "errors: {} data errors, use '-v' for a list\n",
@@ -389,6 +638,20 @@ fn status_text(st: &PoolStatus, full: bool, verbose: bool) -> String {
         ));
     }
     s
+}
+
+/// The permanent errors of a pool as `DATASET: offset N (SIZE block)` lines.
+fn data_error_list(p: &Pool) -> Vec<String> {
+    let vols = cairn_dataset::list(p).unwrap_or_default();
+    p.data_errors()
+        .into_iter()
+        .map(
+            |(obj, off, bs)| match vols.iter().find(|v| v.record.object == obj) {
+                Some(v) => format!("{}: offset {} ({} block)", v.name, off, format_compact(bs)),
+                None => format!("<metadata>:<{obj:#x}> offset {off}"),
+            },
+        )
+        .collect()
 }
 
 fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
@@ -400,7 +663,8 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
         match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => {
                 let st = p.status();
-                texts.push(status_text(&st, full, verbose));
+                let errors = data_error_list(&p);
+                texts.push(status_text(&st, full, verbose, &errors));
                 let mut vdevs = Map::new();
                 vdevs.insert(st.name.clone(), vdev_json(&st.root));
                 jp.insert(
@@ -410,6 +674,7 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                            "status": st.status, "action": st.action,
                            "scan_stats": Value::Null,
                            "vdevs": vdevs, "error_count": st.error_count.to_string(),
+                           "errlist": errors,
                            "size": st.size.to_string(), "allocated": st.allocated.to_string(),
                            "free": st.free.to_string()}),
                 );

@@ -517,9 +517,13 @@ impl Allocator {
         )
     }
 
+    /// Write the changed pages of every top-level vdev that takes I/O. Pages of an unavailable vdev
+    /// stay dirty in memory until it is back (nothing is allocated there meanwhile).
     pub fn sync(&mut self, vdevs: &[std::sync::Arc<TopVdev>], txg: Txg) -> Result<()> {
         for (i, t) in self.tops.iter_mut().enumerate() {
-            t.sync(&vdevs[i], txg)?;
+            if vdevs[i].state().usable() {
+                t.sync(&vdevs[i], txg)?;
+            }
         }
         Ok(())
     }

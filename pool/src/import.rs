@@ -81,6 +81,7 @@ impl ImportCandidate {
                         writes: 0,
                         read_bytes: 0,
                         write_bytes: 0,
+                        read_latency_us: 0,
                         dtl: Vec::new(),
                         children: Vec::new(),
                     }
@@ -127,6 +128,7 @@ impl ImportCandidate {
                     writes: 0,
                     read_bytes: 0,
                     write_bytes: 0,
+                    read_latency_us: 0,
                     dtl: Vec::new(),
                     children,
                 });
@@ -149,6 +151,7 @@ impl ImportCandidate {
             writes: 0,
             read_bytes: 0,
             write_bytes: 0,
+            read_latency_us: 0,
             dtl: Vec::new(),
             children: tops,
         }

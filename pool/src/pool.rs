@@ -102,6 +102,8 @@ pub struct VdevStatus {
     pub writes: u64,
     pub read_bytes: u64,
     pub write_bytes: u64,
+    /// Moving average of read latency in microseconds (leaves; 0 if not measured).
+    pub read_latency_us: u64,
     /// Txg ranges this leaf lacks (its dirty time log), awaiting resilver.
     pub dtl: Vec<(u64, u64)>,
     pub children: Vec<VdevStatus>,
@@ -1612,8 +1614,11 @@ impl Inner {
             for c in &t.children {
                 let lc = c.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let st = c.state();
+                let has_dtl = !c.dtl.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
                 let reason = match st {
+                    VdevState::Online if has_dtl => Some("(resilver needed)".to_string()),
                     VdevState::Online => None,
+                    VdevState::Offline => None,
                     _ => c.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                 };
                 children.push(VdevStatus {
@@ -1651,6 +1656,11 @@ impl Inner {
                         .stats
                         .write_bytes
                         .load(std::sync::atomic::Ordering::Relaxed),
+                    read_latency_us: c
+                        .stats
+                        .lat_ewma_ns
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        / 1000,
                     dtl: c
                         .dtl
                         .lock()
@@ -1691,33 +1701,58 @@ impl Inner {
                     writes: children.iter().map(|c| c.writes).sum(),
                     read_bytes: children.iter().map(|c| c.read_bytes).sum(),
                     write_bytes: children.iter().map(|c| c.write_bytes).sum(),
+                    read_latency_us: 0,
                     dtl: Vec::new(),
                     children,
                 });
             }
         }
         let st = self.tree.state();
-        let (status, action) = match st {
-            VdevState::Online => (None, None),
-            VdevState::Degraded => (
-                Some(
-                    "One or more devices could not be opened or are not healthy. Sufficient \
-                     replicas exist for the pool to continue functioning in a degraded state."
-                        .to_string(),
+        let error_count = self.errlog.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let leaf_errors = self.tree.leaves().any(|(_, l)| {
+            let v = l.stats.persistent();
+            v[0] + v[1] + v[2] > 0
+        });
+        let any_offline = self
+            .tree
+            .leaves()
+            .any(|(_, l)| l.state() == VdevState::Offline);
+        let s = |x: &str| Some(x.to_string());
+        let (status, action) = if error_count > 0 {
+            (
+                s("One or more devices has experienced an error resulting in data corruption. \
+                   Applications may be affected."),
+                s("Restore the data in question if possible (rewriting a block clears its error), \
+                   or restore the pool from backup. Use '-v' for the list of errors."),
+            )
+        } else {
+            match st {
+                VdevState::Online if leaf_errors => (
+                    s("One or more devices has experienced an unrecoverable error. An attempt was \
+                       made to correct the error. Applications are unaffected."),
+                    s("Determine if the device needs to be replaced, and clear the errors using \
+                       'cairn pool clear' or replace the device with 'cairn pool replace'."),
                 ),
-                Some(
-                    "Attach the missing device and online it using 'cairn pool online', or \
-                     replace it with 'cairn pool replace'."
-                        .to_string(),
+                VdevState::Online => (None, None),
+                VdevState::Degraded if any_offline => (
+                    s("One or more devices has been taken offline by the administrator. \
+                       Sufficient replicas exist for the pool to continue functioning in a \
+                       degraded state."),
+                    s("Online the device using 'cairn pool online' or replace the device with \
+                       'cairn pool replace'."),
                 ),
-            ),
-            _ => (
-                Some(
-                    "One or more devices could not be used; there are insufficient replicas."
-                        .into(),
+                VdevState::Degraded => (
+                    s("One or more devices could not be opened or are not healthy. Sufficient \
+                       replicas exist for the pool to continue functioning in a degraded state."),
+                    s("Attach the missing device and online it using 'cairn pool online', or \
+                       replace it with 'cairn pool replace'."),
                 ),
-                Some("Attach the missing devices and re-import the pool.".into()),
-            ),
+                _ => (
+                    s("One or more devices could not be used; there are insufficient replicas for \
+                       some data: reads of it fail with an I/O error."),
+                    s("Attach the missing devices and online them, or re-import the pool."),
+                ),
+            }
         };
         let size = self.alloc.size();
         let allocated = self.alloc.alloc_bytes();
@@ -1738,7 +1773,7 @@ impl Inner {
                 status
             },
             action,
-            error_count: 0,
+            error_count,
             root: VdevStatus {
                 name: self.config.name.clone(),
                 vdev_type: "root".into(),
@@ -1756,6 +1791,7 @@ impl Inner {
                 writes: tops.iter().map(|c| c.writes).sum(),
                 read_bytes: tops.iter().map(|c| c.read_bytes).sum(),
                 write_bytes: tops.iter().map(|c| c.write_bytes).sum(),
+                read_latency_us: 0,
                 dtl: Vec::new(),
                 children: tops,
             },

@@ -300,21 +300,23 @@ impl LeafVdev {
         dev.write_at(data, off)
     }
 
-    /// How attractive this child is for a read at `off` (lower is better): outstanding reads, scaled
-    /// by the order of magnitude of its observed latency, with a penalty for a far seek. A child not
-    /// sampled for 2 s scores 0 once, so a slow child that recovered is noticed.
-    fn read_score(&self, off: u64) -> u64 {
+    /// How attractive this child is for a read (lower is better), before latency: its outstanding
+    /// reads. `None` when the child has not been sampled for 2 s: it gets the next read, so a slow
+    /// child that recovered is noticed. (No seek penalty: leaves are files or SSDs, where a fixed
+    /// child per 2 MiB region spreads sequential streams over both children and keeps each block
+    /// read from the same child, so a read after a repair finds the copy it healed.)
+    fn read_score(&self) -> Option<u64> {
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.stats.last_sample_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) > 2000 {
-            return 0;
+        if last != 0 && now.saturating_sub(last) > 2000 {
+            return None;
         }
-        let pending = self.stats.pending.load(Ordering::Relaxed);
-        let lat = self.stats.lat_ewma_ns.load(Ordering::Relaxed).max(32_768);
-        let bucket = 63 - lat.leading_zeros() as u64;
-        let last_end = self.stats.last_end.load(Ordering::Relaxed);
-        let seek = u64::from(off.abs_diff(last_end) > (1 << 20));
-        ((pending + 1) * 2 + seek) << bucket.min(40)
+        Some(self.stats.pending.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Observed read latency (ns), with a floor so idle page-cache hits all look alike.
+    fn latency(&self) -> u64 {
+        self.stats.lat_ewma_ns.load(Ordering::Relaxed).max(50_000)
     }
 }
 
@@ -553,6 +555,7 @@ impl TopVdev {
         let start = ((off >> 21) % n as u64) as usize;
         let mut fresh: Vec<(u64, usize, usize)> = Vec::new();
         let mut stale: Vec<usize> = Vec::new();
+        let mut cands: Vec<(usize, usize, Option<u64>, u64)> = Vec::new();
         for i in 0..n {
             let ci = (start + i) % n;
             let c = &self.children[ci];
@@ -562,8 +565,15 @@ impl TopVdev {
             if birth.0 != 0 && c.dtl_contains(birth) {
                 stale.push(ci);
             } else {
-                fresh.push((c.read_score(DATA_START + off), i, ci));
+                cands.push((i, ci, c.read_score(), c.latency()));
             }
+        }
+        // Latency counts only when a child is clearly slower (4x) than the fastest: equal devices
+        // are then chosen by load and region alone, which keeps reads deterministic and spread.
+        let fastest = cands.iter().map(|c| c.3).min().unwrap_or(1).max(1);
+        for (i, ci, score, lat) in cands {
+            let slow = if lat > 4 * fastest { lat / fastest } else { 1 };
+            fresh.push((score.map_or(0, |s| s * slow), i, ci));
         }
         fresh.sort_unstable();
         fresh
@@ -832,9 +842,12 @@ impl VdevTree {
         st
     }
 
+    /// Flush every top-level vdev that takes I/O (an unavailable one has nothing of this txg).
     pub fn flush_all(&self) -> Result<()> {
         for t in &self.tops {
-            t.flush()?;
+            if t.state().usable() {
+                t.flush()?;
+            }
         }
         Ok(())
     }
