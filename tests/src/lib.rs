@@ -10,6 +10,10 @@
 //! first with `cargo build -p cairn-cli` (the README's `cargo build --workspace && cargo test --workspace`
 //! does that).
 //!
+//! [`Env::serve`] starts the daemon (`cairn serve`) as a child process and returns a [`Daemon`] that kills
+//! it when dropped; [`Env::tool`] runs an NBD client (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) and fails
+//! with the package to install when the client is missing.
+//!
 //! ```no_run
 //! let env = cairn_tests::Env::new();
 //! env.ok(&["pool", "create", "--size", "128M", "tank", "mirror", "a", "b"]);
