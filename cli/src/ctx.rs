@@ -33,6 +33,10 @@ pub trait Pools: Send + Sync {
     fn injections(&self) -> Option<&crate::injectcmd::Injections> {
         None
     }
+    /// The daemon's background scans; None outside the daemon (scans then run in the foreground).
+    fn scans(&self) -> Option<&Arc<cairn_scrub::ScanManager>> {
+        None
+    }
     /// Is an NBD client connected to this dataset?
     fn in_use(&self, _dataset: &str) -> bool {
         false

@@ -54,6 +54,7 @@ pub struct Daemon {
     conns: Mutex<HashMap<u64, (String, watch::Sender<bool>)>>,
     next_conn: AtomicU64,
     injections: crate::injectcmd::Injections,
+    scans: Arc<cairn_scrub::ScanManager>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -64,7 +65,15 @@ impl Daemon {
     fn keep(&self, pool: Arc<Pool>) {
         pool.start_sync_thread(SYNC_INTERVAL);
         lock(&self.failed).remove(&pool.name());
-        lock(&self.pools).insert(pool.name(), pool);
+        lock(&self.pools).insert(pool.name(), pool.clone());
+        // Resume an interrupted scan, and resilver leaves that missed writes.
+        if pool
+            .scan_state()
+            .is_ok_and(|s| s.state != "scanning" && s.state != "paused")
+        {
+            let _ = cairn_scrub::request_resilver(&pool);
+        }
+        self.scans.ensure_running(&pool.name(), pool.clone());
     }
 
     fn clients_of(&self, pred: impl Fn(&str) -> bool) -> Vec<u64> {
@@ -129,11 +138,31 @@ impl Pools for Daemon {
         }
         lock(&self.pools).remove(name);
         self.injections.drop_pool(name);
+        // A running scan pauses; it resumes when the pool is imported again.
+        if self.scans.signal(name, cairn_scrub::PAUSE) {
+            for _ in 0..100 {
+                if !self.scans.is_running(name) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Ok(mut s) = pool.scan_state() {
+                if s.state == "paused" {
+                    s.state = "scanning".into();
+                    s.paused_at = 0;
+                    let _ = pool.set_scan_state(&s);
+                }
+            }
+        }
         Ok(pool)
     }
 
     fn is_daemon(&self) -> bool {
         true
+    }
+
+    fn scans(&self) -> Option<&Arc<cairn_scrub::ScanManager>> {
+        Some(&self.scans)
     }
 
     fn injections(&self) -> Option<&crate::injectcmd::Injections> {
@@ -324,6 +353,7 @@ pub fn serve(
         conns: Mutex::new(HashMap::new()),
         next_conn: AtomicU64::new(1),
         injections: Default::default(),
+        scans: Default::default(),
     });
     let cache = sd.load_cache().map_err(|e| e.to_string())?;
     for e in cache {

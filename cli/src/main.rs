@@ -203,6 +203,20 @@ pub enum PoolCmd {
     Set { assignment: String, pool: String },
     /// Show the command history of pools.
     History { pools: Vec<String> },
+    /// Scrub pools: read and verify every copy of every block, repair what a good copy allows.
+    Scrub {
+        /// Pause the scrub (resume with another 'scrub').
+        #[arg(short = 'p', conflicts_with = "stop")]
+        pause: bool,
+        /// Stop (cancel) the scrub.
+        #[arg(short = 's')]
+        stop: bool,
+        /// Wait until the scrub has finished.
+        #[arg(short = 'w')]
+        wait: bool,
+        #[arg(required = true)]
+        pools: Vec<String>,
+    },
     /// Take a leaf offline (-t: until the pool is closed).
     Offline {
         #[arg(short = 't')]

@@ -3,7 +3,7 @@
 use crate::ctx::Ctx;
 use crate::names::validate_pool_name;
 use crate::output::{json_envelope, render_get, select_columns, Table};
-use crate::size::{format_compact, parse_size};
+use crate::size::{format_bytes_b, format_compact, parse_size};
 use crate::statedir::CacheEntry;
 use crate::vdevspec::{parse_vdev_spec, SpecKind};
 use crate::{errln, out, outln};
@@ -79,13 +79,22 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         }
         PoolCmd::Online { pool, leaf } => {
             let p = ctx.pools.get(ctx.sd, &pool, "online").map_err(one)?;
-            let note = p
-                .online(&leaf)
+            p.online(&leaf)
                 .map_err(|e| one(CmdError::new("online", &leaf, e)))?;
-            if let Some(n) = note {
-                errln!(ctx, "warning: {n}");
-            }
             log(ctx, &p, cmdline);
+            // The leaf lacks the txgs it missed: resilver them (in the background in the daemon).
+            resilver_if_needed(ctx, &pool, &p)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Scrub {
+            pause,
+            stop,
+            wait,
+            pools,
+        } => {
+            for name in &pools {
+                scrub(ctx, name, pause, stop, wait)?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Clear { pool, leaf } => {
@@ -101,6 +110,192 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             flags,
             args,
         } => iostat(ctx, verbose, &flags, &args),
+    }
+}
+
+/// Start (or queue) a resilver if some leaf lacks txgs; without a daemon it runs now.
+fn resilver_if_needed(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<CmdError>> {
+    let err = |e: String| one(CmdError::new("resilver", name, e));
+    let started = cairn_scrub::request_resilver(p).map_err(|e| err(e.to_string()))?;
+    if !started {
+        return Ok(());
+    }
+    match ctx.pools.scans() {
+        Some(m) => m.ensure_running(name, p.clone()),
+        None => run_foreground(ctx, name, p)?,
+    }
+    Ok(())
+}
+
+/// Run the pool's scan in this process, with a progress bar on a terminal.
+fn run_foreground(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<CmdError>> {
+    use std::io::IsTerminal;
+    let control = std::sync::atomic::AtomicU8::new(cairn_scrub::RUN);
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(100);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let p2 = p.clone();
+    let limit = move || {
+        p2.get_props(&["scrub_rate_limit".to_string()])
+            .ok()
+            .and_then(|v| v.first().and_then(|x| x.1.parse::<u64>().ok()))
+            .unwrap_or(0)
+    };
+    let s = cairn_scrub::run(p, &control, &limit, &mut |s| {
+        if let Some(b) = &bar {
+            b.set_message(format!("{} {name}", s.function));
+            let pct = (s.examined * 100)
+                .checked_div(s.to_examine.max(1))
+                .unwrap_or(0);
+            b.set_position(pct.min(100));
+        }
+    })
+    .map_err(|e| one(CmdError::new("scrub", name, e.to_string())))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if s.state == "finished" {
+        errln!(
+            ctx,
+            "{} of '{name}' finished: {} repaired, {} errors",
+            s.function,
+            format_bytes_b(s.repaired),
+            s.errors
+        );
+    }
+    Ok(())
+}
+
+fn scrub(
+    ctx: &mut Ctx,
+    name: &str,
+    pause: bool,
+    stop: bool,
+    wait: bool,
+) -> Result<(), Vec<CmdError>> {
+    let err = |e: String| one(CmdError::new("scrub", name, e));
+    let p = ctx.pools.get(ctx.sd, name, "scrub").map_err(one)?;
+    let what = if pause {
+        Some(cairn_scrub::PAUSE)
+    } else if stop {
+        Some(cairn_scrub::STOP)
+    } else {
+        None
+    };
+    if let Some(w) = what {
+        let signalled = ctx.pools.scans().is_some_and(|m| m.signal(name, w));
+        if signalled {
+            // The worker records the pause/stop itself; wait until it has.
+            for _ in 0..200 {
+                if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+        } else {
+            cairn_scrub::set_control(&p, w).map_err(|e| err(e.to_string()))?;
+        }
+        return Ok(());
+    }
+    let st = p.scan_state().map_err(|e| err(e.to_string()))?;
+    if st.state != "scanning" || ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
+        cairn_scrub::start_scrub(&p).map_err(|e| err(e.to_string()))?;
+    }
+    match ctx.pools.scans() {
+        Some(m) => {
+            m.ensure_running(name, p.clone());
+            if wait {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let s = p.scan_state().map_err(|e| err(e.to_string()))?;
+                    if s.state != "scanning" {
+                        break;
+                    }
+                }
+            }
+        }
+        None => run_foreground(ctx, name, &p)?,
+    }
+    let _ = p.log_history(&ctx.cmdline.clone(), &ctx.sd.hostname());
+    Ok(())
+}
+
+/// Durations as zpool prints them: HH:MM:SS, or "N days HH:MM:SS".
+fn duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d} days {h:02}:{m:02}:{s:02}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}")
+    }
+}
+
+/// The `scan:` lines of status.
+pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
+    let f = if s.function.is_empty() {
+        "scrub"
+    } else {
+        s.function.as_str()
+    };
+    let done_word = if f == "resilver" {
+        "resilvered"
+    } else {
+        "repaired"
+    };
+    match s.state.as_str() {
+        "" => "none requested".into(),
+        "finished" => format!(
+            "{}{} {} in {} with {} errors on {}",
+            if f == "resilver" { "" } else { "scrub " },
+            done_word,
+            format_bytes_b(s.repaired),
+            duration(s.end_time.saturating_sub(s.start_time)),
+            s.errors,
+            format_time(s.end_time)
+        ),
+        "canceled" => format!("{f} canceled on {}", format_time(s.end_time)),
+        st => {
+            let secs = (s.active_ms / 1000).max(1);
+            let rate = s.examined / secs;
+            let pct = if s.to_examine > 0 {
+                (s.examined as f64 * 100.0 / s.to_examine as f64).min(100.0)
+            } else {
+                0.0
+            };
+            let left = s.to_examine.saturating_sub(s.examined);
+            let eta = if rate >= 1 << 20 {
+                format!("{} to go", duration(left / rate))
+            } else {
+                "no estimated completion time".to_string()
+            };
+            let head = if st == "paused" {
+                format!(
+                    "{f} paused since {}\n\t{f} started on {}",
+                    format_time(s.paused_at),
+                    format_time(s.start_time)
+                )
+            } else {
+                format!("{f} in progress since {}", format_time(s.start_time))
+            };
+            format!(
+                "{head}\n\t{} / {} scanned at {}/s, {} / {} issued at {}/s\n\t{} {}, {:.2}% done, {}",
+                format_compact(s.examined),
+                format_compact(s.to_examine),
+                format_compact(rate),
+                format_compact(s.examined),
+                format_compact(s.to_examine),
+                format_compact(rate),
+                format_bytes_b(s.repaired),
+                done_word,
+                pct,
+                eta
+            )
+        }
     }
 }
 
@@ -613,7 +808,13 @@ fn vdev_json(v: &VdevStatus) -> Value {
     o
 }
 
-fn status_text(st: &PoolStatus, full: bool, verbose: bool, errors: &[String]) -> String {
+fn status_text(
+    st: &PoolStatus,
+    full: bool,
+    verbose: bool,
+    errors: &[String],
+    scan: &str,
+) -> String {
     let mut s = format!("  pool: {}\n state: {}\n", st.name, st.state);
     if let Some(x) = &st.status {
         s.push_str(&format!("status: {x}\n"));
@@ -621,7 +822,7 @@ fn status_text(st: &PoolStatus, full: bool, verbose: bool, errors: &[String]) ->
     if let Some(x) = &st.action {
         s.push_str(&format!("action: {x}\n"));
     }
-    s.push_str("  scan: none requested\nconfig:\n\n");
+    s.push_str(&format!("  scan: {scan}\nconfig:\n\n"));
     s.push_str(&render_config(&st.root, full, true));
     s.push('\n');
     if st.error_count == 0 {
@@ -664,7 +865,8 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
             Ok(p) => {
                 let st = p.status();
                 let errors = data_error_list(&p);
-                texts.push(status_text(&st, full, verbose, &errors));
+                let scan = p.scan_state().unwrap_or_default();
+                texts.push(status_text(&st, full, verbose, &errors, &scan_text(&scan)));
                 let mut vdevs = Map::new();
                 vdevs.insert(st.name.clone(), vdev_json(&st.root));
                 jp.insert(
@@ -672,7 +874,18 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                     json!({"name": st.name, "state": st.state,
                            "pool_guid": st.pool_guid.to_string(), "txg": st.txg.to_string(),
                            "status": st.status, "action": st.action,
-                           "scan_stats": Value::Null,
+                           "scan_stats": json!({
+                               "function": scan.function.to_uppercase(),
+                               "state": scan.state.to_uppercase(),
+                               "start_time": scan.start_time.to_string(),
+                               "end_time": scan.end_time.to_string(),
+                               "to_examine": scan.to_examine.to_string(),
+                               "examined": scan.examined.to_string(),
+                               "issued": scan.issued.to_string(),
+                               "processed": scan.repaired.to_string(),
+                               "errors": scan.errors.to_string(),
+                               "bookmark": format!("{}:{}", scan.bookmark.object, scan.bookmark.blkid),
+                           }),
                            "vdevs": vdevs, "error_count": st.error_count.to_string(),
                            "errlist": errors,
                            "size": st.size.to_string(), "allocated": st.allocated.to_string(),

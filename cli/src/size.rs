@@ -108,7 +108,6 @@ pub fn format_compact(bytes: u64) -> String {
 /// Like [`format_compact`], but plain byte counts carry a `B` (`0B`,
 /// `512B`), as in the `scan:` line of `zpool status`. Larger values are
 /// identical to [`format_compact`] (`1.50K`, `10G`).
-#[allow(dead_code)] // for the scan line of status (scrub issue)
 pub fn format_bytes_b(bytes: u64) -> String {
     nicenum(bytes, "B")
 }

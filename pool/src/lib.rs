@@ -19,6 +19,7 @@ pub mod import;
 pub mod object;
 pub mod pool;
 pub mod props;
+pub mod scan;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
 pub use cairn_vdev::{Guid, Txg};

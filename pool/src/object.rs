@@ -501,6 +501,63 @@ impl Obj {
         self.get_bp(vdevs, 0, blkid)
     }
 
+    /// Depth-first walk of the block tree in level-0 order, from level-0 block `from` on, calling
+    /// `emit(bp, first level-0 block under it)` for every non-hole pointer born after `min_birth` (a
+    /// parent is emitted before its children; a subtree born at or before `min_birth` is skipped whole,
+    /// since copy-on-write makes a parent at least as new as its children). Returns the level-0 block
+    /// to resume from when `emit` asks to stop (returns false), or `None` once the tree is done.
+    pub fn walk(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        from: u64,
+        min_birth: Txg,
+        emit: &mut dyn FnMut(&BlockPtr, u64) -> bool,
+    ) -> Result<Option<u64>> {
+        let top = self.dnode.nlevels - 1;
+        self.walk_at(vdevs, top, 0, from, min_birth, emit)
+    }
+
+    fn walk_at(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        level: u8,
+        index: u64,
+        from: u64,
+        min_birth: Txg,
+        emit: &mut dyn FnMut(&BlockPtr, u64) -> bool,
+    ) -> Result<Option<u64>> {
+        let bp = self.get_bp(vdevs, level, index)?;
+        if bp.is_hole() || bp.birth <= min_birth {
+            return Ok(None);
+        }
+        let shift = BPS_SHIFT * level as u32;
+        let start = index.checked_shl(shift).unwrap_or(u64::MAX);
+        let end = (index + 1).checked_shl(shift).unwrap_or(u64::MAX);
+        if end <= from {
+            return Ok(None);
+        }
+        if start >= from && !emit(&bp, start) {
+            return Ok(Some(start));
+        }
+        if level == 0 {
+            return Ok(None);
+        }
+        self.load_ind(vdevs, level, index)?;
+        let child_span = 1u64 << (BPS_SHIFT * (level as u32 - 1));
+        let first = if from > start {
+            (from - start) / child_span
+        } else {
+            0
+        };
+        for i in first..BPS_PER_IND {
+            let c = (index << BPS_SHIFT) + i;
+            if let Some(next) = self.walk_at(vdevs, level - 1, c, from, min_birth, emit)? {
+                return Ok(Some(next));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn mark_dnode_dirty(&mut self) {
         self.dnode_dirty = true;
     }
@@ -850,7 +907,13 @@ impl ObjSet {
         self.meta.dnode
     }
 
-    fn max_objects(&self) -> u64 {
+    /// The meta object (object 0: the dnodes).
+    pub fn meta_obj(&mut self) -> &mut Obj {
+        &mut self.meta
+    }
+
+    /// One past the highest object id.
+    pub fn max_objects(&self) -> u64 {
         self.meta.dnode.size / DNODE_SIZE as u64
     }
 

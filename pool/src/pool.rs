@@ -155,16 +155,16 @@ pub(crate) struct Inner {
 }
 
 /// Unlocked readers by the committed txg whose block pointers they follow.
-type Readers = Arc<Mutex<BTreeMap<Txg, usize>>>;
+pub(crate) type Readers = Arc<Mutex<BTreeMap<Txg, usize>>>;
 
 /// Registers a reader for its lifetime.
-struct ReaderGuard {
+pub(crate) struct ReaderGuard {
     readers: Readers,
     txg: Txg,
 }
 
 impl ReaderGuard {
-    fn new(readers: &Readers, txg: Txg) -> ReaderGuard {
+    pub(crate) fn new(readers: &Readers, txg: Txg) -> ReaderGuard {
         *readers
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -208,6 +208,11 @@ impl LeafVdev {
         d.push((txg, txg));
     }
 
+    /// Record an event about this leaf (`pool events`).
+    pub fn note(&self, class: &str, offset: Option<u64>, detail: String) {
+        self.event(class, offset, detail)
+    }
+
     fn event(&self, class: &str, offset: Option<u64>, detail: String) {
         self.events.push(Event {
             time: now_secs(),
