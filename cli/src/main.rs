@@ -217,6 +217,24 @@ pub enum PoolCmd {
         #[arg(required = true)]
         pools: Vec<String>,
     },
+    /// Attach NEW_LEAF as a mirror of EXISTING_LEAF (a single leaf becomes a mirror).
+    Attach {
+        #[arg(short = 'f')]
+        force: bool,
+        pool: String,
+        existing: String,
+        new: PathBuf,
+    },
+    /// Detach a leaf from its mirror.
+    Detach { pool: String, leaf: String },
+    /// Replace OLD_LEAF with NEW_LEAF (or with a new device at OLD_LEAF's path).
+    Replace {
+        #[arg(short = 'f')]
+        force: bool,
+        pool: String,
+        old: String,
+        new: Option<PathBuf>,
+    },
     /// Take a leaf offline (-t: until the pool is closed).
     Offline {
         #[arg(short = 't')]

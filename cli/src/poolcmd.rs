@@ -86,6 +86,45 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             resilver_if_needed(ctx, &pool, &p)?;
             Ok(ExitCode::SUCCESS)
         }
+        PoolCmd::Attach {
+            force,
+            pool,
+            existing,
+            new,
+        } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "attach").map_err(one)?;
+            let new = ctx.abs(&new);
+            p.attach(&existing, &new, force)
+                .map_err(|e| one(CmdError::new("attach", &new.display().to_string(), e)))?;
+            log(ctx, &p, cmdline);
+            save_entry(ctx, cache_entry(&p)).map_err(|e| one(CmdError::new("attach", &pool, e)))?;
+            resilver_if_needed(ctx, &pool, &p)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Detach { pool, leaf } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "detach").map_err(one)?;
+            p.detach(&leaf)
+                .map_err(|e| one(CmdError::new("detach", &leaf, e)))?;
+            log(ctx, &p, cmdline);
+            save_entry(ctx, cache_entry(&p)).map_err(|e| one(CmdError::new("detach", &pool, e)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        PoolCmd::Replace {
+            force,
+            pool,
+            old,
+            new,
+        } => {
+            let p = ctx.pools.get(ctx.sd, &pool, "replace").map_err(one)?;
+            let new = new.map(|n| ctx.abs(&n));
+            p.replace(&old, new.as_deref(), force)
+                .map_err(|e| one(CmdError::new("replace", &old, e)))?;
+            log(ctx, &p, cmdline);
+            resilver_if_needed(ctx, &pool, &p)?;
+            save_entry(ctx, cache_entry(&p))
+                .map_err(|e| one(CmdError::new("replace", &pool, e)))?;
+            Ok(ExitCode::SUCCESS)
+        }
         PoolCmd::Scrub {
             pause,
             stop,

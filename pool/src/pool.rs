@@ -209,7 +209,7 @@ pub(crate) fn blob_opts() -> impl bincode::Options {
         .with_limit(64 << 20)
 }
 
-fn absolute(p: &Path) -> PathBuf {
+pub(crate) fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
@@ -438,7 +438,7 @@ fn prepare_tops(
 }
 
 /// Zero all four label areas so no stale uberblock of an earlier pool survives.
-fn wipe_label_areas(dev: &dyn Leaf) -> Result<()> {
+pub(crate) fn wipe_label_areas(dev: &dyn Leaf) -> Result<()> {
     let zero = vec![0u8; label::LABEL_SIZE as usize];
     for off in label::label_offsets(dev.size()) {
         dev.write_at(&zero, off)

@@ -418,6 +418,9 @@ pub fn run(
         if s.state == "finished" {
             if s.function == "resilver" {
                 pool.resilver_done(&s.targets, Txg(s.start_txg));
+                if let Err(e) = pool.finish_replacements() {
+                    tracing::error!("cannot detach replaced leaves: {e}");
+                }
             }
             pool.sync()?;
             progress(&s);

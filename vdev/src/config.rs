@@ -56,6 +56,8 @@ pub struct LeafFlags {
     pub offline: bool,
     /// Faulted by the pool (too many errors).
     pub faulted: bool,
+    /// Being replaced: detached once the resilver of its replacement completes.
+    pub replacing: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,354 @@
+//! Changing a top-level vdev's leaves: attach (a single leaf becomes a mirror, or a mirror widens),
+//! detach, and replace (attach the new leaf, detach the old one once the resilver completes).
+//!
+//! A new child lacks every txg up to now; its dirty time log says so and a resilver fills it. A leaf
+//! detached earlier from the same top-level vdev keeps a label saying when it left (state Destroyed,
+//! config txg = the detach txg): attached again, it lacks only the txgs since, so only those are
+//! copied (OpenZFS copies everything again).
+
+use crate::error::{PoolError, Result};
+use crate::pool::{absolute, wipe_label_areas, Inner, Pool};
+use cairn_vdev::config::{LeafConfig, LeafFlags, PoolState, TopKind};
+use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
+use cairn_vdev::identity::identify;
+use cairn_vdev::label;
+use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
+use cairn_vdev::{Guid, Leaf, Txg, VdevError};
+use std::path::Path;
+use std::sync::Arc;
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Pool {
+    fn top_of(&self, g: &Inner, name: &str) -> Result<(usize, Arc<TopVdev>, Arc<LeafVdev>)> {
+        let abs = absolute(Path::new(name)).to_string_lossy().into_owned();
+        let mut found = None;
+        for (ti, t) in g.tree.tops.iter().enumerate() {
+            for c in &t.children {
+                let p = c.path();
+                if p == name
+                    || p == abs
+                    || crate::pool::leaf_name(&p) == name
+                    || c.guid.0.to_string() == name
+                {
+                    if found.is_some() {
+                        return Err(PoolError::Invalid(format!(
+                            "'{name}' matches more than one leaf; give the full path"
+                        )));
+                    }
+                    found = Some((ti, t.clone(), c.clone()));
+                }
+            }
+        }
+        found.ok_or_else(|| PoolError::NotFound(format!("no such device in pool: '{name}'")))
+    }
+
+    /// Replace top-level vdev `ti` with one of `kind` over `children` (config and tree).
+    fn rebuild_top(&self, g: &mut Inner, ti: usize, kind: TopKind, children: Vec<Arc<LeafVdev>>) {
+        let old = g.tree.tops[ti].clone();
+        let t = Arc::new(TopVdev {
+            id: old.id,
+            guid: old.guid,
+            kind,
+            asize: old.asize,
+            children: children.clone(),
+        });
+        g.tree.tops[ti] = t;
+        g.config.tops[ti].kind = kind;
+        g.config.tops[ti].children = children.iter().map(|c| lock(&c.config).clone()).collect();
+        g.config_dirty = true;
+    }
+
+    /// Attach `new` as a mirror child next to `existing`. Returns the txgs the new leaf lacks.
+    pub fn attach(&self, existing: &str, new: &Path, force: bool) -> Result<(Txg, Txg)> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        let (ti, t, _) = self.top_of(&g, existing)?;
+        if matches!(t.kind, TopKind::Stripe { .. }) {
+            return Err(PoolError::Invalid(
+                "cannot attach to a leaf of a stripe: attach works on single leaves and mirrors"
+                    .into(),
+            ));
+        }
+        if t.children.len() >= 8 {
+            return Err(PoolError::Invalid("a mirror holds at most 8 leaves".into()));
+        }
+        let abs = absolute(new);
+        let shown = new.display().to_string();
+        if !abs.exists() {
+            return Err(PoolError::NotFound(format!(
+                "cannot open '{shown}': no such file or directory"
+            )));
+        }
+        let canon = std::fs::canonicalize(&abs).unwrap_or_else(|_| abs.clone());
+        for (_, c) in g.tree.leaves() {
+            let cp = std::fs::canonicalize(c.path()).unwrap_or_else(|_| c.path().into());
+            if cp == canon {
+                return Err(PoolError::InUse(format!(
+                    "{shown} is already part of this pool"
+                )));
+            }
+        }
+        let dev = FileLeaf::open(
+            &abs,
+            LeafOpen {
+                read_only: false,
+                lock: true,
+            },
+        )
+        .map_err(|e| match e {
+            VdevError::Busy { .. } => PoolError::InUse(format!(
+                "{shown} is in use by another process (its pool is open)"
+            )),
+            e => PoolError::Vdev(e),
+        })?;
+        if label::data_size(dev.size()) < t.asize {
+            return Err(PoolError::Invalid(format!(
+                "{shown} is too small: it needs {} bytes of data area, it has {}",
+                t.asize,
+                label::data_size(dev.size())
+            )));
+        }
+        // What is on it: a leaf detached from this very vdev keeps what it had then.
+        let scan = label::scan_leaf(&dev);
+        let mut lacks_from = Txg(1);
+        if let Some(l) = scan.best_label() {
+            let ours = l.header.pool_guid == g.config.pool_guid
+                && l.header.top_guid == t.guid
+                && l.config.state == PoolState::Destroyed;
+            if ours {
+                lacks_from = l.header.config_txg.next();
+            } else if l.config.state != PoolState::Destroyed && !force {
+                return Err(PoolError::InUse(format!(
+                    "{shown} is part of {} pool '{}' (use -f to override)",
+                    if l.config.state == PoolState::Active {
+                        "active"
+                    } else {
+                        "exported"
+                    },
+                    l.config.name
+                )));
+            }
+        }
+        if lacks_from == Txg(1) {
+            wipe_label_areas(&dev)?;
+        }
+        let identity = identify(&abs).map_err(|e| {
+            PoolError::Vdev(VdevError::Open {
+                path: abs.display().to_string(),
+                source: e,
+            })
+        })?;
+        let txg = g.committed.next();
+        let lc = LeafConfig {
+            guid: Guid::random(),
+            identity,
+            size: dev.size(),
+            create_txg: txg,
+            flags: LeafFlags::default(),
+        };
+        let lv = Arc::new(LeafVdev::new(
+            lc,
+            Some(Arc::new(dev) as Arc<dyn Leaf>),
+            None,
+        ));
+        let upto = g.committed;
+        if lacks_from <= upto {
+            lock(&lv.dtl).push((lacks_from, upto));
+        }
+        let mut children = t.children.clone();
+        children.push(lv.clone());
+        self.rebuild_top(&mut g, ti, TopKind::Mirror, children);
+        g.tree.events.push(Event {
+            time: now(),
+            class: "config".into(),
+            vdev: lv.path(),
+            offset: None,
+            detail: format!("attached; lacks txgs {lacks_from}..{upto}"),
+        });
+        g.commit(false)?;
+        Ok((lacks_from, upto))
+    }
+
+    /// Detach a mirror child. Refused when no other child holds everything.
+    pub fn detach(&self, name: &str) -> Result<()> {
+        let mut g = self.lock();
+        g.check_writable()?;
+        self.detach_locked(&mut g, name)?;
+        g.commit(false)
+    }
+
+    fn detach_locked(&self, g: &mut Inner, name: &str) -> Result<()> {
+        let (ti, t, lv) = self.top_of(g, name)?;
+        if t.kind != TopKind::Mirror {
+            return Err(PoolError::Invalid(format!(
+                "cannot detach {}: only mirror children can be detached",
+                lv.path()
+            )));
+        }
+        let complete = t
+            .children
+            .iter()
+            .any(|c| c.guid != lv.guid && c.state().usable() && lock(&c.dtl).is_empty());
+        if !complete {
+            return Err(PoolError::Invalid(format!(
+                "cannot detach {}: no valid replicas (no other child holds all the data)",
+                lv.path()
+            )));
+        }
+        let children: Vec<Arc<LeafVdev>> = t
+            .children
+            .iter()
+            .filter(|c| c.guid != lv.guid)
+            .cloned()
+            .collect();
+        let kind = if children.len() == 1 {
+            TopKind::Single
+        } else {
+            TopKind::Mirror
+        };
+        // Leave a label saying when it left, so attaching it again copies only what changed.
+        if let Some(dev) = lv.dev() {
+            let mut c = g.config.clone();
+            c.state = PoolState::Destroyed;
+            c.config_txg = g.committed;
+            if let Ok(enc) = label::encode_config(&c) {
+                for i in 0..4 {
+                    let _ = label::write_label(dev.as_ref(), i, &c, &enc, lv.guid, t.guid);
+                }
+                let _ = dev.flush();
+            }
+        }
+        self.rebuild_top(g, ti, kind, children);
+        lv.set_dev(None, Some("detached".into()));
+        g.tree.events.push(Event {
+            time: now(),
+            class: "config".into(),
+            vdev: lv.path(),
+            offset: None,
+            detail: "detached".into(),
+        });
+        Ok(())
+    }
+
+    /// Replace `old` with `new` (or with a new device at `old`'s path): attach it, mark `old` as being
+    /// replaced; the resilver's completion detaches `old`.
+    pub fn replace(&self, old: &str, new: Option<&Path>, force: bool) -> Result<()> {
+        let (old_path, same_path) = {
+            let g = self.lock();
+            let (_, _, lv) = self.top_of(&g, old)?;
+            (lv.path(), new.is_none())
+        };
+        if same_path {
+            // A new device where the old one was: the old leaf must not be open on it.
+            let g = self.lock();
+            let (_, t, lv) = self.top_of(&g, old)?;
+            if lv.dev().is_some() && !lv.check_device() {
+                return Err(PoolError::Invalid(format!(
+                    "{old_path} is still the same device; give the new device to replace it with"
+                )));
+            }
+            if t.kind == TopKind::Single {
+                return Err(PoolError::Invalid(format!(
+                    "cannot replace {old_path} in place: it has no replica to copy from"
+                )));
+            }
+        }
+        let target = new
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| Path::new(&old_path).to_path_buf());
+        {
+            // Free the path for the new leaf (same path) and remember what to detach.
+            let g = self.lock();
+            let (_, _, lv) = self.top_of(&g, old)?;
+            lock(&lv.config).flags.replacing = true;
+            if same_path {
+                lv.set_dev(None, Some("being replaced".into()));
+                lock(&lv.config).identity.path = format!("{old_path} (old)");
+            }
+        }
+        let r = self.attach_for_replace(&target, force, &old_path, same_path);
+        if r.is_err() {
+            let g = self.lock();
+            if let Ok((_, _, lv)) = self
+                .top_of(&g, old)
+                .or_else(|_| self.top_of(&g, &format!("{old_path} (old)")))
+            {
+                let mut c = lock(&lv.config);
+                c.flags.replacing = false;
+                if same_path {
+                    c.identity.path = old_path.clone();
+                }
+            }
+        }
+        r
+    }
+
+    fn attach_for_replace(
+        &self,
+        target: &Path,
+        force: bool,
+        old_path: &str,
+        same_path: bool,
+    ) -> Result<()> {
+        let sibling = if same_path {
+            // Attach next to any other child of the old leaf's vdev.
+            let g = self.lock();
+            let (_, t, lv) = self.top_of(&g, &format!("{old_path} (old)"))?;
+            t.children
+                .iter()
+                .find(|c| c.guid != lv.guid)
+                .map(|c| c.path())
+                .ok_or_else(|| PoolError::Invalid("no sibling to attach to".into()))?
+        } else {
+            old_path.to_string()
+        };
+        self.attach(&sibling, target, force)?;
+        Ok(())
+    }
+
+    /// After a resilver: detach leaves marked as being replaced whose replacement is complete.
+    pub fn finish_replacements(&self) -> Result<()> {
+        let mut g = self.lock();
+        let mut done = Vec::new();
+        for t in &g.tree.tops {
+            for c in &t.children {
+                if lock(&c.config).flags.replacing {
+                    let ready = t
+                        .children
+                        .iter()
+                        .any(|o| o.guid != c.guid && o.state().usable() && lock(&o.dtl).is_empty());
+                    if ready {
+                        done.push(c.guid.0.to_string());
+                    }
+                }
+            }
+        }
+        if done.is_empty() {
+            return Ok(());
+        }
+        for name in done {
+            self.detach_locked(&mut g, &name)?;
+        }
+        g.commit(false)
+    }
+
+    /// Is any leaf of this pool waiting for a resilver to finish a replacement?
+    pub fn replacing(&self) -> bool {
+        let g = self.lock();
+        let r = g
+            .tree
+            .leaves()
+            .any(|(_, c)| lock(&c.config).flags.replacing);
+        r
+    }
+}
