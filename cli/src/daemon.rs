@@ -454,6 +454,30 @@ pub fn serve(
                 while conns.join_next().await.is_some() {}
             });
         }
+        {
+            // Scheduled scrubs: check every second (catching up on ones missed while down).
+            let d = d.clone();
+            let mut shut = shut_rx.clone();
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {
+                            let d2 = d.clone();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                let pools: Vec<(String, Arc<Pool>)> = lock(&d2.pools)
+                                    .iter()
+                                    .map(|(n, p)| (n.clone(), p.clone()))
+                                    .collect();
+                                d2.scans.run_schedules(&pools);
+                            })
+                            .await;
+                        }
+                        _ = shut.changed() => break,
+                    }
+                }
+            });
+        }
         eprintln!(
             "cairn: serving {} pool(s); NBD on {}{}; control on {}",
             lock(&d.pools).len(),

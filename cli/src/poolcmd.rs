@@ -264,6 +264,13 @@ fn scrub(
     Ok(())
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Durations as zpool prints them: HH:MM:SS, or "N days HH:MM:SS".
 fn duration(secs: u64) -> String {
     let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
@@ -905,7 +912,23 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                 let st = p.status();
                 let errors = data_error_list(&p);
                 let scan = p.scan_state().unwrap_or_default();
-                texts.push(status_text(&st, full, verbose, &errors, &scan_text(&scan)));
+                let sched = p
+                    .get_props(&["scrub_schedule".to_string()])
+                    .ok()
+                    .and_then(|v| v.first().map(|x| x.1.clone()))
+                    .unwrap_or_else(|| "off".into());
+                let mut scan_lines = scan_text(&scan);
+                let last = (scan.last_scrub > 0).then_some(scan.last_scrub);
+                if sched != "off" {
+                    let next = cairn_scrub::schedule::next_due(&sched, last)
+                        .map(|t| format_time(t.max(now_secs())))
+                        .unwrap_or_else(|| "-".into());
+                    scan_lines.push_str(&format!(
+                        "\n schedule: scrub {sched}, last {}, next {next}",
+                        last.map(format_time).unwrap_or_else(|| "never".into())
+                    ));
+                }
+                texts.push(status_text(&st, full, verbose, &errors, &scan_lines));
                 let mut vdevs = Map::new();
                 vdevs.insert(st.name.clone(), vdev_json(&st.root));
                 jp.insert(
@@ -913,6 +936,8 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                     json!({"name": st.name, "state": st.state,
                            "pool_guid": st.pool_guid.to_string(), "txg": st.txg.to_string(),
                            "status": st.status, "action": st.action,
+                           "scrub_schedule": sched,
+                           "last_scrub": scan.last_scrub.to_string(),
                            "scan_stats": json!({
                                "function": scan.function.to_uppercase(),
                                "state": scan.state.to_uppercase(),

@@ -156,6 +156,8 @@ pub struct ScanState {
     pub targets: Vec<u64>,
     /// A resilver queued behind the running scan (leaf guids).
     pub queued: Vec<u64>,
+    /// When the last scrub started (for `scrub_schedule`); 0 if never.
+    pub last_scrub: u64,
 }
 
 const SCAN: &str = "scan";

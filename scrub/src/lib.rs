@@ -14,6 +14,8 @@
 //! while the batch's reader guard keeps the block from being reused; a copy that verified is never
 //! rewritten.
 
+pub mod schedule;
+
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
 use rayon::prelude::*;
@@ -67,10 +69,12 @@ pub fn start_scrub(pool: &Pool) -> Result<ScanState> {
         )));
     }
     let queued = s.queued.clone();
+    let last_scrub = now();
     s = ScanState {
         function: "scrub".into(),
         state: "scanning".into(),
         start_time: now(),
+        last_scrub,
         start_txg: pool.committed_txg().0,
         bookmark: Bookmark::START,
         to_examine: pool.allocated(),
@@ -109,6 +113,7 @@ pub fn request_resilver(pool: &Pool) -> Result<bool> {
         bookmark: Bookmark::START,
         to_examine: pool.allocated(),
         targets: need.iter().map(|(g, _)| *g).collect(),
+        last_scrub: s.last_scrub,
         ..ScanState::default()
     };
     pool.set_scan_state(&s)?;
@@ -522,6 +527,36 @@ impl ScanManager {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Start the scrubs that are due by their pool's `scrub_schedule` (the daemon calls this every
+    /// second). The last run is kept in the pool (`ScanState::last_scrub`).
+    pub fn run_schedules(self: &Arc<Self>, pools: &[(String, Arc<Pool>)]) {
+        for (name, pool) in pools {
+            if self.is_running(name) {
+                continue;
+            }
+            let Ok(props) = pool.get_props(&["scrub_schedule".to_string()]) else {
+                continue;
+            };
+            let Some(sched) = props.first().map(|p| p.1.clone()) else {
+                continue;
+            };
+            let Ok(s) = pool.scan_state() else { continue };
+            if s.state == "scanning" || s.state == "paused" {
+                continue;
+            }
+            let last = (s.last_scrub > 0).then_some(s.last_scrub);
+            match schedule::next_due(&sched, last) {
+                Some(due) if due <= now() => {
+                    tracing::info!("scheduled scrub of '{name}' ({sched})");
+                    if start_scrub(pool).is_ok() {
+                        self.ensure_running(name, pool.clone());
+                    }
+                }
+                _ => {}
+            }
         }
     }
 
