@@ -200,10 +200,9 @@ impl Pool {
             .iter()
             .any(|c| c.guid != lv.guid && c.state().usable());
         if t.kind != TopKind::Mirror || !others {
-            return Err(PoolError::Invalid(format!(
-                "cannot offline {}: no valid replicas",
-                lv.path()
-            )));
+            return Err(PoolError::Invalid(
+                "no valid replicas (it holds the only usable copy of its data)".into(),
+            ));
         }
         if temporary {
             lv.temp_offline.store(true, Ordering::Relaxed);

@@ -1717,6 +1717,10 @@ impl Inner {
             .tree
             .leaves()
             .any(|(_, l)| l.state() == VdevState::Offline);
+        let any_faulted = self
+            .tree
+            .leaves()
+            .any(|(_, l)| l.state() == VdevState::Faulted);
         let s = |x: &str| Some(x.to_string());
         let (status, action) = if error_count > 0 {
             (
@@ -1734,6 +1738,13 @@ impl Inner {
                        'cairn pool clear' or replace the device with 'cairn pool replace'."),
                 ),
                 VdevState::Online => (None, None),
+                VdevState::Degraded if any_faulted => (
+                    s("One or more devices are faulted in response to persistent errors. \
+                       Sufficient replicas exist for the pool to continue functioning in a \
+                       degraded state."),
+                    s("Replace the faulted device with 'cairn pool replace', or use \
+                       'cairn pool clear' to mark the device repaired."),
+                ),
                 VdevState::Degraded if any_offline => (
                     s("One or more devices has been taken offline by the administrator. \
                        Sufficient replicas exist for the pool to continue functioning in a \

@@ -133,6 +133,10 @@ impl LeafVdev {
     ) -> LeafVdev {
         let faults = Arc::new(FaultSet::new());
         let dev = dev.map(|d| Arc::new(FaultLeaf::new(d, faults.clone())) as Arc<dyn Leaf>);
+        let reason = match reason {
+            None if config.flags.faulted => Some("too many errors".to_string()),
+            r => r,
+        };
         LeafVdev {
             guid: config.guid,
             config: Mutex::new(config),
@@ -319,9 +323,14 @@ impl LeafVdev {
         Some(self.stats.pending.load(Ordering::Relaxed) + 1)
     }
 
-    /// Observed read latency (ns), with a floor so idle page-cache hits all look alike.
+    /// Observed read latency (ns), with a 1 ms floor: page-cache hits and fast SSDs all look alike,
+    /// so a busy CPU's outliers never make a healthy child look slow; a slow disk or an injected
+    /// delay (milliseconds) still stands out.
     fn latency(&self) -> u64 {
-        self.stats.lat_ewma_ns.load(Ordering::Relaxed).max(50_000)
+        self.stats
+            .lat_ewma_ns
+            .load(Ordering::Relaxed)
+            .max(1_000_000)
     }
 }
 
