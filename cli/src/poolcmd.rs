@@ -230,7 +230,7 @@ fn scrub(
         let signalled = ctx.pools.scans().is_some_and(|m| m.signal(name, w));
         if signalled {
             // The worker records the pause/stop itself; wait until it has.
-            for _ in 0..200 {
+            for _ in 0..1200 {
                 if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
                     break;
                 }

@@ -278,16 +278,85 @@ struct BatchResult {
     errors: u64,
 }
 
-/// `resilver_targets`: leaves being resilvered, whose copies of blocks born in txgs they missed are
-/// expected to be stale (rewritten, but not counted as checksum errors).
+/// Read one copy now (the rare fallback when a resilver's first source copy is bad).
+fn read_copy(c: &Copy, psize: usize) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; psize];
+    for p in &c.pieces {
+        let dev = p.leaf.dev()?;
+        if let Err(e) = dev.read_at(&mut buf[p.buf_off..p.buf_off + p.len], p.leaf_off) {
+            p.leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+            p.leaf.note("read_error", Some(p.leaf_off), e.to_string());
+            return None;
+        }
+    }
+    Some(buf)
+}
+
+/// Write verified data over a copy. Returns the bytes written.
+fn write_copy(c: &Copy, data: &[u8]) -> u64 {
+    let mut n = 0;
+    for p in &c.pieces {
+        let Some(dev) = p.leaf.dev() else { continue };
+        match dev.write_at(&data[p.buf_off..p.buf_off + p.len], p.leaf_off) {
+            Ok(()) => {
+                p.leaf
+                    .stats
+                    .repaired_bytes
+                    .fetch_add(p.len as u64, Ordering::Relaxed);
+                n += p.len as u64;
+            }
+            Err(e) => {
+                p.leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                p.leaf.note("write_error", Some(p.leaf_off), e.to_string());
+            }
+        }
+    }
+    n
+}
+
+/// Does this copy lie on a leaf that missed the block's txg (its dirty time log says so)? Such a copy
+/// is expected to be stale: it is rewritten, never counted as a checksum error.
+fn is_stale(c: &Copy, birth: Txg) -> bool {
+    c.pieces.iter().any(|p| p.leaf.dtl_contains(birth))
+}
+
+/// Scrub or resilver one batch. A scrub reads and verifies every copy. A resilver (non-empty
+/// `resilver_targets`) touches only blocks with a copy on a target leaf that lacks them: it reads one
+/// good copy and writes it over those copies.
 fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchResult {
-    let all: Vec<Vec<Copy>> = batch
-        .blocks
-        .iter()
-        .map(|b| copies(&batch.vdevs, &b.bp))
+    let resilver = !resilver_targets.is_empty();
+    let mut missing: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
+    let mut sources: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
+    for b in &batch.blocks {
+        let cs = copies(&batch.vdevs, &b.bp);
+        if resilver {
+            let (m, s): (Vec<Copy>, Vec<Copy>) = cs.into_iter().partition(|c| {
+                c.pieces
+                    .iter()
+                    .any(|p| resilver_targets.contains(&p.leaf.guid.0))
+                    && is_stale(c, b.bp.birth)
+            });
+            missing.push(m);
+            sources.push(s);
+        } else {
+            missing.push(Vec::new());
+            sources.push(cs);
+        }
+    }
+    // What to read now: every copy (scrub), or the first source of blocks that need copying.
+    let all: Vec<Vec<Copy>> = (0..batch.blocks.len())
+        .map(|i| {
+            if !resilver {
+                sources[i].clone()
+            } else if missing[i].is_empty() {
+                Vec::new()
+            } else {
+                sources[i].iter().take(1).cloned().collect()
+            }
+        })
         .collect();
     let bufs = read_batch(batch, &all);
-    // Verify every copy on all cores.
+    // Verify on all cores.
     let ok: Vec<Vec<bool>> = bufs
         .par_iter()
         .zip(batch.blocks.par_iter())
@@ -303,58 +372,67 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
     let mut r = BatchResult::default();
     for (bi, b) in batch.blocks.iter().enumerate() {
         r.examined += b.bp.psize as u64;
+        if resilver && missing[bi].is_empty() {
+            continue;
+        }
         r.issued += b.bp.psize as u64 * all[bi].len() as u64;
-        let good = ok[bi].iter().position(|&v| v);
-        let Some(g) = good else {
-            if !all[bi].is_empty() || b.bp.ndvas() > 0 {
-                r.errors += 1;
-                pool.record_data_error(b.object, b.blkid);
-                for (ci, c) in all[bi].iter().enumerate() {
-                    if bufs[bi][ci].is_some() {
-                        for p in &c.pieces {
-                            p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
-                            p.leaf
-                                .note("checksum", Some(p.leaf_off), "no good copy".into());
-                        }
+        let psize = b.bp.psize as usize;
+        // The good data: a copy read in the batch, or (resilver) the next source that verifies.
+        let mut good: Option<Vec<u8>> = ok[bi]
+            .iter()
+            .position(|&v| v)
+            .and_then(|g| bufs[bi][g].clone());
+        let mut bad: Vec<&Copy> = all[bi]
+            .iter()
+            .enumerate()
+            .filter(|(ci, _)| !ok[bi][*ci])
+            .map(|(_, c)| c)
+            .collect();
+        if good.is_none() && resilver {
+            for c in sources[bi].iter().skip(1) {
+                r.issued += psize as u64;
+                match read_copy(c, psize) {
+                    Some(d) if *blake3::hash(&d).as_bytes() == b.bp.checksum => {
+                        good = Some(d);
+                        break;
                     }
+                    _ => bad.push(c),
+                }
+            }
+        }
+        let Some(data) = good else {
+            r.errors += 1;
+            pool.record_data_error(b.object, b.blkid);
+            for c in &bad {
+                for p in &c.pieces {
+                    p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
+                    p.leaf
+                        .note("checksum", Some(p.leaf_off), "no good copy".into());
                 }
             }
             continue;
         };
-        let data = bufs[bi][g].as_ref().expect("verified copy has data");
-        for (ci, c) in all[bi].iter().enumerate() {
-            if ok[bi][ci] {
-                continue;
-            }
-            let was_read = bufs[bi][ci].is_some();
-            for p in &c.pieces {
-                let expected_stale =
-                    resilver_targets.contains(&p.leaf.guid.0) && p.leaf.dtl_contains(b.bp.birth);
-                if was_read && !expected_stale {
+        // Copies that were read and failed: count (unless expected stale) and rewrite.
+        for c in bad {
+            if !is_stale(c, b.bp.birth) {
+                for p in &c.pieces {
                     p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
                     p.leaf
                         .note("checksum", Some(p.leaf_off), "checksum mismatch".into());
                 }
-                let Some(dev) = p.leaf.dev() else { continue };
-                match dev.write_at(&data[p.buf_off..p.buf_off + p.len], p.leaf_off) {
-                    Ok(()) => {
-                        p.leaf
-                            .stats
-                            .repaired_bytes
-                            .fetch_add(p.len as u64, Ordering::Relaxed);
-                        r.repaired += p.len as u64;
-                        p.leaf.note(
-                            "repair",
-                            Some(p.leaf_off),
-                            format!("{} bytes rewritten", p.len),
-                        );
-                    }
-                    Err(e) => {
-                        p.leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                        p.leaf.note("write_error", Some(p.leaf_off), e.to_string());
-                    }
+            }
+            let n = write_copy(c, &data);
+            if n > 0 {
+                r.repaired += n;
+                if let Some(p) = c.pieces.first() {
+                    p.leaf
+                        .note("repair", Some(p.leaf_off), format!("{n} bytes rewritten"));
                 }
             }
+        }
+        // Resilver: the copies the targets lack.
+        for c in &missing[bi] {
+            r.repaired += write_copy(c, &data);
         }
     }
     r
@@ -395,6 +473,18 @@ pub fn run(
         }
         let t0 = Instant::now();
         let batch = pool.scan_batch(s.bookmark, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?;
+        // Application reads go first: while any leaf has one outstanding, wait a little.
+        for _ in 0..20 {
+            let busy = batch.vdevs.iter().any(|t| {
+                t.children
+                    .iter()
+                    .any(|c| c.stats.pending.load(Ordering::Relaxed) > 0)
+            });
+            if !busy {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let targets: Vec<u64> = if s.function == "resilver" {
             s.targets.clone()
         } else {
@@ -445,9 +535,17 @@ pub fn run(
         if limit > 0 {
             window_bytes += r.issued;
             let should = Duration::from_secs_f64(window_bytes as f64 / limit as f64);
-            let el = window_start.elapsed();
-            if should > el {
-                std::thread::sleep(should - el);
+            // Sleep in small steps so pause and stop take effect at once.
+            while window_start.elapsed() < should {
+                if control.load(Ordering::Relaxed) != RUN {
+                    break;
+                }
+                if pool.scan_state().is_ok_and(|c| c.state != "scanning") {
+                    break;
+                }
+                std::thread::sleep(
+                    Duration::from_millis(50).min(should - window_start.elapsed().min(should)),
+                );
             }
             if window_start.elapsed() > Duration::from_secs(10) {
                 window_start = Instant::now();
