@@ -221,6 +221,9 @@ pub enum PoolCmd {
     Attach {
         #[arg(short = 'f')]
         force: bool,
+        /// Sequential rebuild: copy allocated ranges in offset order, then scrub.
+        #[arg(short = 's')]
+        sequential: bool,
         pool: String,
         existing: String,
         new: PathBuf,
@@ -231,6 +234,9 @@ pub enum PoolCmd {
     Replace {
         #[arg(short = 'f')]
         force: bool,
+        /// Sequential rebuild: copy allocated ranges in offset order, then scrub.
+        #[arg(short = 's')]
+        sequential: bool,
         pool: String,
         old: String,
         new: Option<PathBuf>,

@@ -83,11 +83,12 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
                 .map_err(|e| one(CmdError::new("online", &leaf, e)))?;
             log(ctx, &p, cmdline);
             // The leaf lacks the txgs it missed: resilver them (in the background in the daemon).
-            resilver_if_needed(ctx, &pool, &p)?;
+            resilver_if_needed(ctx, &pool, &p, false)?;
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Attach {
             force,
+            sequential,
             pool,
             existing,
             new,
@@ -98,7 +99,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
                 .map_err(|e| one(CmdError::new("attach", &new.display().to_string(), e)))?;
             log(ctx, &p, cmdline);
             save_entry(ctx, cache_entry(&p)).map_err(|e| one(CmdError::new("attach", &pool, e)))?;
-            resilver_if_needed(ctx, &pool, &p)?;
+            resilver_if_needed(ctx, &pool, &p, sequential)?;
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Detach { pool, leaf } => {
@@ -111,6 +112,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         }
         PoolCmd::Replace {
             force,
+            sequential,
             pool,
             old,
             new,
@@ -120,7 +122,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             p.replace(&old, new.as_deref(), force)
                 .map_err(|e| one(CmdError::new("replace", &old, e)))?;
             log(ctx, &p, cmdline);
-            resilver_if_needed(ctx, &pool, &p)?;
+            resilver_if_needed(ctx, &pool, &p, sequential)?;
             save_entry(ctx, cache_entry(&p))
                 .map_err(|e| one(CmdError::new("replace", &pool, e)))?;
             Ok(ExitCode::SUCCESS)
@@ -153,9 +155,19 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
 }
 
 /// Start (or queue) a resilver if some leaf lacks txgs; without a daemon it runs now.
-fn resilver_if_needed(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<CmdError>> {
+fn resilver_if_needed(
+    ctx: &mut Ctx,
+    name: &str,
+    p: &Arc<Pool>,
+    sequential: bool,
+) -> Result<(), Vec<CmdError>> {
     let err = |e: String| one(CmdError::new("resilver", name, e));
-    let started = cairn_scrub::request_resilver(p).map_err(|e| err(e.to_string()))?;
+    let started = if sequential {
+        cairn_scrub::start_rebuild(p)
+    } else {
+        cairn_scrub::request_resilver(p)
+    }
+    .map_err(|e| err(e.to_string()))?;
     if !started {
         return Ok(());
     }
@@ -297,7 +309,15 @@ pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
         "" => "none requested".into(),
         "finished" => format!(
             "{}{} {} in {} with {} errors on {}",
-            if f == "resilver" { "" } else { "scrub " },
+            if f.starts_with("resilver") {
+                if s.function == "rebuild" {
+                    "sequential "
+                } else {
+                    ""
+                }
+            } else {
+                "scrub "
+            },
             done_word,
             format_bytes_b(s.repaired),
             duration(s.end_time.saturating_sub(s.start_time)),

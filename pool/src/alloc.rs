@@ -541,6 +541,46 @@ impl Allocator {
         Ok(n)
     }
 
+    /// Allocated byte ranges of top-level vdev `top` from byte offset `from`, at most `max` ranges
+    /// (the map region itself excluded). Freed-but-deferred blocks count as allocated.
+    pub fn allocated_ranges(
+        &mut self,
+        vdevs: &[std::sync::Arc<TopVdev>],
+        top: usize,
+        from: u64,
+        max: usize,
+        committed: Txg,
+    ) -> Result<Vec<(u64, u64)>> {
+        let Some(t) = self.tops.get_mut(top) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let first_blk = (from / SECTOR).max(2 * t.npages);
+        let mut blk = first_blk;
+        while blk < t.nblocks && out.len() < max {
+            let p = blk / BITS_PER_PAGE;
+            t.load(&vdevs[top], p, committed)?;
+            let page = &t.pages[&p];
+            let end = ((p + 1) * BITS_PER_PAGE).min(t.nblocks);
+            while blk < end {
+                if page.get(blk % BITS_PER_PAGE) {
+                    let off = blk * SECTOR;
+                    match out.last_mut() {
+                        Some(last) if last.0 + last.1 == off => last.1 += SECTOR,
+                        _ => {
+                            if out.len() >= max {
+                                break;
+                            }
+                            out.push((off, SECTOR));
+                        }
+                    }
+                }
+                blk += 1;
+            }
+        }
+        Ok(out)
+    }
+
     /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable, but none made
     /// after `oldest_reader` (the committed txg whose block pointers an unlocked reader may still be
     /// following).

@@ -256,6 +256,22 @@ impl Pool {
         })
     }
 
+    /// Allocated byte ranges of top-level vdev `top` from offset `from` (sequential rebuild).
+    pub fn allocated_ranges(&self, top: usize, from: u64, max: usize) -> Result<Vec<(u64, u64)>> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let vdevs = inner.tree.tops.clone();
+        let committed = inner.committed;
+        inner
+            .alloc
+            .allocated_ranges(&vdevs, top, from, max, committed)
+    }
+
+    /// The top-level vdevs (for I/O outside the pool lock).
+    pub fn top_vdevs(&self) -> Vec<Arc<TopVdev>> {
+        self.lock().tree.tops.clone()
+    }
+
     /// Record a block no copy of which could be read correctly.
     pub fn record_data_error(&self, object: u64, blkid: u64) {
         let g = self.lock();

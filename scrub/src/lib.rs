@@ -121,6 +121,113 @@ pub fn request_resilver(pool: &Pool) -> Result<bool> {
     Ok(true)
 }
 
+/// Start a sequential rebuild of the leaves that lack data: copy the allocated ranges of their
+/// top-level vdevs in offset order from a complete child, without checksums, then scrub (as
+/// OpenZFS's `attach -s`). Refused while another scan runs.
+pub fn start_rebuild(pool: &Pool) -> Result<bool> {
+    let need = pool.leaves_needing_resilver();
+    if need.is_empty() {
+        return Ok(false);
+    }
+    let s = pool.scan_state()?;
+    if s.state == "scanning" || s.state == "paused" {
+        return Err(ScrubError::Invalid(format!(
+            "a {} is in progress; a sequential rebuild cannot be queued",
+            s.function
+        )));
+    }
+    let s = ScanState {
+        function: "rebuild".into(),
+        state: "scanning".into(),
+        start_time: now(),
+        start_txg: pool.committed_txg().0,
+        bookmark: Bookmark {
+            object: 0,
+            blkid: 0,
+            before_root: false,
+        },
+        to_examine: pool.allocated(),
+        targets: need.iter().map(|(g, _)| *g).collect(),
+        last_scrub: s.last_scrub,
+        ..ScanState::default()
+    };
+    pool.set_scan_state(&s)?;
+    pool.sync()?;
+    Ok(true)
+}
+
+/// Copy up to ~64 MiB of allocated ranges for a sequential rebuild, from the bookmark (object = top-level
+/// vdev index, blkid = byte offset). Returns (bytes examined, bytes copied, next bookmark or None).
+fn rebuild_step(pool: &Pool, s: &ScanState) -> Result<(u64, u64, Option<Bookmark>)> {
+    use cairn_vdev::label::DATA_START;
+    let vdevs = pool.top_vdevs();
+    let mut bm = s.bookmark;
+    let mut examined = 0u64;
+    let mut copied = 0u64;
+    while (bm.object as usize) < vdevs.len() {
+        let t = &vdevs[bm.object as usize];
+        let targets: Vec<_> = t
+            .children
+            .iter()
+            .filter(|c| s.targets.contains(&c.guid.0) && c.state().usable())
+            .cloned()
+            .collect();
+        let source = t
+            .children
+            .iter()
+            .find(|c| !s.targets.contains(&c.guid.0) && c.state().usable() && c.dtl_is_empty())
+            .cloned();
+        let (Some(source), false) = (source, targets.is_empty()) else {
+            bm = Bookmark {
+                object: bm.object + 1,
+                blkid: 0,
+                before_root: false,
+            };
+            continue;
+        };
+        let ranges = pool.allocated_ranges(bm.object as usize, bm.blkid, 256)?;
+        if ranges.is_empty() {
+            bm = Bookmark {
+                object: bm.object + 1,
+                blkid: 0,
+                before_root: false,
+            };
+            continue;
+        }
+        let src = source
+            .dev()
+            .ok_or_else(|| ScrubError::Invalid("the source leaf went away".into()))?;
+        for (off, len) in ranges {
+            let mut pos = off;
+            while pos < off + len {
+                let n = (off + len - pos).min(MAX_READ as u64) as usize;
+                let mut buf = vec![0u8; n];
+                src.read_at(&mut buf, DATA_START + pos)
+                    .map_err(|e| ScrubError::Invalid(format!("reading {}: {e}", source.path())))?;
+                for t in &targets {
+                    if let Some(d) = t.dev() {
+                        if d.write_at(&buf, DATA_START + pos).is_ok() {
+                            t.stats
+                                .repaired_bytes
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                            copied += n as u64;
+                        } else {
+                            t.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                examined += n as u64;
+                pos += n as u64;
+            }
+            bm.blkid = off + len;
+            if examined >= 64 << 20 {
+                return Ok((examined, copied, Some(bm)));
+            }
+        }
+    }
+    Ok((examined, copied, None))
+}
+
 /// Pause (`PAUSE`) or cancel (`STOP`) the pool's scan in its persistent state.
 pub fn set_control(pool: &Pool, what: u8) -> Result<ScanState> {
     let mut s = pool.scan_state()?;
@@ -470,6 +577,39 @@ pub fn run(
         let cur = pool.scan_state()?;
         if cur.state != "scanning" {
             return Ok(cur);
+        }
+        if s.function == "rebuild" {
+            let t0 = Instant::now();
+            let (examined, copied, next) = rebuild_step(pool, &s)?;
+            s = pool.scan_state()?;
+            s.examined += examined;
+            s.issued += examined;
+            s.repaired += copied;
+            s.active_ms += t0.elapsed().as_millis() as u64;
+            match next {
+                Some(b) => s.bookmark = b,
+                None => {
+                    // Copied: the targets hold everything up to the start; a scrub verifies it.
+                    pool.resilver_done(&s.targets, Txg(s.start_txg));
+                    if let Err(e) = pool.finish_replacements() {
+                        tracing::error!("cannot detach replaced leaves: {e}");
+                    }
+                    s.state = "finished".into();
+                    s.end_time = now();
+                    pool.set_scan_state(&s)?;
+                    pool.sync()?;
+                    progress(&s);
+                    s = start_scrub(pool)?;
+                    continue;
+                }
+            }
+            pool.set_scan_state(&s)?;
+            if last_commit.elapsed() > Duration::from_secs(2) {
+                pool.sync()?;
+                last_commit = Instant::now();
+            }
+            progress(&s);
+            continue;
         }
         let t0 = Instant::now();
         let batch = pool.scan_batch(s.bookmark, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?;

@@ -200,6 +200,11 @@ impl LeafVdev {
         lock(&self.dtl).iter().any(|&(a, b)| a <= txg && txg <= b)
     }
 
+    /// Does this leaf hold every txg (no dirty time log)?
+    pub fn dtl_is_empty(&self) -> bool {
+        lock(&self.dtl).is_empty()
+    }
+
     /// Record that this leaf lacks `txg`.
     pub fn dtl_add(&self, txg: Txg) {
         let mut d = lock(&self.dtl);
