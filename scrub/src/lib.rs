@@ -267,17 +267,10 @@ struct Want {
 }
 
 /// Read every copy of every block of the batch: per leaf, sorted and merged, all leaves in parallel.
-/// Returns per block, per copy, the data (or None if a read failed).
+/// Returns per block, per copy, the data (or None if a read failed). Each byte is copied once, from
+/// the merged read's buffer into the block's buffer (or not at all when a read is exactly one block).
 fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>> {
-    let mut bufs: Vec<Vec<Option<Vec<u8>>>> = all
-        .iter()
-        .zip(&batch.blocks)
-        .map(|(cs, b)| {
-            cs.iter()
-                .map(|_| Some(vec![0u8; b.bp.psize as usize]))
-                .collect()
-        })
-        .collect();
+    let sizes: Vec<usize> = batch.blocks.iter().map(|b| b.bp.psize as usize).collect();
     let mut per_leaf: HashMap<u64, (Arc<cairn_vdev::tree::LeafVdev>, Vec<Want>)> = HashMap::new();
     for (bi, cs) in all.iter().enumerate() {
         for (ci, c) in cs.iter().enumerate() {
@@ -296,24 +289,18 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
             }
         }
     }
-    // Each leaf thread returns (block, copy, buf_off, data or error).
-    type Got = Vec<(usize, usize, usize, Option<Vec<u8>>)>;
-    let results: Vec<Got> = std::thread::scope(|sc| {
+    /// A merged read: its buffer (None if it failed) and the pieces in it (offset in the run).
+    type Run = (Option<Vec<u8>>, Vec<(usize, usize, usize, usize, usize)>);
+    let runs: Vec<Vec<Run>> = std::thread::scope(|sc| {
         let hs: Vec<_> = per_leaf
             .into_values()
             .map(|(leaf, mut wants)| {
                 sc.spawn(move || {
                     wants.sort_by_key(|w| w.leaf_off);
-                    let mut out: Got = Vec::with_capacity(wants.len());
-                    let Some(dev) = leaf.dev() else {
-                        return wants
-                            .iter()
-                            .map(|w| (w.block, w.copy, w.buf_off, None))
-                            .collect();
-                    };
+                    let mut out: Vec<Run> = Vec::new();
+                    let dev = leaf.dev();
                     let mut i = 0;
                     while i < wants.len() {
-                        // Merge contiguous pieces into one read.
                         let start = wants[i].leaf_off;
                         let mut end = start + wants[i].len as u64;
                         let mut j = i + 1;
@@ -324,34 +311,45 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
                             end += wants[j].len as u64;
                             j += 1;
                         }
+                        let pieces = |ws: &[Want]| {
+                            ws.iter()
+                                .map(|w| {
+                                    (
+                                        w.block,
+                                        w.copy,
+                                        w.buf_off,
+                                        (w.leaf_off - start) as usize,
+                                        w.len,
+                                    )
+                                })
+                                .collect::<Vec<_>>()
+                        };
                         let mut buf = vec![0u8; (end - start) as usize];
                         leaf.stats.reads.fetch_add(1, Ordering::Relaxed);
                         leaf.stats
                             .read_bytes
                             .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                        match dev.read_at(&mut buf, start) {
-                            Ok(()) => {
-                                for w in &wants[i..j] {
-                                    let o = (w.leaf_off - start) as usize;
-                                    out.push((
-                                        w.block,
-                                        w.copy,
-                                        w.buf_off,
-                                        Some(buf[o..o + w.len].to_vec()),
-                                    ));
+                        let ok = dev
+                            .as_ref()
+                            .is_some_and(|d| d.read_at(&mut buf, start).is_ok());
+                        if ok {
+                            out.push((Some(buf), pieces(&wants[i..j])));
+                        } else {
+                            // Retry piece by piece so one bad sector fails only its block.
+                            for w in &wants[i..j] {
+                                let mut b = vec![0u8; w.len];
+                                let r = match &dev {
+                                    Some(d) => d.read_at(&mut b, w.leaf_off),
+                                    None => Err(std::io::Error::other("device closed")),
+                                };
+                                if let Err(e) = &r {
+                                    leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+                                    leaf.note("read_error", Some(w.leaf_off), e.to_string());
                                 }
-                            }
-                            Err(_) => {
-                                // Retry piece by piece so one bad sector fails only its block.
-                                for w in &wants[i..j] {
-                                    let mut b = vec![0u8; w.len];
-                                    let r = dev.read_at(&mut b, w.leaf_off);
-                                    if let Err(e) = &r {
-                                        leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                                        leaf.note("read_error", Some(w.leaf_off), e.to_string());
-                                    }
-                                    out.push((w.block, w.copy, w.buf_off, r.ok().map(|()| b)));
-                                }
+                                out.push((
+                                    r.ok().map(|()| b),
+                                    vec![(w.block, w.copy, w.buf_off, 0, w.len)],
+                                ));
                             }
                         }
                         i = j;
@@ -364,12 +362,35 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    for got in results {
-        for (bi, ci, off, data) in got {
-            let slot = &mut bufs[bi][ci];
-            match (slot.as_mut(), data) {
-                (Some(buf), Some(d)) => buf[off..off + d.len()].copy_from_slice(&d),
-                _ => *slot = None,
+    let mut bufs: Vec<Vec<Option<Vec<u8>>>> = all.iter().map(|cs| vec![None; cs.len()]).collect();
+    // Pieces that failed to read poison their copy.
+    let mut failed: Vec<Vec<bool>> = all.iter().map(|cs| vec![false; cs.len()]).collect();
+    for (buf, pieces) in runs.into_iter().flatten() {
+        match buf {
+            None => {
+                for (bi, ci, ..) in pieces {
+                    failed[bi][ci] = true;
+                }
+            }
+            Some(buf) => {
+                // A read that is exactly one whole block: hand the buffer over.
+                if let [(bi, ci, 0, 0, len)] = pieces.as_slice() {
+                    if *len == sizes[*bi] && bufs[*bi][*ci].is_none() {
+                        bufs[*bi][*ci] = Some(buf);
+                        continue;
+                    }
+                }
+                for (bi, ci, off, roff, len) in pieces {
+                    let dst = bufs[bi][ci].get_or_insert_with(|| vec![0u8; sizes[bi]]);
+                    dst[off..off + len].copy_from_slice(&buf[roff..roff + len]);
+                }
+            }
+        }
+    }
+    for (bi, f) in failed.iter().enumerate() {
+        for (ci, &bad) in f.iter().enumerate() {
+            if bad {
+                bufs[bi][ci] = None;
             }
         }
     }
