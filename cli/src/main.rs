@@ -296,7 +296,8 @@ pub struct InjectArgs {
     /// Byte offset in the dataset of the block to fault.
     #[arg(long, value_name = "OFFSET")]
     pub offset: Option<String>,
-    /// Which copy of the block (0-based, in the order of `inject -l`); default all.
+    /// Which copy of the block (0-based: DVAs in order, and within a DVA the mirror children in
+    /// order); default all.
     #[arg(short = 'C', value_name = "COPY")]
     pub copy: Option<usize>,
     /// List faults.

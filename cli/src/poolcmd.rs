@@ -349,13 +349,12 @@ pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
                 format!("{f} in progress since {}", format_time(s.start_time))
             };
             format!(
-                "{head}\n\t{} / {} scanned at {}/s, {} / {} issued at {}/s\n\t{} {}, {:.2}% done, {}",
+                "{head}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
                 format_compact(s.examined),
                 format_compact(s.to_examine),
                 format_compact(rate),
-                format_compact(s.examined),
-                format_compact(s.to_examine),
-                format_compact(rate),
+                format_compact(s.issued),
+                format_compact(s.issued / secs),
                 format_bytes_b(s.repaired),
                 done_word,
                 pct,
@@ -612,6 +611,12 @@ fn parse_assignment(a: &str) -> Result<(String, String), String> {
     } else {
         v.to_string()
     };
+    if k == "scrub_schedule" && !cairn_scrub::schedule::valid(&v) {
+        return Err(format!(
+            "invalid scrub_schedule '{v}': expected off, daily, weekly, monthly, an interval like \
+             7d, or a 5-field cron line (month names in the month field, day names in the last)"
+        ));
+    }
     Ok((k, v))
 }
 

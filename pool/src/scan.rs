@@ -131,7 +131,7 @@ pub fn copies(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Vec<Copy> {
 /// The persistent state of the pool's scan (scrub or resilver), saved with every txg.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ScanState {
-    /// "scrub" or "resilver"; empty if none ever ran.
+    /// "scrub", "resilver" or "rebuild" (sequential resilver); empty if none ever ran.
     pub function: String,
     /// "scanning", "paused", "finished", "canceled".
     pub state: String,
@@ -139,7 +139,7 @@ pub struct ScanState {
     pub end_time: u64,
     /// Paused since (0 if not paused).
     pub paused_at: u64,
-    /// Txg the scan started in: blocks born later need no scan (resilver: the DTL bound).
+    /// Txg the scan started in (a resilver clears the dirty time logs up to it when it completes).
     pub start_txg: u64,
     /// Resilver: only blocks born after this txg (the oldest missed txg minus one).
     pub min_birth: u64,
@@ -279,6 +279,17 @@ impl Pool {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert((object, blkid));
+    }
+
+    /// Are there permanent errors at all (cheap check before clearing entries)?
+    pub fn has_data_errors(&self) -> bool {
+        let g = self.lock();
+        let empty = g
+            .errlog
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        !empty
     }
 
     /// A block that is fine again (a scrub found a good copy): drop it from the error list.

@@ -498,6 +498,7 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
         })
         .collect();
     let mut r = BatchResult::default();
+    let had_errors = pool.has_data_errors();
     for (bi, b) in batch.blocks.iter().enumerate() {
         r.examined += b.bp.psize as u64;
         if resilver && missing[bi].is_empty() {
@@ -510,11 +511,13 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
             .iter()
             .position(|&v| v)
             .and_then(|g| bufs[bi][g].clone());
-        let mut bad: Vec<&Copy> = all[bi]
+        // Copies that failed, and whether they were read (a failed read is a read error, already
+        // counted, not a checksum error).
+        let mut bad: Vec<(&Copy, bool)> = all[bi]
             .iter()
             .enumerate()
             .filter(|(ci, _)| !ok[bi][*ci])
-            .map(|(_, c)| c)
+            .map(|(ci, c)| (c, bufs[bi][ci].is_some()))
             .collect();
         if good.is_none() && resilver {
             for c in sources[bi].iter().skip(1) {
@@ -524,14 +527,18 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
                         good = Some(d);
                         break;
                     }
-                    _ => bad.push(c),
+                    Some(_) => bad.push((c, true)),
+                    None => bad.push((c, false)),
                 }
             }
         }
         let Some(data) = good else {
             r.errors += 1;
             pool.record_data_error(b.object, b.blkid);
-            for c in &bad {
+            for (c, read) in &bad {
+                if !read {
+                    continue;
+                }
                 for p in &c.pieces {
                     p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
                     p.leaf
@@ -540,9 +547,12 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
             }
             continue;
         };
+        if had_errors {
+            pool.clear_data_error(b.object, b.blkid);
+        }
         // Copies that were read and failed: count (unless expected stale) and rewrite.
-        for c in bad {
-            if !is_stale(c, b.bp.birth) {
+        for (c, read) in bad {
+            if read && !is_stale(c, b.bp.birth) {
                 for p in &c.pieces {
                     p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
                     p.leaf
