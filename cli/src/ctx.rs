@@ -53,6 +53,14 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Print `{"output_version": ..., key: body}` as `-j` output does.
+    pub fn print_json(&mut self, command: &str, key: &str, body: serde_json::Value) {
+        let v = crate::output::json_envelope(command, key, body);
+        self.out
+            .push_str(&serde_json::to_string_pretty(&v).unwrap_or_default());
+        self.out.push('\n');
+    }
+
     /// A path argument as the caller meant it (relative to the caller's working directory).
     pub fn abs(&self, p: &Path) -> PathBuf {
         if p.is_absolute() {

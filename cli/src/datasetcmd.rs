@@ -2,7 +2,7 @@
 
 use crate::ctx::Ctx;
 use crate::names::validate_dataset_name;
-use crate::output::{json_envelope, render_get, select_columns, Table};
+use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
 use cairn_dataset::{self as ds, CreateVolume, DatasetError, VolumeInfo};
@@ -292,12 +292,7 @@ fn list(
                        "properties": props}),
             );
         }
-        let j = json_envelope("cairn dataset list", "datasets", Value::Object(m));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&j).unwrap_or_default()
-        );
+        ctx.print_json("cairn dataset list", "datasets", Value::Object(m));
         return Ok(());
     }
     if vols.is_empty() {
@@ -368,12 +363,7 @@ fn get(
         jm.insert(v.name.clone(), json!({"name": v.name, "properties": pj}));
     }
     if flags.json {
-        let j = json_envelope("cairn dataset get", "datasets", Value::Object(jm));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&j).unwrap_or_default()
-        );
+        ctx.print_json("cairn dataset get", "datasets", Value::Object(jm));
     } else {
         let text = render_get(&rows, fields, flags.scripted)
             .map_err(|r| one(CmdError::new("get", props, r)))?;

@@ -2,7 +2,7 @@
 
 use crate::ctx::Ctx;
 use crate::names::validate_pool_name;
-use crate::output::{json_envelope, render_get, select_columns, Table};
+use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_bytes_b, format_compact, parse_size};
 use crate::statedir::CacheEntry;
 use crate::vdevspec::{parse_vdev_spec, SpecKind};
@@ -399,12 +399,7 @@ fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
                        "offset": e.offset, "detail": e.detail})
             })
             .collect();
-        let j = json_envelope("cairn pool events", "events", Value::Array(v));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&j).unwrap_or_default()
-        );
+        ctx.print_json("cairn pool events", "events", Value::Array(v));
         return Ok(ExitCode::SUCCESS);
     }
     for (p, e) in all {
@@ -547,12 +542,7 @@ fn iostat(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, args: &[String]) -> C
                            "write_bytes": v[3], "read_latency_us": lat})
                 })
                 .collect();
-            let j = json_envelope("cairn pool iostat", "vdevs", Value::Array(rows));
-            outln!(
-                ctx,
-                "{}",
-                serde_json::to_string_pretty(&j).unwrap_or_default()
-            );
+            ctx.print_json("cairn pool iostat", "vdevs", Value::Array(rows));
         } else {
             out!(ctx, "{}", t.render(flags.scripted));
         }
@@ -765,12 +755,7 @@ fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
         rows.push(sel.iter().map(|&i| all[i].clone()).collect());
     }
     if flags.json {
-        let v = json_envelope("cairn pool list", "pools", Value::Object(json_pools));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_default()
-        );
+        ctx.print_json("cairn pool list", "pools", Value::Object(json_pools));
     } else if names.is_empty() {
         outln!(ctx, "no pools available");
     } else if !rows.is_empty() {
@@ -985,12 +970,7 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
         }
     }
     if json_out {
-        let v = json_envelope("cairn pool status", "pools", Value::Object(jp));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_default()
-        );
+        ctx.print_json("cairn pool status", "pools", Value::Object(jp));
     } else if names.is_empty() {
         outln!(ctx, "no pools available");
     } else {
@@ -1245,12 +1225,7 @@ fn get(
         jp.insert(n.clone(), json!({"name": n, "properties": pj}));
     }
     if flags.json {
-        let v = json_envelope("cairn pool get", "pools", Value::Object(jp));
-        outln!(
-            ctx,
-            "{}",
-            serde_json::to_string_pretty(&v).unwrap_or_default()
-        );
+        ctx.print_json("cairn pool get", "pools", Value::Object(jp));
     } else if !rows.is_empty() {
         let text = render_get(&rows, fields, flags.scripted)
             .map_err(|r| one(CmdError::new("get", props, r)))?;

@@ -68,22 +68,8 @@ impl ImportCandidate {
                         phys_path: Some(lc.identity.phys_path.clone()),
                         devid: Some(lc.identity.devid.clone()),
                         state: if f.is_some() { "ONLINE" } else { "UNAVAIL" }.into(),
-                        read_errors: 0,
-                        write_errors: 0,
-                        checksum_errors: 0,
-                        repaired_bytes: 0,
-                        reason: if f.is_some() {
-                            None
-                        } else {
-                            Some("cannot open".into())
-                        },
-                        reads: 0,
-                        writes: 0,
-                        read_bytes: 0,
-                        write_bytes: 0,
-                        read_latency_us: 0,
-                        dtl: Vec::new(),
-                        children: Vec::new(),
+                        reason: f.is_none().then(|| "cannot open".into()),
+                        ..VdevStatus::default()
                     }
                 })
                 .collect();
@@ -107,54 +93,27 @@ impl ImportCandidate {
                     .first()
                     .map(|c| c.identity.path.clone())
                     .unwrap_or_default();
-                tops.push(VdevStatus {
-                    name: top_name(t.kind, t.id, &first),
-                    vdev_type: match t.kind {
+                tops.push(VdevStatus::interior(
+                    top_name(t.kind, t.id, &first),
+                    match t.kind {
                         TopKind::Mirror => "mirror",
                         _ => "stripe",
-                    }
-                    .into(),
-                    guid: t.guid.0,
-                    path: None,
-                    phys_path: None,
-                    devid: None,
-                    state: state.into(),
-                    read_errors: 0,
-                    write_errors: 0,
-                    checksum_errors: 0,
-                    repaired_bytes: 0,
-                    reason: (state == "UNAVAIL").then(|| "insufficient replicas".into()),
-                    reads: 0,
-                    writes: 0,
-                    read_bytes: 0,
-                    write_bytes: 0,
-                    read_latency_us: 0,
-                    dtl: Vec::new(),
+                    },
+                    t.guid.0,
+                    state,
+                    (state == "UNAVAIL").then(|| "insufficient replicas".into()),
                     children,
-                });
+                ));
             }
         }
-        VdevStatus {
-            name: self.config.name.clone(),
-            vdev_type: "root".into(),
-            guid: self.config.pool_guid.0,
-            path: None,
-            phys_path: None,
-            devid: None,
-            state: pool_state.into(),
-            read_errors: 0,
-            write_errors: 0,
-            checksum_errors: 0,
-            repaired_bytes: 0,
-            reason: None,
-            reads: 0,
-            writes: 0,
-            read_bytes: 0,
-            write_bytes: 0,
-            read_latency_us: 0,
-            dtl: Vec::new(),
-            children: tops,
-        }
+        VdevStatus::interior(
+            self.config.name.clone(),
+            "root",
+            self.config.pool_guid.0,
+            pool_state,
+            None,
+            tops,
+        )
     }
 }
 

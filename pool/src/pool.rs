@@ -109,6 +109,33 @@ pub struct VdevStatus {
     pub children: Vec<VdevStatus>,
 }
 
+impl VdevStatus {
+    /// A vdev made of other vdevs (the root, a mirror, a stripe): no error counters of its own (errors
+    /// it could not mask are counted at the pool level), I/O figures summed over its children.
+    pub fn interior(
+        name: String,
+        vdev_type: &str,
+        guid: u64,
+        state: &str,
+        reason: Option<String>,
+        children: Vec<VdevStatus>,
+    ) -> VdevStatus {
+        VdevStatus {
+            name,
+            vdev_type: vdev_type.into(),
+            guid,
+            state: state.into(),
+            reason,
+            reads: children.iter().map(|c| c.reads).sum(),
+            writes: children.iter().map(|c| c.writes).sum(),
+            read_bytes: children.iter().map(|c| c.read_bytes).sum(),
+            write_bytes: children.iter().map(|c| c.write_bytes).sum(),
+            children,
+            ..VdevStatus::default()
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct PoolStatus {
     pub name: String,
@@ -367,20 +394,7 @@ fn prepare_tops(
                         created.push(abs.clone());
                     }
                 }
-                let dev = FileLeaf::open(
-                    &abs,
-                    LeafOpen {
-                        read_only: false,
-                        lock: true,
-                    },
-                )
-                .map_err(|e| match e {
-                    VdevError::Busy { .. } => PoolError::InUse(format!(
-                        "{} is in use by another process (its pool is open)",
-                        l.display()
-                    )),
-                    e => PoolError::Vdev(e),
-                })?;
+                let dev = open_leaf_for_pool(&abs, &l.display().to_string())?;
                 let identity = identify(&abs).map_err(|e| {
                     PoolError::Vdev(VdevError::Open {
                         path: abs.display().to_string(),
@@ -435,6 +449,24 @@ fn prepare_tops(
             Err(e)
         }
     }
+}
+
+/// Open a leaf for a pool: read-write, exclusively locked; a lock held elsewhere means another
+/// process has its pool open.
+pub(crate) fn open_leaf_for_pool(path: &Path, shown: &str) -> Result<FileLeaf> {
+    FileLeaf::open(
+        path,
+        LeafOpen {
+            read_only: false,
+            lock: true,
+        },
+    )
+    .map_err(|e| match e {
+        VdevError::Busy { .. } => PoolError::InUse(format!(
+            "{shown} is in use by another process (its pool is open)"
+        )),
+        e => PoolError::Vdev(e),
+    })
 }
 
 /// Zero all four label areas so no stale uberblock of an earlier pool survives.
@@ -1683,28 +1715,14 @@ impl Inner {
                     TopKind::Mirror => (format!("mirror-{}", t.id), "mirror"),
                     _ => (format!("stripe-{}", t.id), "stripe"),
                 };
-                tops.push(VdevStatus {
+                tops.push(VdevStatus::interior(
                     name,
-                    vdev_type: vtype.into(),
-                    guid: t.guid.0,
-                    path: None,
-                    phys_path: None,
-                    devid: None,
-                    state: st.as_str().into(),
-                    // Errors a top-level vdev could not mask are counted at the pool level (issue 4).
-                    read_errors: 0,
-                    write_errors: 0,
-                    checksum_errors: 0,
-                    repaired_bytes: 0,
+                    vtype,
+                    t.guid.0,
+                    st.as_str(),
                     reason,
-                    reads: children.iter().map(|c| c.reads).sum(),
-                    writes: children.iter().map(|c| c.writes).sum(),
-                    read_bytes: children.iter().map(|c| c.read_bytes).sum(),
-                    write_bytes: children.iter().map(|c| c.write_bytes).sum(),
-                    read_latency_us: 0,
-                    dtl: Vec::new(),
                     children,
-                });
+                ));
             }
         }
         let st = self.tree.state();
@@ -1785,27 +1803,14 @@ impl Inner {
             },
             action,
             error_count,
-            root: VdevStatus {
-                name: self.config.name.clone(),
-                vdev_type: "root".into(),
-                guid: self.config.pool_guid.0,
-                path: None,
-                phys_path: None,
-                devid: None,
-                state: st.as_str().into(),
-                read_errors: 0,
-                write_errors: 0,
-                checksum_errors: 0,
-                repaired_bytes: 0,
-                reason: None,
-                reads: tops.iter().map(|c| c.reads).sum(),
-                writes: tops.iter().map(|c| c.writes).sum(),
-                read_bytes: tops.iter().map(|c| c.read_bytes).sum(),
-                write_bytes: tops.iter().map(|c| c.write_bytes).sum(),
-                read_latency_us: 0,
-                dtl: Vec::new(),
-                children: tops,
-            },
+            root: VdevStatus::interior(
+                self.config.name.clone(),
+                "root",
+                self.config.pool_guid.0,
+                st.as_str(),
+                None,
+                tops,
+            ),
         }
     }
 }

@@ -7,9 +7,8 @@
 //! copied (OpenZFS copies everything again).
 
 use crate::error::{PoolError, Result};
-use crate::pool::{absolute, wipe_label_areas, Inner, Pool};
+use crate::pool::{absolute, open_leaf_for_pool, wipe_label_areas, Inner, Pool};
 use cairn_vdev::config::{LeafConfig, LeafFlags, PoolState, TopKind};
-use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::identity::identify;
 use cairn_vdev::label;
 use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
@@ -98,19 +97,7 @@ impl Pool {
                 )));
             }
         }
-        let dev = FileLeaf::open(
-            &abs,
-            LeafOpen {
-                read_only: false,
-                lock: true,
-            },
-        )
-        .map_err(|e| match e {
-            VdevError::Busy { .. } => PoolError::InUse(format!(
-                "{shown} is in use by another process (its pool is open)"
-            )),
-            e => PoolError::Vdev(e),
-        })?;
+        let dev = open_leaf_for_pool(&abs, &shown)?;
         if label::data_size(dev.size()) < t.asize {
             return Err(PoolError::Invalid(format!(
                 "{shown} is too small: it needs {} bytes of data area, it has {}",
