@@ -451,7 +451,18 @@ fn is_stale(c: &Copy, birth: Txg) -> bool {
 /// Scrub or resilver one batch. A scrub reads and verifies every copy. A resilver (non-empty
 /// `resilver_targets`) touches only blocks with a copy on a target leaf that lacks them: it reads one
 /// good copy and writes it over those copies.
-fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchResult {
+/// A batch whose reads are done, waiting to be verified and repaired.
+struct Fetched {
+    batch: ScanBatch,
+    resilver: bool,
+    missing: Vec<Vec<Copy>>,
+    sources: Vec<Vec<Copy>>,
+    all: Vec<Vec<Copy>>,
+    bufs: Vec<Vec<Option<Vec<u8>>>>,
+}
+
+/// Plan and issue a batch's reads (no pool lock needed: the batch holds its vdevs and reader guard).
+fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
     let resilver = !resilver_targets.is_empty();
     let mut missing: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
     let mut sources: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
@@ -483,7 +494,22 @@ fn process(pool: &Pool, batch: &ScanBatch, resilver_targets: &[u64]) -> BatchRes
             }
         })
         .collect();
-    let bufs = read_batch(batch, &all);
+    let bufs = read_batch(&batch, &all);
+    Fetched {
+        batch,
+        resilver,
+        missing,
+        sources,
+        all,
+        bufs,
+    }
+}
+
+/// Verify a fetched batch on all cores and repair it.
+fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
+    let (batch, resilver, missing, sources, all, bufs) = (
+        &f.batch, f.resilver, &f.missing, &f.sources, &f.all, &f.bufs,
+    );
     // Verify on all cores.
     let ok: Vec<Vec<bool>> = bufs
         .par_iter()
@@ -590,6 +616,7 @@ pub fn run(
         return Ok(s);
     }
     let mut last_commit = Instant::now();
+    let mut prefetched: Option<Fetched> = None;
     let mut window_start = Instant::now();
     let mut window_bytes = 0u64;
     loop {
@@ -643,10 +670,21 @@ pub fn run(
             continue;
         }
         let t0 = Instant::now();
-        let batch = pool.scan_batch(s.bookmark, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?;
+        let targets: Vec<u64> = if s.function == "resilver" {
+            s.targets.clone()
+        } else {
+            Vec::new()
+        };
+        let cur = match prefetched.take() {
+            Some(f) => f,
+            None => fetch(
+                pool.scan_batch(s.bookmark, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?,
+                &targets,
+            ),
+        };
         // Application reads go first: while any leaf has one outstanding, wait a little.
         for _ in 0..20 {
-            let busy = batch.vdevs.iter().any(|t| {
+            let busy = cur.batch.vdevs.iter().any(|t| {
                 t.children
                     .iter()
                     .any(|c| c.stats.pending.load(Ordering::Relaxed) > 0)
@@ -656,14 +694,25 @@ pub fn run(
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let targets: Vec<u64> = if s.function == "resilver" {
-            s.targets.clone()
-        } else {
-            Vec::new()
+        // Read the next batch while this one is verified and repaired (not under a rate limit,
+        // where reading ahead would only overshoot it).
+        let next = cur.batch.next;
+        let ahead = match next {
+            Some(bm) if rate_limit() == 0 => {
+                Some(pool.scan_batch(bm, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?)
+            }
+            _ => None,
         };
-        let r = process(pool, &batch, &targets);
-        let next = batch.next;
-        drop(batch);
+        let (r, fetched_next) = std::thread::scope(|sc| {
+            let h = ahead.map(|b| {
+                let t = targets.clone();
+                sc.spawn(move || fetch(b, &t))
+            });
+            let r = finish(pool, &cur);
+            (r, h.and_then(|h| h.join().ok()))
+        });
+        prefetched = fetched_next;
+        drop(cur);
         s = pool.scan_state()?;
         s.examined += r.examined;
         s.issued += r.issued;
