@@ -550,10 +550,19 @@ pub async fn serve_conn<S>(
     let Ok(Some(neg)) = neg else { return };
     let (stop_tx, mut stop_rx) = watch::channel(false);
     exports.attach(&neg.name, conn, stop_tx);
-    let (mut rd, mut wr) = tokio::io::split(s);
+    let (rd, mut wr) = tokio::io::split(s);
+    // Buffered: a request header is 28 bytes; one read brings in many of them.
+    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT * 2);
     let writer = tokio::spawn(async move {
-        while let Some(b) = rx.recv().await {
+        // Replies that are ready together go out in one write.
+        while let Some(mut b) = rx.recv().await {
+            while b.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(more) => b.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
             if wr.write_all(&b).await.is_err() {
                 break;
             }
