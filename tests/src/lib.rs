@@ -625,3 +625,409 @@ pub fn scribble(path: &Path, offset: u64, len: u64, byte: Option<u8>, seed: u64)
         .expect("open for scribble");
     f.write_all_at(&buf, offset).expect("scribble");
 }
+
+// ---------------------------------------------------------------------------------------------------
+// A small synchronous NBD client
+// ---------------------------------------------------------------------------------------------------
+
+/// NBD wire constants (NetworkBlockDevice/nbd, doc/proto.md) that [`NbdClient`] uses.
+pub mod nbd_proto {
+    /// The first magic of the server's greeting ("NBDMAGIC").
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    /// The newstyle magic ("IHAVEOPT"), also the prefix of every option.
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    /// The magic of option replies.
+    pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    /// The magic of transmission requests.
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    /// The magic of simple replies.
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    /// Handshake flag: fixed newstyle.
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1;
+    /// Handshake flag: no zeroes after EXPORT_NAME.
+    pub const FLAG_NO_ZEROES: u16 = 2;
+    /// Client flag: fixed newstyle.
+    pub const CFLAG_FIXED_NEWSTYLE: u32 = 1;
+    /// Client flag: no zeroes.
+    pub const CFLAG_NO_ZEROES: u32 = 2;
+    /// Option: NBD_OPT_GO.
+    pub const OPT_GO: u32 = 7;
+    /// Option reply: ACK.
+    pub const REP_ACK: u32 = 1;
+    /// Option reply: INFO.
+    pub const REP_INFO: u32 = 3;
+    /// Option replies with this bit set are errors.
+    pub const REP_FLAG_ERROR: u32 = 0x8000_0000;
+    /// Info type: NBD_INFO_EXPORT (size and transmission flags).
+    pub const INFO_EXPORT: u16 = 0;
+    /// Command: READ.
+    pub const CMD_READ: u16 = 0;
+    /// Command: WRITE.
+    pub const CMD_WRITE: u16 = 1;
+    /// Command: DISC.
+    pub const CMD_DISC: u16 = 2;
+    /// Command: FLUSH.
+    pub const CMD_FLUSH: u16 = 3;
+    /// Command: TRIM.
+    pub const CMD_TRIM: u16 = 4;
+    /// Command flag: FUA (force unit access).
+    pub const CMDF_FUA: u16 = 1;
+    /// Transmission flag: the export is read-only.
+    pub const TF_READ_ONLY: u16 = 2;
+}
+
+/// What went wrong with an NBD request.
+#[derive(Debug)]
+pub enum NbdError {
+    /// The connection failed (the server went away, a timeout, ...).
+    Io(std::io::Error),
+    /// The server answered the request with this NBD error (an errno value: 5 = EIO, 22 = EINVAL...).
+    Server(u32),
+    /// The server broke the protocol (bad magic, wrong cookie, an option refused...).
+    Protocol(String),
+}
+
+impl std::fmt::Display for NbdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdError::Io(e) => write!(f, "NBD connection error: {e}"),
+            NbdError::Server(e) => write!(
+                f,
+                "NBD error {e} ({})",
+                std::io::Error::from_raw_os_error(*e as i32)
+            ),
+            NbdError::Protocol(m) => write!(f, "NBD protocol error: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for NbdError {}
+
+impl From<std::io::Error> for NbdError {
+    fn from(e: std::io::Error) -> NbdError {
+        NbdError::Io(e)
+    }
+}
+
+/// A small, correct, synchronous NBD client for tests: fixed newstyle handshake with NO_ZEROES,
+/// `NBD_OPT_GO` for one export, then one request at a time with simple replies (READ, WRITE with or
+/// without FUA, TRIM, FLUSH, DISC); [`NbdClient::send_write`] and [`NbdClient::send_flush`] leave
+/// requests in flight, e.g. to kill the server under them. Every socket read and write has a timeout
+/// ([`NbdClient::TIMEOUT`]), so a hung server fails the test instead of hanging it.
+///
+/// ```no_run
+/// let env = cairn_tests::Env::new();
+/// // ... create tank/vol, start the daemon ...
+/// let mut c = cairn_tests::NbdClient::connect(&env.nbd_socket(), "tank/vol").unwrap();
+/// c.write(0, &[7u8; 4096]).unwrap();
+/// c.flush().unwrap();
+/// assert_eq!(c.read(0, 4096).unwrap(), vec![7u8; 4096]);
+/// c.disconnect().unwrap();
+/// ```
+pub struct NbdClient {
+    sock: std::os::unix::net::UnixStream,
+    size: u64,
+    flags: u16,
+    cookie: u64,
+    /// Cookies of requests sent by [`NbdClient::send_write`] or [`NbdClient::send_flush`] whose replies
+    /// have not been read yet.
+    unanswered: Vec<u64>,
+}
+
+// NBD is a big-endian wire protocol, so the client has to speak it (an inner `#![allow]` would have to
+// go at the top of this file; the allowance is kept to this impl).
+#[allow(clippy::big_endian_bytes)]
+impl NbdClient {
+    /// How long one socket read or write may block.
+    pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// Connects to the unix socket `socket` and negotiates the export `export` (e.g. `tank/vol`).
+    pub fn connect(socket: &Path, export: &str) -> Result<NbdClient, NbdError> {
+        use nbd_proto::*;
+        use std::io::Write;
+        let sock = std::os::unix::net::UnixStream::connect(socket)?;
+        sock.set_read_timeout(Some(Self::TIMEOUT))?;
+        sock.set_write_timeout(Some(Self::TIMEOUT))?;
+        let mut c = NbdClient {
+            sock,
+            size: 0,
+            flags: 0,
+            cookie: 0,
+            unanswered: Vec::new(),
+        };
+        if c.recv_u64()? != NBDMAGIC {
+            return Err(NbdError::Protocol("greeting: no NBDMAGIC".into()));
+        }
+        if c.recv_u64()? != IHAVEOPT {
+            return Err(NbdError::Protocol("greeting: not a newstyle server".into()));
+        }
+        let hflags = c.recv_u16()?;
+        if hflags & FLAG_FIXED_NEWSTYLE == 0 || hflags & FLAG_NO_ZEROES == 0 {
+            return Err(NbdError::Protocol(format!(
+                "greeting: handshake flags {hflags:#x} lack FIXED_NEWSTYLE or NO_ZEROES"
+            )));
+        }
+        let mut msg = (CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        // NBD_OPT_GO: name length, name, no information requests.
+        let name = export.as_bytes();
+        let opt_len = u32::try_from(4 + name.len() + 2)
+            .map_err(|_| NbdError::Protocol("export name too long".into()))?;
+        msg.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        msg.extend_from_slice(&OPT_GO.to_be_bytes());
+        msg.extend_from_slice(&opt_len.to_be_bytes());
+        msg.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        msg.extend_from_slice(name);
+        msg.extend_from_slice(&0u16.to_be_bytes());
+        c.sock.write_all(&msg)?;
+        let mut info = None;
+        loop {
+            if c.recv_u64()? != OPT_REPLY_MAGIC {
+                return Err(NbdError::Protocol("option reply: bad magic".into()));
+            }
+            let opt = c.recv_u32()?;
+            let typ = c.recv_u32()?;
+            let len = c.recv_u32()?;
+            if len > (1 << 20) {
+                return Err(NbdError::Protocol(format!("option reply of {len} bytes")));
+            }
+            let data = c.recv(len as usize)?;
+            if opt != OPT_GO {
+                return Err(NbdError::Protocol(format!(
+                    "reply to GO names option {opt}"
+                )));
+            }
+            if typ & REP_FLAG_ERROR != 0 {
+                return Err(NbdError::Protocol(format!(
+                    "GO '{export}' refused ({typ:#x}): {}",
+                    String::from_utf8_lossy(&data)
+                )));
+            }
+            match typ {
+                REP_ACK => break,
+                REP_INFO if data.len() >= 2 && data[..2] == INFO_EXPORT.to_be_bytes() => {
+                    if data.len() != 12 {
+                        return Err(NbdError::Protocol(format!(
+                            "NBD_INFO_EXPORT of {} bytes",
+                            data.len()
+                        )));
+                    }
+                    let mut s = [0u8; 8];
+                    s.copy_from_slice(&data[2..10]);
+                    info = Some((
+                        u64::from_be_bytes(s),
+                        u16::from_be_bytes([data[10], data[11]]),
+                    ));
+                }
+                // Other information (name, block sizes) and unknown replies are ignored.
+                _ => {}
+            }
+        }
+        let (size, flags) =
+            info.ok_or_else(|| NbdError::Protocol("GO sent no NBD_INFO_EXPORT".into()))?;
+        c.size = size;
+        c.flags = flags;
+        Ok(c)
+    }
+
+    /// The export's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The export's transmission flags.
+    pub fn transmission_flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// READ `len` bytes at `offset`.
+    pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, NbdError> {
+        self.request(nbd_proto::CMD_READ, 0, offset, len, &[])?;
+        self.recv(len as usize).map_err(NbdError::Io)
+    }
+
+    /// WRITE `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.write_flags(offset, data, 0)
+    }
+
+    /// WRITE with FUA: durable when it returns.
+    pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.write_flags(offset, data, nbd_proto::CMDF_FUA)
+    }
+
+    fn write_flags(&mut self, offset: u64, data: &[u8], flags: u16) -> Result<(), NbdError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| NbdError::Protocol("write larger than 4 GiB".into()))?;
+        self.request(nbd_proto::CMD_WRITE, flags, offset, len, data)
+    }
+
+    /// Sends a WRITE of `data` at `offset` without waiting for its reply (e.g. to kill the server with
+    /// writes in flight). The next request, or [`NbdClient::wait_sent`], first reads the replies of
+    /// such requests, in whatever order the server sends them.
+    pub fn send_write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        use std::io::Write;
+        let len = u32::try_from(data.len())
+            .map_err(|_| NbdError::Protocol("write larger than 4 GiB".into()))?;
+        self.cookie += 1;
+        let mut b = self.header(nbd_proto::CMD_WRITE, 0, offset, len);
+        b.extend_from_slice(data);
+        self.sock.write_all(&b)?;
+        self.unanswered.push(self.cookie);
+        Ok(())
+    }
+
+    /// Sends a FLUSH without waiting for its reply (see [`NbdClient::send_write`]).
+    pub fn send_flush(&mut self) -> Result<(), NbdError> {
+        use std::io::Write;
+        self.cookie += 1;
+        let b = self.header(nbd_proto::CMD_FLUSH, 0, 0, 0);
+        self.sock.write_all(&b)?;
+        self.unanswered.push(self.cookie);
+        Ok(())
+    }
+
+    /// Reads the replies of the requests sent by [`NbdClient::send_write`] and
+    /// [`NbdClient::send_flush`]; the first error wins.
+    pub fn wait_sent(&mut self) -> Result<(), NbdError> {
+        let mut first_err = None;
+        while !self.unanswered.is_empty() {
+            let (err, cookie) = self.reply_header()?;
+            let Some(i) = self.unanswered.iter().position(|&c| c == cookie) else {
+                return Err(NbdError::Protocol(format!(
+                    "reply with cookie {cookie}, which no unanswered request has"
+                )));
+            };
+            self.unanswered.swap_remove(i);
+            if err != 0 && first_err.is_none() {
+                first_err = Some(NbdError::Server(err));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// TRIM `len` bytes at `offset`.
+    pub fn trim(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
+        self.request(nbd_proto::CMD_TRIM, 0, offset, len, &[])
+    }
+
+    /// FLUSH: every write acknowledged before it is durable when it returns.
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        self.request(nbd_proto::CMD_FLUSH, 0, 0, 0, &[])
+    }
+
+    /// Sends NBD_CMD_DISC and waits until the server closes the connection.
+    pub fn disconnect(mut self) -> Result<(), NbdError> {
+        use std::io::Write;
+        self.wait_sent()?;
+        self.cookie += 1;
+        let hdr = self.header(nbd_proto::CMD_DISC, 0, 0, 0);
+        self.sock.write_all(&hdr)?;
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        let mut buf = [0u8; 512];
+        loop {
+            match self.sock.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    return Err(NbdError::Protocol(format!(
+                        "{n} unexpected bytes after DISC"
+                    )))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(()),
+                Err(e) => return Err(NbdError::Io(e)),
+            }
+        }
+    }
+
+    fn header(&self, typ: u16, flags: u16, offset: u64, len: u32) -> Vec<u8> {
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&nbd_proto::REQUEST_MAGIC.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&typ.to_be_bytes());
+        b.extend_from_slice(&self.cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b
+    }
+
+    /// Sends one request (with `payload` for a write) and reads its simple reply header. On success the
+    /// caller reads the data of a READ.
+    fn request(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> Result<(), NbdError> {
+        use std::io::Write;
+        self.wait_sent()?;
+        self.cookie += 1;
+        let mut b = self.header(typ, flags, offset, len);
+        b.extend_from_slice(payload);
+        self.sock.write_all(&b)?;
+        let (err, cookie) = self.reply_header()?;
+        if cookie != self.cookie {
+            return Err(NbdError::Protocol(format!(
+                "reply cookie {cookie} to request {}",
+                self.cookie
+            )));
+        }
+        // A simple reply to a failed READ carries no data (the server sends none).
+        if err != 0 {
+            return Err(NbdError::Server(err));
+        }
+        Ok(())
+    }
+
+    /// A simple reply's header: (error, cookie).
+    fn reply_header(&mut self) -> Result<(u32, u64), NbdError> {
+        if self.recv_u32()? != nbd_proto::SIMPLE_REPLY_MAGIC {
+            return Err(NbdError::Protocol("reply: bad magic".into()));
+        }
+        let err = self.recv_u32()?;
+        let cookie = self.recv_u64()?;
+        Ok((err, cookie))
+    }
+
+    fn recv(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut b = vec![0u8; n];
+        self.sock.read_exact(&mut b)?;
+        Ok(b)
+    }
+
+    fn recv_u16(&mut self) -> std::io::Result<u16> {
+        let mut b = [0u8; 2];
+        self.sock.read_exact(&mut b)?;
+        Ok(u16::from_be_bytes(b))
+    }
+
+    fn recv_u32(&mut self) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        self.sock.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn recv_u64(&mut self) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.sock.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
+}
+
+impl Env {
+    /// An [`NbdClient`] connected to `export` (`POOL/VOL`) on the daemon's default socket.
+    pub fn nbd_connect(&self, export: &str) -> Result<NbdClient, NbdError> {
+        NbdClient::connect(&self.nbd_socket(), export)
+    }
+}
+
+impl Env {
+    /// Keeps the temporary directory (leaves, state, daemon logs) after the test, for a post-mortem;
+    /// returns its path.
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+}
