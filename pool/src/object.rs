@@ -410,6 +410,11 @@ impl Obj {
             }
             v
         };
+        if self.ind.len() >= MAX_CACHED_IND {
+            // Bounded memory whatever the object's size: forget clean indirect blocks (they are
+            // read again when needed); dirty ones must stay until the next sync.
+            self.ind.retain(|_, ind| ind.dirty);
+        }
         self.ind.insert((level, index), Ind { bps, dirty: false });
         Ok(())
     }
