@@ -1205,7 +1205,56 @@ impl Pool {
                 inner.tree.events.clone(),
             )
         };
-        for (bp, within, at, len) in todo {
+        // Whole blocks that lie one after the other on the same top-level vdev are read with one
+        // request and verified block by block (any failure falls back to block-at-a-time reads).
+        let mut i = 0;
+        let mut single: Vec<(BlockPtr, usize, usize, usize)> = Vec::new();
+        while i < todo.len() {
+            let whole = |k: usize| {
+                let (bp, within, _, len): &(BlockPtr, usize, usize, usize) = &todo[k];
+                *within == 0 && *len == bp.psize as usize
+            };
+            let mut j = i + 1;
+            if whole(i) {
+                while j < todo.len()
+                    && whole(j)
+                    && j - i < 64
+                    && todo[j].2 == todo[j - 1].2 + todo[j - 1].3
+                    && todo[j].0.dvas[0].vdev == todo[i].0.dvas[0].vdev
+                    && todo[j].0.dvas[0].offset
+                        == todo[j - 1].0.dvas[0].offset + todo[j - 1].0.psize as u64
+                {
+                    j += 1;
+                }
+            }
+            if j - i >= 2 {
+                let run = &todo[i..j];
+                let start = run[0].2;
+                let total: usize = run.iter().map(|r| r.3).sum();
+                let d0 = run[0].0.dvas[0];
+                let birth = run.iter().map(|r| r.0.birth).max().unwrap_or_default();
+                let sums: Vec<(usize, usize, [u8; 32])> = run
+                    .iter()
+                    .map(|r| (r.2 - start, r.3, r.0.checksum))
+                    .collect();
+                let verify = |b: &[u8]| {
+                    use rayon::prelude::*;
+                    sums.par_iter()
+                        .all(|(o, l, c)| crate::blkptr::checksum(&b[*o..*o + *l]) == *c)
+                };
+                let ok = vdevs.get(d0.vdev as usize).is_some_and(|t| {
+                    t.read(d0.offset, &mut buf[start..start + total], birth, &verify)
+                        .is_ok()
+                });
+                if !ok {
+                    single.extend_from_slice(run);
+                }
+            } else {
+                single.push(todo[i]);
+            }
+            i = j;
+        }
+        for (bp, within, at, len) in single {
             match object::read_bp(&vdevs, &bp) {
                 Ok(data) => buf[at..at + len].copy_from_slice(&data[within..within + len]),
                 Err(e) => {

@@ -527,8 +527,9 @@ fn a_slow_leaf_gets_clearly_fewer_reads() {
     let after = iostat_reads(&env);
     let delta = |n: &str| after[n] - before[n];
     let (c, dd) = (delta("c"), delta("d"));
+    // Contiguous blocks are read with one request each, so count requests, not blocks.
     assert!(
-        dd >= 100,
+        dd >= 20,
         "d should serve most reads of mirror-1 (c {c}, d {dd}); iostat before {before:?}, after {after:?}"
     );
     assert!(
