@@ -143,6 +143,8 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             p.clear(leaf.as_deref())
                 .map_err(|e| one(CmdError::new("clear", leaf.as_deref().unwrap_or(&pool), e)))?;
             log(ctx, &p, cmdline);
+            // A leaf brought back lacks what it missed while faulted: resilver it, as online does.
+            resilver_if_needed(ctx, &pool, &p, false)?;
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Events { flags, pool } => events(ctx, &flags, pool.as_deref()),

@@ -338,6 +338,24 @@ impl Pool {
             .collect()
     }
 
+    /// After a scrub that started at `start_txg` completed: it read every copy of every block and
+    /// rewrote the missing ones, so a leaf that lacked only txgs up to the start (and missed nothing
+    /// while the scrub ran: it was usable throughout) lacks nothing any more.
+    pub fn scrub_done(&self, start_txg: Txg) {
+        let g = self.lock();
+        for (_, l) in g.tree.leaves() {
+            let mut d = l.dtl.lock().unwrap_or_else(|p| p.into_inner());
+            if !d.is_empty() && d.iter().all(|&(_, b)| b <= start_txg) && l.state().usable() {
+                d.clear();
+                l.note(
+                    "resilver_done",
+                    None,
+                    "scrub rewrote every missing copy".into(),
+                );
+            }
+        }
+    }
+
     /// After a resilver that started at `start_txg` completed: the listed leaves hold every txg up to
     /// it, so drop those ranges from their dirty time logs.
     pub fn resilver_done(&self, targets: &[u64], start_txg: Txg) {

@@ -736,6 +736,8 @@ pub fn run(
                 if let Err(e) = pool.finish_replacements() {
                     tracing::error!("cannot detach replaced leaves: {e}");
                 }
+            } else {
+                pool.scrub_done(Txg(s.start_txg));
             }
             pool.sync()?;
             progress(&s);

@@ -1,36 +1,42 @@
-//! A randomized stress test in the spirit of OpenZFS's ztest (SPEC sections 3, 5 and 7).
+//! A randomized stress test in the spirit of OpenZFS's ztest (SPEC sections 3, 5, 6 and 7).
 //!
 //! One RAID1+0 pool (`mirror a b mirror c d`), one sparse volume `tank/vol` (96 MiB, 16 KiB blocks), the
 //! daemon, and a seeded random sequence of operations checked against an in-memory model of the volume:
 //!
 //! - NBD writes of random length and offset (block-aligned, unaligned, tiny, at the end of the volume;
-//!   random, zero or constant content), trims (the model turns them into zeros), reads compared with the
-//!   model byte for byte, FLUSH;
-//! - faults on one leaf of each mirror only (its "victim", drawn from the seed, as ztest damages only one
-//!   side of a mirror): `pool offline`/`online`, injected EIO on reads, corruption on reads and
-//!   corruption on writes with a percentage (`cairn inject`), cleared later (`inject -c all`, `pool
-//!   clear`). Without resilver or scrub, a leaf that missed or mangled writes stays damaged, so the
-//!   other leaf of its mirror is never disturbed;
-//! - `pool export` and `pool import -d DIR` (clients disconnected first, or `-f` while connected);
-//! - kill -9 of the daemon (sometimes with writes in flight) and restart: everything written before the
-//!   last FLUSH must be there; a block changed since then may hold any of the states it went through
-//!   since the flush (the model keeps a hash of each), and what is read back is adopted by the model;
+//!   random, zero or constant content; some FUA), trims (the model turns them into zeros), reads
+//!   compared with the model byte for byte, FLUSH;
+//! - faults on one leaf of each mirror at a time (its "victim"), as ztest damages only one side of a
+//!   mirror: `pool offline`/`online`, and with `cairn inject` and a percentage EIO or corruption on
+//!   reads, and EIO, corruption, dropped or torn writes (write faults stay in the data area: mangled
+//!   labels could make the leaf unopenable, which is right but would end the run); cleared later
+//!   (`inject -c all`, `pool clear`);
+//! - scrubs, in the background or waited for: a scrub must find a good copy of every block;
+//! - moving a mirror's faults to its other leaf: clear, `pool online` (which resilvers what the victim
+//!   missed), `pool scrub -w` (which repairs what was mangled), check that the victim lacks nothing,
+//!   then the old victim must never show an error again;
+//! - `pool export` and `pool import -d DIR` (the client disconnected first, or `-f` while connected);
+//! - kill -9 of the daemon (sometimes with writes and a FLUSH in flight, sometimes after the txg timer)
+//!   and restart: everything written before the last FLUSH must be there; a block changed since then
+//!   may hold any of the states it went through since the flush (the model keeps a hash of each), and
+//!   what is read back is adopted by the model;
 //! - SIGTERM and restart (a clean stop commits everything: the model stays exact);
-//! - `pool status -j`: never a permanent error, the untouched leaves never have an error, the pool is
-//!   ONLINE unless a victim is offline or may have been faulted.
+//! - `pool status -j`: never a permanent error, the leaves that are not victims never have an error,
+//!   the pool is ONLINE unless a victim is offline or may have been faulted.
 //!
-//! At the end the victims are brought back, faults cleared, the whole volume compared, the daemon
-//! stopped cleanly and restarted, the whole volume compared again, and the pool must be ONLINE with no
-//! permanent error.
+//! At the end: faults cleared, the victims brought back, the whole volume compared, a scrub with no
+//! error, no leaf lacking writes, a clean stop and restart, the whole volume compared twice, and the pool
+//! ONLINE with every leaf ONLINE and no permanent error.
 //!
-//! A failure names the seed and the operation number (and the offset for data mismatches) and prints
-//! the last operations; replay it with `CAIRN_STRESS_SEED=SEED cargo test -p cairn-tests --test stress`
-//! (adds that seed to the short run), or `scripts/stress SECONDS SEED` for the long run.
-//! `CAIRN_STRESS_OPS=N` stops a run after N operations (to reduce a failing sequence), and
-//! `CAIRN_STRESS_KEEP=1` keeps the failed run's directory (leaves, state, daemon logs).
+//! A failure names the seed and the operation number (and the offset for data mismatches), prints the
+//! recent operations and the daemon's log, writes every operation to `$TMPDIR/cairn-stress-SEED.log`,
+//! and says how to replay it: `CAIRN_STRESS_SEED=SEED CAIRN_STRESS_OPS=N cargo test -p cairn-tests
+//! --test stress -- --ignored stress_long` runs the same operations up to N (to reduce a failure, lower
+//! N). `CAIRN_STRESS_SEED` also adds that seed to the short run, and `CAIRN_STRESS_KEEP=1` keeps a failed
+//! run's directory (leaves, state, daemon logs).
 //!
-//! The run's choices depend only on the seed, never on timing; what timing changes (which txg a crash
-//! lands in, which mirror child serves a read) is what the model allows for.
+//! The operations depend only on the seed, never on timing; what timing changes (which txg a crash
+//! lands in, which mirror child serves a read, how far a scan got) is what the model allows for.
 
 use cairn_tests::{json_leaves, Daemon, Env, NbdClient, MIB};
 use serde_json::Value;
@@ -51,7 +57,7 @@ const READ_CHUNK: u64 = 4 * MIB;
 /// The seed every default test run uses.
 const FIXED_SEED: u64 = 0x00c0_ffee_5eed_0001;
 /// Operations of one seed in the short run.
-const SHORT_OPS: u64 = 1500;
+const SHORT_OPS: u64 = 1200;
 /// How long `pool export` is retried while the daemon still counts a client that just disconnected.
 const BUSY_RETRY: Duration = Duration::from_secs(10);
 /// How long a scrub or resilver may take.
@@ -445,14 +451,15 @@ impl<'e> Stress<'e> {
 
     fn finish(&mut self) {
         self.note("final checks".into());
-        for m in 0..self.victims.len() {
-            if self.victims[m].offline {
-                let leaf = self.victims[m].leaf.clone();
-                self.cairn(&["pool", "online", POOL, &leaf]);
-                self.victims[m].offline = false;
-            }
-        }
         self.clear_faults();
+        // Bring every victim back, offline or not: `online` resilvers what a leaf missed. (`pool clear`
+        // of a faulted leaf does not start a resilver, unlike zpool clear, so a victim that was faulted
+        // by write errors would otherwise keep lacking those writes.)
+        for m in 0..self.victims.len() {
+            let leaf = self.victims[m].leaf.clone();
+            self.cairn(&["pool", "online", POOL, &leaf]);
+            self.victims[m].offline = false;
+        }
         self.flush();
         self.verify_all("after the victims came back");
         // As ztest ends: a scrub must find every block with a good copy, and once the resilvers are
