@@ -282,24 +282,48 @@ pub fn write_allocated(
     bps: &mut [BlockPtr],
     blocks: &[NewBlock],
 ) -> Result<()> {
+    // Checksums on all cores.
     bps.par_iter_mut()
         .zip(blocks.par_iter())
-        .try_for_each(|(bp, b)| -> Result<()> {
-            bp.checksum = checksum(&b.data);
-            let mut err = None;
-            for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
-                match vdevs[d.vdev as usize].write(d.offset, &b.data) {
-                    Ok(()) => {}
-                    Err(e) => err = Some(e),
-                }
+        .for_each(|(bp, b)| bp.checksum = checksum(&b.data));
+    // Every copy of every block: (vdev, offset, block index). Copies that lie one after the other
+    // on a vdev (the allocator hands out space in order) go out as one write of up to 1 MiB.
+    let mut copies: Vec<(u32, u64, usize)> = Vec::new();
+    for (i, bp) in bps.iter().enumerate() {
+        for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
+            copies.push((d.vdev, d.offset, i));
+        }
+    }
+    copies.sort_unstable();
+    // (vdev, start offset, length, blocks)
+    let mut runs: Vec<(u32, u64, u64, Vec<usize>)> = Vec::new();
+    for (vdev, off, i) in copies {
+        let len = blocks[i].data.len() as u64;
+        match runs.last_mut() {
+            Some((v, start, rlen, members))
+                if *v == vdev && *start + *rlen == off && *rlen + len <= 1 << 20 =>
+            {
+                *rlen += len;
+                members.push(i);
             }
-            // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
-            // (A mirror already counts a write as done when one child took it.)
-            match err {
-                Some(e) => Err(e.into()),
-                None => Ok(()),
-            }
-        })
+            _ => runs.push((vdev, off, len, vec![i])),
+        }
+    }
+    runs.par_iter().try_for_each(|(vdev, off, len, members)| -> Result<()> {
+        let Some(t) = vdevs.get(*vdev as usize) else {
+            return Err(PoolError::corrupt("write", format!("no vdev {vdev}")));
+        };
+        // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
+        // (A mirror already counts a write as done when one child took it.)
+        if let [one] = members.as_slice() {
+            return t.write(*off, &blocks[*one].data).map_err(Into::into);
+        }
+        let mut buf = Vec::with_capacity(*len as usize);
+        for &m in members {
+            buf.extend_from_slice(&blocks[m].data);
+        }
+        t.write(*off, &buf).map_err(Into::into)
+    })
 }
 
 /// Free every DVA of a block (deferred by the allocator).
