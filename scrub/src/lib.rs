@@ -18,6 +18,7 @@ pub mod schedule;
 
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
+use cairn_vdev::tree::LeafVdev;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -292,11 +293,18 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
     /// A merged read: its buffer (None if it failed) and the pieces in it (offset in the run).
     type Run = (Option<Vec<u8>>, Vec<(usize, usize, usize, usize, usize)>);
     let runs: Vec<Vec<Run>> = std::thread::scope(|sc| {
-        let hs: Vec<_> = per_leaf
-            .into_values()
-            .map(|(leaf, mut wants)| {
+        // Two readers per leaf (alternate halves of its sorted list) keep two requests in flight.
+        let mut jobs: Vec<(Arc<cairn_vdev::tree::LeafVdev>, Vec<Want>)> = Vec::new();
+        for (leaf, mut wants) in per_leaf.into_values() {
+            wants.sort_by_key(|w| w.leaf_off);
+            let second = wants.split_off(wants.len() / 2);
+            jobs.push((leaf.clone(), wants));
+            jobs.push((leaf, second));
+        }
+        let hs: Vec<_> = jobs
+            .into_iter()
+            .map(|(leaf, wants)| {
                 sc.spawn(move || {
-                    wants.sort_by_key(|w| w.leaf_off);
                     let mut out: Vec<Run> = Vec::new();
                     let dev = leaf.dev();
                     let mut i = 0;
@@ -442,6 +450,52 @@ fn write_copy(c: &Copy, data: &[u8]) -> u64 {
     n
 }
 
+/// Write pieces to leaves, merging neighbours into writes of up to 1 MiB, all leaves in parallel.
+/// Returns the bytes written.
+fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Vec<u8>)>) -> u64 {
+    pieces.sort_by_key(|(l, off, _)| (l.guid.0, *off));
+    type Runs = Vec<(u64, Vec<u8>)>;
+    let mut per_leaf: Vec<(Arc<LeafVdev>, Runs)> = Vec::new();
+    for (leaf, off, data) in pieces {
+        match per_leaf.last_mut() {
+            Some((l, runs)) if l.guid == leaf.guid => match runs.last_mut() {
+                Some((start, buf)) if *start + buf.len() as u64 == off && buf.len() < MAX_READ => {
+                    buf.extend_from_slice(&data)
+                }
+                _ => runs.push((off, data)),
+            },
+            _ => per_leaf.push((leaf, vec![(off, data)])),
+        }
+    }
+    std::thread::scope(|sc| {
+        let hs: Vec<_> = per_leaf
+            .into_iter()
+            .map(|(leaf, runs)| {
+                sc.spawn(move || {
+                    let Some(dev) = leaf.dev() else { return 0 };
+                    let mut n = 0u64;
+                    for (off, buf) in runs {
+                        match dev.write_at(&buf, off) {
+                            Ok(()) => {
+                                leaf.stats
+                                    .repaired_bytes
+                                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                                n += buf.len() as u64;
+                            }
+                            Err(e) => {
+                                leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                                leaf.note("write_error", Some(off), e.to_string());
+                            }
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    })
+}
+
 /// Does this copy lie on a leaf that missed the block's txg (its dirty time log says so)? Such a copy
 /// is expected to be stale: it is rewritten, never counted as a checksum error.
 fn is_stale(c: &Copy, birth: Txg) -> bool {
@@ -524,6 +578,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
         })
         .collect();
     let mut r = BatchResult::default();
+    let mut pending: Vec<(Arc<LeafVdev>, u64, Vec<u8>)> = Vec::new();
     let had_errors = pool.has_data_errors();
     for (bi, b) in batch.blocks.iter().enumerate() {
         r.examined += b.bp.psize as u64;
@@ -594,11 +649,18 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
                 }
             }
         }
-        // Resilver: the copies the targets lack.
+        // Resilver: the copies the targets lack (gathered, then written merged below).
         for c in &missing[bi] {
-            r.repaired += write_copy(c, &data);
+            for p in &c.pieces {
+                pending.push((
+                    p.leaf.clone(),
+                    p.leaf_off,
+                    data[p.buf_off..p.buf_off + p.len].to_vec(),
+                ));
+            }
         }
     }
+    r.repaired += write_merged(pending);
     r
 }
 
