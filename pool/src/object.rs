@@ -309,21 +309,22 @@ pub fn write_allocated(
             _ => runs.push((vdev, off, len, vec![i])),
         }
     }
-    runs.par_iter().try_for_each(|(vdev, off, len, members)| -> Result<()> {
-        let Some(t) = vdevs.get(*vdev as usize) else {
-            return Err(PoolError::corrupt("write", format!("no vdev {vdev}")));
-        };
-        // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
-        // (A mirror already counts a write as done when one child took it.)
-        if let [one] = members.as_slice() {
-            return t.write(*off, &blocks[*one].data).map_err(Into::into);
-        }
-        let mut buf = Vec::with_capacity(*len as usize);
-        for &m in members {
-            buf.extend_from_slice(&blocks[m].data);
-        }
-        t.write(*off, &buf).map_err(Into::into)
-    })
+    runs.par_iter()
+        .try_for_each(|(vdev, off, len, members)| -> Result<()> {
+            let Some(t) = vdevs.get(*vdev as usize) else {
+                return Err(PoolError::corrupt("write", format!("no vdev {vdev}")));
+            };
+            // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
+            // (A mirror already counts a write as done when one child took it.)
+            if let [one] = members.as_slice() {
+                return t.write(*off, &blocks[*one].data).map_err(Into::into);
+            }
+            let mut buf = Vec::with_capacity(*len as usize);
+            for &m in members {
+                buf.extend_from_slice(&blocks[m].data);
+            }
+            t.write(*off, &buf).map_err(Into::into)
+        })
 }
 
 /// Free every DVA of a block (deferred by the allocator).
