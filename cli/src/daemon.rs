@@ -323,6 +323,19 @@ pub fn forward(sd_root: &Path, argv: Vec<String>) -> Option<ControlReply> {
     serde_json::from_str(&line).ok()
 }
 
+/// Small requests should not wait for Nagle on TCP (a no-op for other sockets).
+trait NoDelay {
+    fn no_delay(&self);
+}
+impl NoDelay for tokio::net::TcpStream {
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+impl NoDelay for tokio::net::UnixStream {
+    fn no_delay(&self) {}
+}
+
 fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     if path.exists() {
         // A socket left by a daemon that died; the daemon lock says none is running.
@@ -409,50 +422,36 @@ pub fn serve(
                 }
             });
         }
-        {
-            let d = d.clone();
-            let mut shut = shut_rx.clone();
-            let conn_shut = shut_rx.clone();
-            tasks.spawn(async move {
-                let mut conns = tokio::task::JoinSet::new();
-                loop {
-                    tokio::select! {
-                        a = nbd_unix.accept() => match a {
-                            Ok((s, _)) => {
-                                let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
-                                let ex: Arc<dyn Exports> = d.clone();
-                                conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
-                            }
-                            Err(e) => tracing::warn!("nbd accept: {e}"),
-                        },
-                        _ = shut.changed() => break,
+        // NBD clients on the unix socket and, if asked, on TCP: the same loop for both listeners.
+        macro_rules! nbd_accept_loop {
+            ($listener:expr) => {{
+                let listener = $listener;
+                let d = d.clone();
+                let mut shut = shut_rx.clone();
+                let conn_shut = shut_rx.clone();
+                tasks.spawn(async move {
+                    let mut conns = tokio::task::JoinSet::new();
+                    loop {
+                        tokio::select! {
+                            a = listener.accept() => match a {
+                                Ok((s, _)) => {
+                                    s.no_delay();
+                                    let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
+                                    let ex: Arc<dyn Exports> = d.clone();
+                                    conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
+                                }
+                                Err(e) => tracing::warn!("nbd accept: {e}"),
+                            },
+                            _ = shut.changed() => break,
+                        }
                     }
-                }
-                while conns.join_next().await.is_some() {}
-            });
+                    while conns.join_next().await.is_some() {}
+                });
+            }};
         }
+        nbd_accept_loop!(nbd_unix);
         if let Some(tcp) = tcp {
-            let d = d.clone();
-            let mut shut = shut_rx.clone();
-            let conn_shut = shut_rx.clone();
-            tasks.spawn(async move {
-                let mut conns = tokio::task::JoinSet::new();
-                loop {
-                    tokio::select! {
-                        a = tcp.accept() => match a {
-                            Ok((s, _)) => {
-                                let _ = s.set_nodelay(true);
-                                let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
-                                let ex: Arc<dyn Exports> = d.clone();
-                                conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
-                            }
-                            Err(e) => tracing::warn!("nbd accept: {e}"),
-                        },
-                        _ = shut.changed() => break,
-                    }
-                }
-                while conns.join_next().await.is_some() {}
-            });
+            nbd_accept_loop!(tcp);
         }
         {
             // Scheduled scrubs: check every second (catching up on ones missed while down).
