@@ -15,6 +15,7 @@ use crate::statedir::StateDir;
 use crate::CmdError;
 use cairn_dataset::Volume;
 use cairn_pool::Pool;
+use cairn_vdev::units::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -55,10 +56,6 @@ pub struct Daemon {
     next_conn: AtomicU64,
     injections: crate::injectcmd::Injections,
     scans: Arc<cairn_scrub::ScanManager>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Daemon {

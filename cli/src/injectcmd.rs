@@ -7,6 +7,7 @@ use crate::ctx::Ctx;
 use crate::size::parse_size;
 use crate::{outln, CmdError, InjectArgs};
 use cairn_vdev::testleaf::{Fault, FaultIo, FaultKind, FaultSet};
+use cairn_vdev::units::lock;
 use std::sync::{Arc, Mutex};
 
 /// One injected fault as the daemon keeps it.
@@ -23,10 +24,6 @@ pub struct Injected {
 pub struct Injections {
     next: Mutex<u64>,
     list: Mutex<Vec<Injected>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Injections {

@@ -13,6 +13,7 @@ use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
 use cairn_pool::{
     CreateOptions, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
 };
+use cairn_vdev::units::now_secs;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -276,13 +277,6 @@ fn scrub(
     }
     let _ = p.log_history(&ctx.cmdline.clone(), &ctx.sd.hostname());
     Ok(())
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Durations as zpool prints them: HH:MM:SS, or "N days HH:MM:SS".

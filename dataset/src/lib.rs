@@ -13,12 +13,13 @@
 //! `POOL/NAME` (one level; Cairn has no filesystems to nest under).
 
 use bincode::Options;
+use cairn_pool::lock;
 use cairn_pool::object::ObjType;
 use cairn_pool::{Pool, PoolError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 const REGISTRY: &str = "datasets";
 pub const DEFAULT_BLOCKSIZE: u64 = 16 * 1024;
@@ -242,10 +243,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
         refreservation: 0,
         readonly: false,
         copies: 1,
-        creation: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        creation: cairn_pool::now_secs(),
         user: BTreeMap::new(),
     };
     let mut refres: Option<u64> = None;
@@ -503,7 +501,7 @@ impl Volume {
     }
 
     fn headroom(&self) -> Result<u64> {
-        let mut h = self.headroom.lock().unwrap_or_else(|p| p.into_inner());
+        let mut h = lock(&self.headroom);
         if h.0.elapsed() > Duration::from_secs(1) {
             let reg = load(&self.pool)?;
             *h = (

@@ -16,6 +16,7 @@ use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::label;
 use cairn_vdev::testleaf::FaultSet;
 use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
+use cairn_vdev::units::{lock, now_secs as now};
 use cairn_vdev::{Leaf, Txg};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -34,10 +35,6 @@ struct Health {
     events: Vec<Event>,
     /// (object, block id) no copy could serve.
     errlog: BTreeSet<(u64, u64)>,
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Inner {
@@ -371,11 +368,4 @@ impl Pool {
         }
         Ok(out)
     }
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

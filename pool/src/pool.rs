@@ -26,12 +26,13 @@ use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::identity::identify;
 use cairn_vdev::label::{self, LabelRead, Uberblock, MIN_LEAF_SIZE};
 use cairn_vdev::tree::{TopVdev, VdevState, VdevTree};
+use cairn_vdev::units::{lock, now_secs};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Default stripe chunk (dm-stripe's usual 64 KiB would split our 128 KiB blocks; 128 KiB keeps them whole).
 pub const DEFAULT_STRIPE_CHUNK: u64 = 128 * 1024;
@@ -192,11 +193,7 @@ pub(crate) struct ReaderGuard {
 
 impl ReaderGuard {
     pub(crate) fn new(readers: &Readers, txg: Txg) -> ReaderGuard {
-        *readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(txg)
-            .or_insert(0) += 1;
+        *lock(readers).entry(txg).or_insert(0) += 1;
         ReaderGuard {
             readers: readers.clone(),
             txg,
@@ -206,7 +203,7 @@ impl ReaderGuard {
 
 impl Drop for ReaderGuard {
     fn drop(&mut self) {
-        let mut r = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = lock(&self.readers);
         if let Some(n) = r.get_mut(&self.txg) {
             *n -= 1;
             if *n == 0 {
@@ -220,13 +217,6 @@ impl Drop for ReaderGuard {
 pub struct Pool {
     pub(crate) inner: Mutex<Inner>,
     stop_sync: Mutex<bool>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 pub(crate) fn blob_opts() -> impl bincode::Options {
@@ -868,8 +858,7 @@ impl Pool {
                     .config
                     .find_leaf(lv.guid)
                     .expect("leaf of this config");
-                *lv.config.lock().unwrap_or_else(|p| p.into_inner()) =
-                    inner.config.tops[ti].children[ci].clone();
+                *lock(&lv.config) = inner.config.tops[ti].children[ci].clone();
             }
             inner.config_dirty = true;
             inner.sync_txg()?;
@@ -881,7 +870,7 @@ impl Pool {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     pub fn name(&self) -> String {
@@ -928,7 +917,7 @@ impl Pool {
             .spawn(move || loop {
                 std::thread::sleep(interval);
                 let Some(p) = weak.upgrade() else { return };
-                if *p.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) {
+                if *lock(&p.stop_sync) {
                     return;
                 }
                 if let Err(e) = p.sync() {
@@ -951,7 +940,7 @@ impl Pool {
 
     /// Commit everything and close the pool cleanly (the daemon's shutdown). Idempotent.
     pub fn close(&self) -> Result<()> {
-        *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(&self.stop_sync) = true;
         let mut g = self.lock();
         if g.closed.is_some() {
             return Ok(());
@@ -962,7 +951,7 @@ impl Pool {
     }
 
     fn set_state(&self, st: PoolState, what: &'static str) -> Result<()> {
-        *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(&self.stop_sync) = true;
         let mut g = self.lock();
         g.check_writable()?;
         g.sync_txg()?;
@@ -1260,10 +1249,7 @@ impl Pool {
                 Err(e) => {
                     // No copy could serve the block: a permanent error until it is rewritten.
                     let blkid = (off + at as u64) / bs;
-                    errlog
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((id, blkid));
+                    lock(&errlog).insert((id, blkid));
                     events.push(cairn_vdev::tree::Event {
                         time: now_secs(),
                         class: "data_error".into(),
@@ -1439,7 +1425,7 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        *self.stop_sync.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        *lock(&self.stop_sync) = true;
         let mut g = self.lock();
         if g.closed.is_none() && g.suspended.is_none() {
             if let Err(e) = g.close_clean() {
@@ -1677,13 +1663,7 @@ impl Inner {
         self.committed = txg;
         self.session_commits += 1;
         self.config_dirty = false;
-        let oldest_reader = self
-            .readers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .next()
-            .copied();
+        let oldest_reader = lock(&self.readers).keys().next().copied();
         self.alloc.txg_done(txg, oldest_reader);
         Ok(())
     }
@@ -1693,14 +1673,14 @@ impl Inner {
         for t in &self.tree.tops {
             let mut children = Vec::new();
             for c in &t.children {
-                let lc = c.config.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let lc = lock(&c.config).clone();
                 let st = c.state();
-                let has_dtl = !c.dtl.lock().unwrap_or_else(|p| p.into_inner()).is_empty();
+                let has_dtl = !lock(&c.dtl).is_empty();
                 let reason = match st {
                     VdevState::Online if has_dtl => Some("(resilver needed)".to_string()),
                     VdevState::Online => None,
                     VdevState::Offline => None,
-                    _ => c.reason.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    _ => lock(&c.reason).clone(),
                 };
                 children.push(VdevStatus {
                     name: leaf_name(&lc.identity.path),
@@ -1742,13 +1722,7 @@ impl Inner {
                         .lat_ewma_ns
                         .load(std::sync::atomic::Ordering::Relaxed)
                         / 1000,
-                    dtl: c
-                        .dtl
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .map(|&(a, b)| (a.0, b.0))
-                        .collect(),
+                    dtl: lock(&c.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect(),
                     children: Vec::new(),
                 });
             }
@@ -1775,7 +1749,7 @@ impl Inner {
             }
         }
         let st = self.tree.state();
-        let error_count = self.errlog.lock().unwrap_or_else(|p| p.into_inner()).len() as u64;
+        let error_count = lock(&self.errlog).len() as u64;
         let leaf_errors = self.tree.leaves().any(|(_, l)| {
             let v = l.stats.persistent();
             v[0] + v[1] + v[2] > 0

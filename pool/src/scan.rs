@@ -14,6 +14,7 @@ use crate::pool::{blob_opts, Pool, ReaderGuard};
 use bincode::Options;
 use cairn_vdev::config::TopKind;
 use cairn_vdev::tree::{LeafVdev, TopVdev};
+use cairn_vdev::units::lock;
 use cairn_vdev::Txg;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -235,11 +236,7 @@ impl Pool {
                 Err(e) => {
                     // An unreadable indirect block: count it and move on to the next object.
                     tracing::error!("scan: object {object}: {e}");
-                    inner
-                        .errlog
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert((object, bm.blkid));
+                    lock(&inner.errlog).insert((object, bm.blkid));
                 }
             }
             bm = Bookmark {
@@ -275,30 +272,20 @@ impl Pool {
     /// Record a block no copy of which could be read correctly.
     pub fn record_data_error(&self, object: u64, blkid: u64) {
         let g = self.lock();
-        g.errlog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((object, blkid));
+        lock(&g.errlog).insert((object, blkid));
     }
 
     /// Are there permanent errors at all (cheap check before clearing entries)?
     pub fn has_data_errors(&self) -> bool {
         let g = self.lock();
-        let empty = g
-            .errlog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty();
+        let empty = lock(&g.errlog).is_empty();
         !empty
     }
 
     /// A block that is fine again (a scrub found a good copy): drop it from the error list.
     pub fn clear_data_error(&self, object: u64, blkid: u64) {
         let g = self.lock();
-        g.errlog
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(object, blkid));
+        lock(&g.errlog).remove(&(object, blkid));
     }
 
     /// The scan state (default if no scan ever ran).
@@ -332,7 +319,7 @@ impl Pool {
             .leaves()
             .filter(|(t, l)| t.kind == TopKind::Mirror && l.state().usable())
             .filter_map(|(_, l)| {
-                let d = l.dtl.lock().unwrap_or_else(|p| p.into_inner());
+                let d = lock(&l.dtl);
                 d.first().map(|r| (l.guid.0, r.0))
             })
             .collect()
@@ -344,7 +331,7 @@ impl Pool {
     pub fn scrub_done(&self, start_txg: Txg) {
         let g = self.lock();
         for (_, l) in g.tree.leaves() {
-            let mut d = l.dtl.lock().unwrap_or_else(|p| p.into_inner());
+            let mut d = lock(&l.dtl);
             if !d.is_empty() && d.iter().all(|&(_, b)| b <= start_txg) && l.state().usable() {
                 d.clear();
                 l.note(
@@ -364,7 +351,7 @@ impl Pool {
             if !targets.contains(&l.guid.0) {
                 continue;
             }
-            let mut d = l.dtl.lock().unwrap_or_else(|p| p.into_inner());
+            let mut d = lock(&l.dtl);
             let mut kept = Vec::new();
             for &(a, b) in d.iter() {
                 if b <= start_txg {
@@ -375,10 +362,7 @@ impl Pool {
             *d = kept;
         }
         g.tree.events.push(cairn_vdev::tree::Event {
-            time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            time: cairn_vdev::units::now_secs(),
             class: "resilver_done".into(),
             vdev: String::new(),
             offset: None,

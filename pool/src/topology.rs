@@ -12,20 +12,10 @@ use cairn_vdev::config::{LeafConfig, LeafFlags, PoolState, TopKind};
 use cairn_vdev::identity::identify;
 use cairn_vdev::label;
 use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
+use cairn_vdev::units::{lock, now_secs as now};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use std::path::Path;
 use std::sync::Arc;
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 impl Pool {
     fn top_of(&self, g: &Inner, name: &str) -> Result<(usize, Arc<TopVdev>, Arc<LeafVdev>)> {

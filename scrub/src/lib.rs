@@ -19,11 +19,13 @@ pub mod schedule;
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
 use cairn_vdev::tree::LeafVdev;
+use cairn_vdev::units::lock;
+use cairn_vdev::units::now_secs as now;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Blocks per batch, and block bytes per batch (memory is about this times the number of copies).
 const BATCH_BLOCKS: usize = 4096;
@@ -45,13 +47,6 @@ pub enum ScrubError {
 }
 
 pub type Result<T, E = ScrubError> = std::result::Result<T, E>;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Begin a scrub, or resume a paused scan. Refuses while another scan runs (a resilver queues instead,
 /// see [`request_resilver`]).
@@ -848,7 +843,7 @@ pub struct ScanManager {
 impl ScanManager {
     /// Run the pool's scan in a background thread if its state says scanning and none runs yet.
     pub fn ensure_running(self: &Arc<Self>, name: &str, pool: Arc<Pool>) {
-        let mut r = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut r = lock(&self.running);
         if r.contains_key(name) {
             return;
         }
@@ -886,10 +881,7 @@ impl ScanManager {
                     }
                     break;
                 }
-                me.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&name);
+                lock(&me.running).remove(&name);
             });
         if spawned.is_err() {
             r.remove(&key);
@@ -898,12 +890,7 @@ impl ScanManager {
 
     /// Ask a running scan to pause or stop; false if none runs for this pool.
     pub fn signal(&self, name: &str, what: u8) -> bool {
-        match self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-        {
+        match lock(&self.running).get(name) {
             Some(c) => {
                 c.store(what, Ordering::Relaxed);
                 true
@@ -943,9 +930,6 @@ impl ScanManager {
     }
 
     pub fn is_running(&self, name: &str) -> bool {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name)
+        lock(&self.running).contains_key(name)
     }
 }

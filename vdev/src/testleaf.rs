@@ -17,10 +17,11 @@
 //! wrapped leaf is never changed by read-side faults.
 
 use crate::leaf::Leaf;
+use crate::units::lock;
 use serde::{Deserialize, Serialize};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// Torn writes land in units of this many bytes.
@@ -39,11 +40,6 @@ fn range_in(offset: u64, len: usize, size: u64, kind: io::ErrorKind) -> io::Resu
 
 fn eio() -> io::Error {
     io::Error::from_raw_os_error(libc::EIO)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A test that panicked while holding the lock must not hide the state from the others.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// splitmix64: spreads a seed so that nearby seeds give unrelated streams.

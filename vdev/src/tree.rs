@@ -18,6 +18,7 @@ use crate::error::{Result, VdevError};
 use crate::label::{self, Uberblock, DATA_START};
 use crate::leaf::Leaf;
 use crate::testleaf::{FaultLeaf, FaultSet};
+use crate::units::{lock, now_secs};
 use crate::units::{Guid, Txg};
 use std::collections::VecDeque;
 use std::io;
@@ -337,17 +338,6 @@ impl LeafVdev {
             .load(Ordering::Relaxed)
             .max(1_000_000)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Something that happened to a vdev (`pool events`).

@@ -76,3 +76,18 @@ pub fn getrandom(buf: &mut [u8]) {
 /// Size of the allocation unit (the "sector" of Cairn): every on-disk offset and size of a block is a
 /// multiple of it.
 pub const SECTOR: u64 = 4096;
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Lock a mutex, taking the data even if a thread panicked while holding it: the state behind Cairn's
+/// mutexes stays consistent across a panic (counters, caches, lists), so one panic must not poison the
+/// rest of the process.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
