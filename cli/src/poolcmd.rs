@@ -193,14 +193,7 @@ fn run_foreground(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<Cm
         );
         b
     });
-    let p2 = p.clone();
-    let limit = move || {
-        p2.get_props(&["scrub_rate_limit".to_string()])
-            .ok()
-            .and_then(|v| v.first().and_then(|x| x.1.parse::<u64>().ok()))
-            .unwrap_or(0)
-    };
-    let s = cairn_scrub::run(p, &control, &limit, &mut |s| {
+    let s = cairn_scrub::run(p, &control, &mut |s| {
         if let Some(b) = &bar {
             b.set_message(format!("{} {name}", s.function));
             let pct = (s.examined * 100)

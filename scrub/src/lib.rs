@@ -48,6 +48,28 @@ pub enum ScrubError {
 
 pub type Result<T, E = ScrubError> = std::result::Result<T, E>;
 
+/// The state of a scan of `function` starting now from the beginning of the pool.
+fn fresh_scan(pool: &Pool, function: &str, last_scrub: u64) -> ScanState {
+    ScanState {
+        function: function.into(),
+        state: "scanning".into(),
+        start_time: now(),
+        start_txg: pool.committed_txg().0,
+        bookmark: Bookmark::START,
+        to_examine: pool.allocated(),
+        last_scrub,
+        ..ScanState::default()
+    }
+}
+
+/// The pool's `scrub_rate_limit` in bytes per second (0: none).
+fn rate_limit(pool: &Pool) -> u64 {
+    pool.get_props(&["scrub_rate_limit".to_string()])
+        .ok()
+        .and_then(|v| v.first().and_then(|x| x.1.parse::<u64>().ok()))
+        .unwrap_or(0)
+}
+
 /// Begin a scrub, or resume a paused scan. Refuses while another scan runs (a resilver queues instead,
 /// see [`request_resilver`]).
 pub fn start_scrub(pool: &Pool) -> Result<ScanState> {
@@ -67,15 +89,8 @@ pub fn start_scrub(pool: &Pool) -> Result<ScanState> {
     let queued = s.queued.clone();
     let last_scrub = now();
     s = ScanState {
-        function: "scrub".into(),
-        state: "scanning".into(),
-        start_time: now(),
-        last_scrub,
-        start_txg: pool.committed_txg().0,
-        bookmark: Bookmark::START,
-        to_examine: pool.allocated(),
         queued,
-        ..ScanState::default()
+        ..fresh_scan(pool, "scrub", last_scrub)
     };
     pool.set_scan_state(&s)?;
     pool.sync()?;
@@ -101,16 +116,9 @@ pub fn request_resilver(pool: &Pool) -> Result<bool> {
     }
     let min = need.iter().map(|(_, t)| t.0).min().unwrap_or(1);
     s = ScanState {
-        function: "resilver".into(),
-        state: "scanning".into(),
-        start_time: now(),
-        start_txg: pool.committed_txg().0,
         min_birth: min.saturating_sub(1),
-        bookmark: Bookmark::START,
-        to_examine: pool.allocated(),
         targets: need.iter().map(|(g, _)| *g).collect(),
-        last_scrub: s.last_scrub,
-        ..ScanState::default()
+        ..fresh_scan(pool, "resilver", s.last_scrub)
     };
     pool.set_scan_state(&s)?;
     pool.sync()?;
@@ -133,19 +141,14 @@ pub fn start_rebuild(pool: &Pool) -> Result<bool> {
         )));
     }
     let s = ScanState {
-        function: "rebuild".into(),
-        state: "scanning".into(),
-        start_time: now(),
-        start_txg: pool.committed_txg().0,
+        // A rebuild walks top-level vdevs (object) and byte offsets (blkid), not the block tree.
         bookmark: Bookmark {
             object: 0,
             blkid: 0,
             before_root: false,
         },
-        to_examine: pool.allocated(),
         targets: need.iter().map(|(g, _)| *g).collect(),
-        last_scrub: s.last_scrub,
-        ..ScanState::default()
+        ..fresh_scan(pool, "rebuild", s.last_scrub)
     };
     pool.set_scan_state(&s)?;
     pool.sync()?;
@@ -660,12 +663,11 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
 }
 
 /// Run the pool's scan (if its state says scanning) until it finishes, is paused or stopped through
-/// `control`, or fails. `progress` sees the state after every batch. `rate_limit` caps the bytes read
-/// per second (0: none). Returns the final state.
+/// `control`, or fails. `progress` sees the state after every batch. The pool's `scrub_rate_limit`
+/// caps the bytes read per second. Returns the final state.
 pub fn run(
     pool: &Pool,
     control: &AtomicU8,
-    rate_limit: &dyn Fn() -> u64,
     progress: &mut dyn FnMut(&ScanState),
 ) -> Result<ScanState> {
     let mut s = pool.scan_state()?;
@@ -754,8 +756,9 @@ pub fn run(
         // Read the next batch while this one is verified and repaired (not under a rate limit,
         // where reading ahead would only overshoot it).
         let next = cur.batch.next;
+        let limit = rate_limit(pool);
         let ahead = match next {
-            Some(bm) if rate_limit() == 0 => {
+            Some(bm) if limit == 0 => {
                 Some(pool.scan_batch(bm, Txg(s.min_birth), BATCH_BLOCKS, BATCH_BYTES)?)
             }
             _ => None,
@@ -810,7 +813,6 @@ pub fn run(
             last_commit = Instant::now();
         }
         progress(&s);
-        let limit = rate_limit();
         if limit > 0 {
             window_bytes += r.issued;
             let should = Duration::from_secs_f64(window_bytes as f64 / limit as f64);
@@ -859,15 +861,8 @@ impl ScanManager {
         let spawned = std::thread::Builder::new()
             .name(format!("cairn-scan-{name}"))
             .spawn(move || {
-                let p2 = pool.clone();
-                let limit = move || {
-                    p2.get_props(&["scrub_rate_limit".to_string()])
-                        .ok()
-                        .and_then(|v| v.first().and_then(|x| x.1.parse::<u64>().ok()))
-                        .unwrap_or(0)
-                };
                 loop {
-                    match run(&pool, &control, &limit, &mut |_| {}) {
+                    match run(&pool, &control, &mut |_| {}) {
                         Ok(s) if s.state == "finished" => {
                             // A queued resilver may have been started: keep going if so.
                             if pool.scan_state().is_ok_and(|n| n.state == "scanning")
