@@ -1031,3 +1031,17 @@ impl Env {
         self.dir.keep()
     }
 }
+
+/// Deterministic pseudo-random bytes (xorshift64, seeded).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}

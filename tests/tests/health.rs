@@ -9,7 +9,7 @@
 //! The clients come from the Debian packages qemu-utils and libnbd-bin; a test whose client is missing
 //! fails and says which package to install.
 
-use cairn_tests::{json_leaves, scribble, Daemon, Env, Out, MIB};
+use cairn_tests::{json_leaves, random_bytes, scribble, Daemon, Env, Out, MIB};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,20 +23,6 @@ const BLOCK: u64 = 16 * 1024;
 // ---------------------------------------------------------------------------------------------------
 // Setup and helpers
 // ---------------------------------------------------------------------------------------------------
-
-/// Deterministic pseudo-random bytes (xorshift64, seeded).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 /// The RAID1+0 pool `tank` with a volume `tank/vol` of `mib` MiB, a daemon serving it, and the volume
 /// filled with pseudo-random data (qemu-img convert, then an NBD flush). Returns what the volume holds.

@@ -11,7 +11,7 @@
 // NBD is a big-endian wire protocol: the raw client below has to speak it.
 #![allow(clippy::big_endian_bytes)]
 
-use cairn_tests::{Daemon, Env, Out, MIB};
+use cairn_tests::{random_bytes, Daemon, Env, Out, MIB};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -131,20 +131,6 @@ impl Model {
         }
         out
     }
-}
-
-/// Deterministic pseudo-random bytes (xorshift64, seeded).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 /// Asserts that two images are equal, naming the first differing offset.

@@ -13,7 +13,7 @@
 //! The clients come from the Debian packages qemu-utils (qemu-img); a test whose client is missing
 //! fails and says which package to install.
 
-use cairn_tests::{json_leaves, scribble, Daemon, Env, NbdError, MIB};
+use cairn_tests::{json_leaves, random_bytes, scribble, Daemon, Env, NbdError, MIB};
 use serde_json::Value;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -50,20 +50,6 @@ fn setup_with_data(len: u64, seed: u64) -> (Env, Daemon, Vec<u8>) {
     let (env, d, mut model) = setup();
     write_random(&env, &mut model, 0, len, seed);
     (env, d, model)
-}
-
-/// Deterministic pseudo-random bytes (xorshift64, seeded).
-fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 /// Writes `len` pseudo-random bytes at `offset` of the volume, then FLUSHes them. At offset 0 a file of
