@@ -237,7 +237,6 @@ impl StateDir {
     }
 
     /// The directory's path.
-    #[allow(dead_code)]
     pub fn root(&self) -> &Path {
         &self.root
     }
