@@ -12,7 +12,6 @@ use crate::object::ObjType;
 use crate::pool::{blob_opts, read_blob, write_blob, Inner, Pool, MOS_COPIES};
 use bincode::Options;
 use cairn_vdev::config::TopKind;
-use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::label;
 use cairn_vdev::testleaf::FaultSet;
 use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
@@ -255,13 +254,7 @@ impl Pool {
             return Ok(());
         }
         let path = lv.path();
-        let dev = FileLeaf::open(
-            Path::new(&path),
-            LeafOpen {
-                read_only: false,
-                lock: true,
-            },
-        )?;
+        let dev = crate::pool::open_leaf_for_pool(Path::new(&path), &path)?;
         let scan = label::scan_leaf(&dev);
         let ok = scan.best_label().is_some_and(|l| {
             l.header.pool_guid == g.config.pool_guid && l.header.leaf_guid == lv.guid
