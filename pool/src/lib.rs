@@ -20,6 +20,7 @@ pub mod object;
 pub mod pool;
 pub mod props;
 pub mod scan;
+pub mod schedule;
 pub mod topology;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};

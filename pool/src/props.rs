@@ -114,66 +114,17 @@ pub fn validate(name: &str, value: &str) -> Result<String> {
     }
 }
 
-/// `off`, `daily`, `weekly`, `monthly`, an interval `N[smhdw]`, or a 5-field cron line.
+/// `off`, `daily`, `weekly`, `monthly`, an interval `N[smhdw]`, or a 5-field cron line: exactly what
+/// the scheduler ([`crate::schedule`]) can run.
 pub fn validate_schedule(v: &str) -> Result<()> {
-    let bad = |why: &str| {
+    if crate::schedule::valid(v) {
+        Ok(())
+    } else {
         Err(PoolError::Invalid(format!(
-            "invalid scrub_schedule '{v}': {why}"
+            "invalid scrub_schedule '{v}': expected off, daily, weekly, monthly, an interval like \
+             7d, or a 5-field cron line (month names in the month field, day names in the last)"
         )))
-    };
-    match v {
-        "off" | "daily" | "weekly" | "monthly" => return Ok(()),
-        _ => {}
     }
-    if let Some(unit) = v.chars().last().filter(|c| "smhdw".contains(*c)) {
-        let num = &v[..v.len() - unit.len_utf8()];
-        if !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()) {
-            return match num.parse::<u64>() {
-                Ok(0) | Err(_) => bad("interval must be positive"),
-                Ok(_) => Ok(()),
-            };
-        }
-    }
-    let fields: Vec<&str> = v.split_whitespace().collect();
-    if fields.len() != 5 {
-        return bad("expected off, daily, weekly, monthly, an interval like 7d, or 5 cron fields");
-    }
-    let ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
-    for (f, (lo, hi)) in fields.iter().zip(ranges) {
-        for part in f.split(',') {
-            let (range, step) = match part.split_once('/') {
-                Some((r, s)) => (r, Some(s)),
-                None => (part, None),
-            };
-            if let Some(s) = step {
-                if s.parse::<u32>().map_or(true, |s| s == 0) {
-                    return bad(&format!("bad step in '{part}'"));
-                }
-            }
-            if range == "*" {
-                continue;
-            }
-            let nums: Vec<&str> = range.split('-').collect();
-            if nums.is_empty() || nums.len() > 2 {
-                return bad(&format!("bad field '{part}'"));
-            }
-            for n in nums {
-                let ok = n.parse::<u32>().is_ok_and(|x| x >= lo && x <= hi) || is_cron_name(n);
-                if !ok {
-                    return bad(&format!("'{n}' out of range {lo}-{hi}"));
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-fn is_cron_name(n: &str) -> bool {
-    const NAMES: &[&str] = &[
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec", "sun",
-        "mon", "tue", "wed", "thu", "fri", "sat",
-    ];
-    NAMES.contains(&n.to_ascii_lowercase().as_str())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //! while the batch's reader guard keeps the block from being reused; a copy that verified is never
 //! rewritten.
 
-pub mod schedule;
+pub use cairn_pool::schedule;
 
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
