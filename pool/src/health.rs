@@ -110,8 +110,13 @@ impl Inner {
             for c in &t.children {
                 c.check_device();
                 if t.kind == TopKind::Mirror {
-                    if c.missed.swap(false, Ordering::Relaxed) && txg.0 > 1 {
-                        c.dtl_add(Txg(txg.0 - 1));
+                    // A missed write belongs to the txg committed last (written during its
+                    // commit) or to this one (its data blocks are written before the commit).
+                    if c.missed.swap(false, Ordering::Relaxed) {
+                        if txg.0 > 1 {
+                            c.dtl_add(Txg(txg.0 - 1));
+                        }
+                        c.dtl_add(txg);
                     }
                     if !c.state().usable() {
                         c.dtl_add(txg);

@@ -286,6 +286,12 @@ pub fn write_allocated(
     bps.par_iter_mut()
         .zip(blocks.par_iter())
         .for_each(|(bp, b)| bp.checksum = checksum(&b.data));
+    let data: Vec<&[u8]> = blocks.iter().map(|b| b.data.as_slice()).collect();
+    write_copies(vdevs, bps, &data)
+}
+
+/// Write every copy of blocks whose pointers are complete (DVAs and checksums).
+pub fn write_copies(vdevs: &[Arc<TopVdev>], bps: &[BlockPtr], data: &[&[u8]]) -> Result<()> {
     // Every copy of every block: (vdev, offset, block index). Copies that lie one after the other
     // on a vdev (the allocator hands out space in order) go out as one write of up to 1 MiB.
     let mut copies: Vec<(u32, u64, usize)> = Vec::new();
@@ -298,7 +304,7 @@ pub fn write_allocated(
     // (vdev, start offset, length, blocks)
     let mut runs: Vec<(u32, u64, u64, Vec<usize>)> = Vec::new();
     for (vdev, off, i) in copies {
-        let len = blocks[i].data.len() as u64;
+        let len = data[i].len() as u64;
         match runs.last_mut() {
             Some((v, start, rlen, members))
                 if *v == vdev && *start + *rlen == off && *rlen + len <= 1 << 20 =>
@@ -317,14 +323,45 @@ pub fn write_allocated(
             // Every copy must land: a block with a lost ditto copy would silently lose redundancy.
             // (A mirror already counts a write as done when one child took it.)
             if let [one] = members.as_slice() {
-                return t.write(*off, &blocks[*one].data).map_err(Into::into);
+                return t.write(*off, data[*one]).map_err(Into::into);
             }
-            let mut buf = Vec::with_capacity(*len as usize);
+            // Gathered into a page-aligned buffer, which leaves take without another copy.
+            let mut buf = AlignedBuf::with_capacity(*len as usize);
             for &m in members {
-                buf.extend_from_slice(&blocks[m].data);
+                buf.extend_from_slice(data[m]);
             }
-            t.write(*off, &buf).map_err(Into::into)
+            t.write(*off, buf.as_slice()).map_err(Into::into)
         })
+}
+
+/// A byte buffer whose contents start on a page boundary (what `O_DIRECT` leaves need to skip their
+/// bounce buffer), made from a plain `Vec` by skipping its first bytes.
+pub struct AlignedBuf {
+    v: Vec<u8>,
+    skip: usize,
+}
+
+impl AlignedBuf {
+    const ALIGN: usize = cairn_vdev::file::DIRECT_ALIGN;
+
+    pub fn with_capacity(len: usize) -> AlignedBuf {
+        let mut v: Vec<u8> = Vec::with_capacity(len + Self::ALIGN);
+        let skip = v.as_ptr().align_offset(Self::ALIGN);
+        v.resize(skip, 0);
+        AlignedBuf { v, skip }
+    }
+
+    pub fn extend_from_slice(&mut self, b: &[u8]) {
+        debug_assert!(
+            self.v.len() + b.len() <= self.v.capacity(),
+            "no reallocation"
+        );
+        self.v.extend_from_slice(b);
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.v[self.skip..]
+    }
 }
 
 /// Free every DVA of a block (deferred by the allocator).
@@ -352,12 +389,30 @@ struct Ind {
     dirty: bool,
 }
 
+/// A level-0 block changed in the open txg.
+#[derive(Clone)]
+pub enum Dirty {
+    /// New contents, written at the next sync.
+    Data(Vec<u8>),
+    /// Becomes a hole at the next sync.
+    Hole,
+    /// Already allocated and written (or being written) in the open txg, outside the pool lock: the
+    /// next sync only links `bp` into the tree. `data` is kept until the write is known to have
+    /// landed, so reads meanwhile are served from memory (see [`Obj::put_written`]).
+    Written {
+        bp: BlockPtr,
+        data: Option<Arc<Vec<u8>>>,
+    },
+}
+
 /// An object loaded in memory.
 pub struct Obj {
     pub id: u64,
     pub dnode: Dnode,
-    /// Level-0 blocks changed in the open txg: `Some(data)` or `None` for a hole.
-    dirty: BTreeMap<u64, Option<Vec<u8>>>,
+    /// Level-0 blocks changed in the open txg.
+    dirty: BTreeMap<u64, Dirty>,
+    /// Blocks written in the open txg and replaced before it committed: freed at the next sync.
+    orphans: Vec<BlockPtr>,
     /// Ranges of level-0 block ids freed in the open txg, [start, end).
     frees: Vec<(u64, u64)>,
     ind: HashMap<(u8, u64), Ind>,
@@ -370,6 +425,7 @@ impl Obj {
             id,
             dnode,
             dirty: BTreeMap::new(),
+            orphans: Vec::new(),
             frees: Vec::new(),
             ind: HashMap::new(),
             dnode_dirty: false,
@@ -377,12 +433,79 @@ impl Obj {
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.dnode_dirty || !self.dirty.is_empty() || !self.frees.is_empty()
+        self.dnode_dirty
+            || !self.dirty.is_empty()
+            || !self.frees.is_empty()
+            || !self.orphans.is_empty()
     }
 
-    /// Bytes of data held dirty in memory.
+    /// Bytes of level-0 blocks changed in the open txg (including those already written).
     pub fn dirty_bytes(&self) -> u64 {
         self.dirty.len() as u64 * self.dnode.block_size() as u64
+    }
+
+    /// Bytes of changed blocks whose space is not allocated yet (written at the next sync).
+    pub fn unallocated_bytes(&self) -> u64 {
+        let n = self
+            .dirty
+            .values()
+            .filter(|d| matches!(d, Dirty::Data(_)))
+            .count();
+        n as u64 * self.dnode.block_size() as u64
+    }
+
+    /// Forget the change to `blkid` in the open txg; a block already written becomes an orphan.
+    fn take_dirty(&mut self, blkid: u64) -> Option<Dirty> {
+        let d = self.dirty.remove(&blkid);
+        if let Some(Dirty::Written { bp, .. }) = &d {
+            self.orphans.push(*bp);
+        }
+        d
+    }
+
+    /// Record level-0 block `blkid` as written at `bp` in the open txg (the caller allocated `bp`,
+    /// filled in its checksum, and writes `data` there after releasing the pool lock). Reads are
+    /// served from `data` until [`Obj::written_done`] drops it.
+    pub fn put_written(&mut self, blkid: u64, bp: BlockPtr, data: Arc<Vec<u8>>) -> Result<()> {
+        self.grow(blkid)?;
+        self.take_dirty(blkid);
+        self.dirty.insert(
+            blkid,
+            Dirty::Written {
+                bp,
+                data: Some(data),
+            },
+        );
+        Ok(())
+    }
+
+    /// The write of `bp` landed: drop the in-memory copy if the block still points there.
+    pub fn written_done(&mut self, blkid: u64, bp: &BlockPtr) {
+        if let Some(Dirty::Written { bp: b, data }) = self.dirty.get_mut(&blkid) {
+            if b == bp {
+                *data = None;
+            }
+        }
+    }
+
+    /// The write of `bp` failed on every copy: keep the data for the next sync to write elsewhere.
+    pub fn written_failed(&mut self, blkid: u64, bp: &BlockPtr) {
+        if let Some(Dirty::Written { bp: b, data }) = self.dirty.get(&blkid) {
+            if b == bp {
+                let data = data.clone();
+                self.take_dirty(blkid);
+                match data {
+                    Some(d) => {
+                        let d = Arc::try_unwrap(d).unwrap_or_else(|d| (*d).clone());
+                        self.dirty.insert(blkid, Dirty::Data(d));
+                    }
+                    None => tracing::error!(
+                        "object {} block {blkid}: failed write reported after its data was dropped",
+                        self.id
+                    ),
+                }
+            }
+        }
     }
 
     /// The block pointer at (level, index) in the current tree (the open txg's view of indirects).
@@ -493,13 +616,16 @@ impl Obj {
     /// The current contents of level-0 block `blkid` (zeros for a hole).
     pub fn read_block(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<Vec<u8>> {
         let bs = self.dnode.block_size();
-        if let Some(d) = self.dirty.get(&blkid) {
-            return Ok(d.clone().unwrap_or_else(|| vec![0u8; bs]));
-        }
-        if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() {
-            return Ok(vec![0u8; bs]);
-        }
-        let bp = self.get_bp(vdevs, 0, blkid)?;
+        let bp = match self.dirty.get(&blkid) {
+            Some(Dirty::Data(d)) => return Ok(d.clone()),
+            Some(Dirty::Hole) => return Ok(vec![0u8; bs]),
+            Some(Dirty::Written { data: Some(d), .. }) => return Ok(d.to_vec()),
+            Some(Dirty::Written { bp, data: None }) => *bp,
+            None if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() => {
+                return Ok(vec![0u8; bs]);
+            }
+            None => self.get_bp(vdevs, 0, blkid)?,
+        };
         if bp.is_hole() {
             return Ok(vec![0u8; bs]);
         }
@@ -514,8 +640,11 @@ impl Obj {
 
     /// Whether level-0 block `blkid` holds data (false for holes and blocks that will become holes).
     pub fn block_allocated(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<bool> {
-        if let Some(d) = self.dirty.get(&blkid) {
-            return Ok(d.as_ref().is_some_and(|b| b.iter().any(|&x| x != 0)));
+        match self.dirty.get(&blkid) {
+            Some(Dirty::Data(b)) => return Ok(b.iter().any(|&x| x != 0)),
+            Some(Dirty::Hole) => return Ok(false),
+            Some(Dirty::Written { .. }) => return Ok(true),
+            None => {}
         }
         if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() {
             return Ok(false);
@@ -610,8 +739,12 @@ impl Obj {
             let take = (bs as usize - within).min(buf.len() - pos);
             let dst = &mut buf[pos..pos + take];
             match self.dirty.get(&blkid) {
-                Some(Some(d)) => dst.copy_from_slice(&d[within..within + take]),
-                Some(None) => dst.fill(0),
+                Some(Dirty::Data(d)) => dst.copy_from_slice(&d[within..within + take]),
+                Some(Dirty::Written { data: Some(d), .. }) => {
+                    dst.copy_from_slice(&d[within..within + take])
+                }
+                Some(Dirty::Written { bp, data: None }) => todo.push((*bp, within, pos, take)),
+                Some(Dirty::Hole) => dst.fill(0),
                 None if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() => {
                     dst.fill(0)
                 }
@@ -666,17 +799,25 @@ impl Obj {
             let blkid = o / bs;
             let within = (o % bs) as usize;
             let take = (bs as usize - within).min(data.len() - pos);
-            let mut block = if take == bs as usize {
-                vec![0u8; bs as usize]
+            let block = if take == bs as usize {
+                self.take_dirty(blkid);
+                data[pos..pos + take].to_vec()
             } else {
-                match self.dirty.remove(&blkid) {
-                    Some(Some(d)) => d,
-                    Some(None) => vec![0u8; bs as usize],
-                    None => self.read_block(vdevs, blkid)?,
-                }
+                let mut block = match self.dirty.get(&blkid) {
+                    Some(Dirty::Data(_)) => match self.take_dirty(blkid) {
+                        Some(Dirty::Data(d)) => d,
+                        _ => unreachable!("just matched"),
+                    },
+                    _ => {
+                        let b = self.read_block(vdevs, blkid)?;
+                        self.take_dirty(blkid);
+                        b
+                    }
+                };
+                block[within..within + take].copy_from_slice(&data[pos..pos + take]);
+                block
             };
-            block[within..within + take].copy_from_slice(&data[pos..pos + take]);
-            self.dirty.insert(blkid, Some(block));
+            self.dirty.insert(blkid, Dirty::Data(block));
             pos += take;
         }
         Ok(())
@@ -712,7 +853,7 @@ impl Obj {
                 .map(|(k, _)| *k)
                 .collect();
             for k in keys {
-                self.dirty.remove(&k);
+                self.take_dirty(k);
             }
             let b = last_full.min(self.dnode.capacity());
             if first_full < b {
@@ -754,6 +895,9 @@ impl Obj {
     /// Write everything dirty in this object; updates the dnode.
     pub fn sync(&mut self, ctx: &mut TxgCtx, data_kind: BlockKind) -> Result<()> {
         let top = self.dnode.nlevels - 1;
+        for bp in std::mem::take(&mut self.orphans) {
+            free_bp(ctx, &bp);
+        }
         for (a, b) in std::mem::take(&mut self.frees) {
             self.free_walk(ctx, top, 0, a, b)?;
         }
@@ -762,7 +906,8 @@ impl Obj {
         let mut writes: Vec<(u64, NewBlock)> = Vec::new();
         for (blkid, d) in dirty {
             match d {
-                Some(data) if data.iter().any(|&x| x != 0) => writes.push((
+                Dirty::Written { bp, .. } => self.replace_bp(ctx, 0, blkid, bp)?,
+                Dirty::Data(data) if data.iter().any(|&x| x != 0) => writes.push((
                     blkid,
                     NewBlock {
                         data,
@@ -1005,7 +1150,9 @@ impl ObjSet {
     pub fn destroy_object(&mut self, vdevs: &[Arc<TopVdev>], id: u64) -> Result<()> {
         let o = self.obj(vdevs, id)?;
         let cap = o.dnode.capacity();
-        o.dirty.clear();
+        for k in o.dirty.keys().copied().collect::<Vec<_>>() {
+            o.take_dirty(k);
+        }
         o.frees.push((0, cap));
         o.dnode.size = 0;
         o.dnode.otype = ObjType::Free;
@@ -1027,7 +1174,7 @@ impl ObjSet {
         self.objs
             .values()
             .chain(std::iter::once(&self.meta))
-            .map(|o| o.dirty_bytes() * o.dnode.copies.max(1) as u64)
+            .map(|o| o.unallocated_bytes() * o.dnode.copies.max(1) as u64)
             .sum()
     }
 

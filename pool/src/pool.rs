@@ -38,6 +38,9 @@ use std::time::Duration;
 pub const DEFAULT_STRIPE_CHUNK: u64 = 128 * 1024;
 /// Dirty data held in memory before a writer forces a commit.
 pub const DIRTY_MAX: u64 = 256 << 20;
+/// A txg is committed once this much data has been written in it (blocks written before the commit
+/// take no memory, but a longer txg means more to redo after a crash and later space reuse).
+pub const TXG_MAX: u64 = 1 << 30;
 /// MOS object ids.
 const DIR_OBJ: u64 = 1;
 pub(crate) const MOS_COPIES: u8 = 2;
@@ -173,6 +176,8 @@ pub(crate) struct Inner {
     /// Txgs committed by this session.
     pub(crate) session_commits: u64,
     pub(crate) readers: Readers,
+    /// Blocks being written outside the pool lock for the open txg (see `Pool::write_object_reserved`).
+    pub(crate) inflight: Arc<InFlight>,
     /// Blocks no copy could serve: (object, block id). Shared with unlocked readers.
     pub(crate) errlog: Arc<Mutex<std::collections::BTreeSet<(u64, u64)>>>,
     /// The uberblock the session opened from, and whether its clean flag has been cleared on disk.
@@ -180,6 +185,43 @@ pub(crate) struct Inner {
     pub(crate) marked_in_use: bool,
     /// The health blob last written (to write it only when it changed).
     pub(crate) health_written: Vec<u8>,
+}
+
+/// A write of the open txg that failed on every copy: (object, block id, pointer).
+type FailedWrite = (u64, u64, BlockPtr);
+
+/// Level-0 blocks allocated in the open txg whose writes run outside the pool lock. A commit waits
+/// until none is in flight (so every block it links in has landed), then takes back the data of writes
+/// that failed on every copy, to write them itself. Writers never take the pool lock while counted
+/// here, so a commit waiting under the lock cannot deadlock with them.
+#[derive(Default)]
+pub(crate) struct InFlight {
+    /// (writes in flight, failed writes).
+    state: Mutex<(usize, Vec<FailedWrite>)>,
+    idle: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn start(&self) {
+        lock(&self.state).0 += 1;
+    }
+
+    fn finish(&self, failed: Vec<FailedWrite>) {
+        let mut st = lock(&self.state);
+        st.0 -= 1;
+        st.1.extend(failed);
+        if st.0 == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Wait until no write is in flight.
+    fn wait_idle(&self) {
+        let mut st = lock(&self.state);
+        while st.0 > 0 {
+            st = self.idle.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// Unlocked readers by the committed txg whose block pointers they follow.
@@ -579,6 +621,7 @@ impl Pool {
                 invalidated: false,
                 session_commits: 0,
                 readers: Readers::default(),
+                inflight: Arc::default(),
                 errlog: Default::default(),
                 health_written: Vec::new(),
                 opened_ub: None,
@@ -825,6 +868,7 @@ impl Pool {
             invalidated: false,
             session_commits: 0,
             readers: Readers::default(),
+            inflight: Arc::default(),
             errlog: Default::default(),
             health_written: Vec::new(),
             opened_ub: Some(ub.clone()),
@@ -1270,6 +1314,11 @@ impl Pool {
     }
 
     /// Write into an object, keeping `headroom` bytes free for other datasets' reservations.
+    ///
+    /// Whole blocks with data are checksummed before the pool lock is taken, allocated under it, and
+    /// written to the leaves after it is released, so writers run in parallel and a commit only links
+    /// them into the tree (see `InFlight`). Partial blocks (read-modify-write) and zero blocks (which
+    /// become holes) stay in memory until the commit.
     pub fn write_object_reserved(
         &self,
         id: u64,
@@ -1278,18 +1327,100 @@ impl Pool {
         headroom: u64,
     ) -> Result<()> {
         check_range(off, data.len() as u64)?;
+        let bs = {
+            let mut g = self.lock();
+            let inner = &mut *g;
+            let vdevs = inner.tree.tops.clone();
+            inner.mos.obj(&vdevs, id)?.dnode.block_size() as u64
+        };
+        let end = off + data.len() as u64;
+        let (first_full, last_full) = (off.div_ceil(bs), end / bs);
+        let whole: Vec<(u64, Arc<Vec<u8>>, [u8; 32])> = if first_full < last_full {
+            use rayon::prelude::*;
+            (first_full..last_full)
+                .into_par_iter()
+                .filter_map(|b| {
+                    let at = (b * bs - off) as usize;
+                    let d = &data[at..at + bs as usize];
+                    d.iter()
+                        .any(|&x| x != 0)
+                        .then(|| (b, Arc::new(d.to_vec()), crate::blkptr::checksum(d)))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
         let vdevs = inner.tree.tops.clone();
-        let copies = inner.mos.obj(&vdevs, id)?.dnode.copies;
+        let (copies, cur_bs) = {
+            let o = inner.mos.obj(&vdevs, id)?;
+            (o.dnode.copies, o.dnode.block_size() as u64)
+        };
+        if cur_bs != bs {
+            return Err(PoolError::Invalid(format!(
+                "object {id} changed block size during a write"
+            )));
+        }
         inner.make_space(data.len() as u64, copies, headroom)?;
         inner.forget_errors(id, off, data.len() as u64);
-        inner.mos.obj(&vdevs, id)?.write(&vdevs, off, data)?;
-        if inner.mos.dirty_bytes() > DIRTY_MAX {
-            inner.sync_txg()?;
+        // Everything but the whole blocks goes through the object's in-memory path.
+        let mut pos = off;
+        for &(b, _, _) in &whole {
+            if pos < b * bs {
+                let at = (pos - off) as usize;
+                let to = (b * bs - off) as usize;
+                inner
+                    .mos
+                    .obj(&vdevs, id)?
+                    .write(&vdevs, pos, &data[at..to])?;
+            }
+            pos = (b + 1) * bs;
         }
-        Ok(())
+        if pos < end {
+            let at = (pos - off) as usize;
+            inner.mos.obj(&vdevs, id)?.write(&vdevs, pos, &data[at..])?;
+        }
+        if whole.is_empty() {
+            return inner.sync_if_full();
+        }
+        let mut bps = inner.alloc_open(&vdevs, bs, copies, whole.len())?;
+        for (bp, (_, _, sum)) in bps.iter_mut().zip(&whole) {
+            bp.checksum = *sum;
+        }
+        let o = inner.mos.obj(&vdevs, id)?;
+        for ((b, d, _), bp) in whole.iter().zip(&bps) {
+            o.put_written(*b, *bp, d.clone())?;
+        }
+        let inflight = inner.inflight.clone();
+        inflight.start();
+        drop(g);
+        let datas: Vec<&[u8]> = whole.iter().map(|(_, d, _)| d.as_slice()).collect();
+        let failed = match object::write_copies(&vdevs, &bps, &datas) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                tracing::warn!("writing object {id} at {off}: {e}; the commit retries");
+                whole
+                    .iter()
+                    .zip(&bps)
+                    .map(|((b, _, _), bp)| (id, *b, *bp))
+                    .collect()
+            }
+        };
+        let ok = failed.is_empty();
+        inflight.finish(failed);
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.absorb_failed_writes();
+        if ok {
+            if let Ok(o) = inner.mos.obj(&vdevs, id) {
+                for ((b, _, _), bp) in whole.iter().zip(&bps) {
+                    o.written_done(*b, bp);
+                }
+            }
+        }
+        inner.sync_if_full()
     }
 
     pub fn free_object_range(&self, id: u64, off: u64, len: u64) -> Result<()> {
@@ -1552,6 +1683,55 @@ impl Inner {
             .map_err(|e| PoolError::corrupt("pool properties", e.to_string()))
     }
 
+    /// Allocate `n` blocks of `size` bytes for the open txg (checksums still empty). All or nothing.
+    fn alloc_open(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        size: u64,
+        copies: u8,
+        n: usize,
+    ) -> Result<Vec<BlockPtr>> {
+        let mut ctx = TxgCtx {
+            vdevs,
+            usable: vdevs.iter().map(|t| t.state().usable()).collect(),
+            alloc: &mut self.alloc,
+            txg: self.committed.next(),
+            committed: self.committed,
+        };
+        let mut bps = Vec::with_capacity(n);
+        for _ in 0..n {
+            match alloc_bp(&mut ctx, size, BlockKind::Data, 0, copies, 1) {
+                Ok(bp) => bps.push(bp),
+                Err(e) => {
+                    for bp in &bps {
+                        object::free_bp(&mut ctx, bp);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(bps)
+    }
+
+    /// Take back the data of open-txg writes that failed on every copy (the commit writes it).
+    pub(crate) fn absorb_failed_writes(&mut self) {
+        let failed = std::mem::take(&mut lock(&self.inflight.state).1);
+        let vdevs = self.tree.tops.clone();
+        for (id, blkid, bp) in failed {
+            if let Ok(o) = self.mos.obj(&vdevs, id) {
+                o.written_failed(blkid, &bp);
+            }
+        }
+    }
+
+    /// Commit when the open txg has grown past its limits (memory held, or data linked).
+    fn sync_if_full(&mut self) -> Result<()> {
+        if self.mos.dirty_space() > DIRTY_MAX || self.mos.dirty_bytes() > TXG_MAX {
+            self.sync_txg()?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn sync_txg(&mut self) -> Result<()> {
         if let Some(what) = self.closed {
             // Nothing can be made durable any more: say so (an NBD FLUSH must not be acknowledged).
@@ -1571,6 +1751,9 @@ impl Inner {
         if let Some(s) = &self.suspended {
             return Err(PoolError::Suspended(s.clone()));
         }
+        // Every block the commit links in must have landed.
+        self.inflight.wait_idle();
+        self.absorb_failed_writes();
         let r = self.sync_inner(clean);
         if let Err(e) = &r {
             tracing::error!("txg {} failed to commit: {e}", self.committed.next());

@@ -561,3 +561,90 @@ fn clean_flag_is_cleared_before_the_first_commit() {
     pool.read_object(obj, 0, &mut b).unwrap();
     assert_eq!(&b, b"two");
 }
+
+/// Whole blocks are written to the leaves before their txg commits, outside the pool lock. When such
+/// a write fails on every copy, the data is kept and the commit writes it; nothing is lost or wrong.
+#[test]
+fn early_block_writes_failing_on_every_copy_are_written_by_the_commit() {
+    let devs = mem_leaves(2, 96 * MIB);
+    let pool = Pool::create_on("w", vec![(TopKind::Mirror, devs.clone())], &host()).unwrap();
+    let guid = pool.guid();
+    let obj = pool.create_object(ObjType::Volume, 14, 1).unwrap();
+    let before = fill(11, 4 * MIB as usize);
+    pool.write_object(obj, 0, &before).unwrap();
+    pool.sync().unwrap();
+    // Every write fails on both children (flushes too, so nothing can commit meanwhile).
+    let faults = pool.all_leaf_faults();
+    let ids: Vec<u64> = faults
+        .iter()
+        .map(|(_, f)| f.add(Fault::new(FaultKind::Io, FaultIo::Write)))
+        .collect();
+    let data = fill(12, 2 * MIB as usize);
+    pool.write_object(obj, MIB, &data).unwrap();
+    let mut expect = before.clone();
+    expect[MIB as usize..3 * MIB as usize].copy_from_slice(&data);
+    let mut back = vec![0u8; expect.len()];
+    pool.read_object(obj, 0, &mut back).unwrap();
+    assert!(back == expect, "reads before the commit see the new data");
+    for ((_, f), id) in faults.iter().zip(ids) {
+        assert!(f.clear(id));
+    }
+    pool.sync().unwrap();
+    drop(pool);
+    let pool = reopen(&devs, guid);
+    pool.read_object(obj, 0, &mut back).unwrap();
+    assert!(back == expect, "the committed data is the new data");
+}
+
+/// Whole blocks overwritten again, partly overwritten and trimmed while their first writes are still
+/// uncommitted: the last version wins, and the replaced copies are freed, not leaked.
+#[test]
+fn uncommitted_whole_blocks_rewritten_partly_rewritten_and_trimmed() {
+    let devs = mem_leaves(4, 96 * MIB);
+    let pool = Pool::create_on(
+        "r",
+        vec![
+            (TopKind::Mirror, devs[..2].to_vec()),
+            (TopKind::Mirror, devs[2..].to_vec()),
+        ],
+        &host(),
+    )
+    .unwrap();
+    let guid = pool.guid();
+    let obj = pool.create_object(ObjType::Volume, 14, 1).unwrap();
+    pool.sync().unwrap();
+    let (_, alloc0, _) = pool.space();
+    let len = 8 * MIB as usize;
+    let mut expect = fill(21, len);
+    pool.write_object(obj, 0, &expect).unwrap();
+    let again = fill(22, len);
+    pool.write_object(obj, 0, &again).unwrap();
+    expect.copy_from_slice(&again);
+    // Part of one block (read-modify-write of a block only written, not committed).
+    pool.write_object(obj, 5000, &[0xAB; 3000]).unwrap();
+    expect[5000..8000].fill(0xAB);
+    // Trim 1 MiB of whole blocks, and zero one more block by writing zeros.
+    pool.free_object_range(obj, 2 * MIB, MIB).unwrap();
+    expect[2 * MIB as usize..3 * MIB as usize].fill(0);
+    pool.write_object(obj, 4 * MIB, &[0u8; 16384]).unwrap();
+    expect[4 * MIB as usize..4 * MIB as usize + 16384].fill(0);
+    let mut back = vec![0u8; len];
+    pool.read_object(obj, 0, &mut back).unwrap();
+    assert!(back == expect, "before the commit");
+    pool.sync().unwrap();
+    // Frees are deferred a few txgs; after that only the live blocks count.
+    for _ in 0..4 {
+        pool.sync().unwrap();
+    }
+    drop(pool);
+    let pool = reopen(&devs, guid);
+    pool.read_object(obj, 0, &mut back).unwrap();
+    assert!(back == expect, "after reopening");
+    let live = len as u64 - MIB - 16384; // pool space counts a mirrored block once
+    let (_, alloc, _) = pool.space();
+    assert!(
+        alloc - alloc0 >= live && alloc - alloc0 < live + 2 * MIB,
+        "allocated {} bytes for {live} bytes of live data",
+        alloc - alloc0
+    );
+}

@@ -316,7 +316,8 @@ impl LeafVdev {
     }
 
     /// How attractive this child is for a read (lower is better), before latency: its outstanding
-    /// reads. `None` when the child has not been sampled for 2 s: it gets the next read, so a slow
+    /// reads, in steps of 4 (a child is passed over only when it is clearly busier, so equal children
+    /// keep serving their own regions even while reads wait on the device). `None` when the child has not been sampled for 2 s: it gets the next read, so a slow
     /// child that recovered is noticed. (No seek penalty: leaves are files or SSDs, where a fixed
     /// child per 2 MiB region spreads sequential streams over both children and keeps each block
     /// read from the same child, so a read after a repair finds the copy it healed.)
@@ -326,17 +327,17 @@ impl LeafVdev {
         if last != 0 && now.saturating_sub(last) > 2000 {
             return None;
         }
-        Some(self.stats.pending.load(Ordering::Relaxed) + 1)
+        Some(self.stats.pending.load(Ordering::Relaxed) / 4 + 1)
     }
 
-    /// Observed read latency (ns), with a 1 ms floor: page-cache hits and fast SSDs all look alike,
-    /// so a busy CPU's outliers never make a healthy child look slow; a slow disk or an injected
-    /// delay (milliseconds) still stands out.
+    /// Observed read latency (ns), with a 4 ms floor: page-cache hits and fast SSDs all look alike, so
+    /// a busy CPU's outliers (a direct read of 1 MiB takes about a millisecond) never make a healthy
+    /// child look slow; a slow disk or an injected delay (tens of milliseconds) still stands out.
     fn latency(&self) -> u64 {
         self.stats
             .lat_ewma_ns
             .load(Ordering::Relaxed)
-            .max(1_000_000)
+            .max(4_000_000)
     }
 }
 
