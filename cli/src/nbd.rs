@@ -12,7 +12,8 @@
 #![allow(clippy::big_endian_bytes)]
 
 use cairn_dataset::{DatasetError, Volume};
-use std::sync::Arc;
+use cairn_vdev::file::AlignedBuf;
+use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -96,6 +97,30 @@ const MAX_OPTION: u32 = 64 << 10;
 /// Requests served at once per connection.
 const MAX_INFLIGHT: usize = 64;
 const BASE_ALLOCATION: &str = "base:allocation";
+/// Payload buffers kept for reuse, and the largest one kept.
+const BUFS_KEPT: usize = 64;
+const BUF_KEEP_MAX: usize = 4 << 20;
+/// Read data smaller than this goes out copied into the reply batch; larger is written as it is.
+const INLINE_MAX: usize = 64 << 10;
+
+/// Read and write payload buffers for reuse: a request then costs no zeroing and no fresh pages, and
+/// read buffers are page-aligned, so direct reads from the leaves land in them without a bounce copy.
+static BUFS: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
+
+fn take_buf(len: usize) -> AlignedBuf {
+    let mut b = cairn_vdev::units::lock(&BUFS).pop().unwrap_or_default();
+    b.reuse(len);
+    b
+}
+
+fn give_buf(b: AlignedBuf) {
+    if b.capacity() > 0 && b.capacity() <= BUF_KEEP_MAX {
+        let mut bufs = cairn_vdev::units::lock(&BUFS);
+        if bufs.len() < BUFS_KEPT {
+            bufs.push(b);
+        }
+    }
+}
 const META_ID: u32 = 1;
 
 /// What the server needs from the daemon.
@@ -383,43 +408,72 @@ fn simple_reply(cookie: u64, error: u32, data: &[u8]) -> Vec<u8> {
     b
 }
 
-fn chunk(cookie: u64, flags: u16, typ: u16, payload: &[u8]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(20 + payload.len());
+/// A structured reply chunk's header, for a payload of `len` bytes.
+fn chunk_head(cookie: u64, flags: u16, typ: u16, len: usize) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28);
     b.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&typ.to_be_bytes());
     b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    b.extend_from_slice(&(len as u32).to_be_bytes());
+    b
+}
+
+fn chunk(cookie: u64, flags: u16, typ: u16, payload: &[u8]) -> Vec<u8> {
+    let mut b = chunk_head(cookie, flags, typ, payload.len());
     b.extend_from_slice(payload);
     b
 }
 
-/// The reply to a request: success (with read data) or an error.
-fn reply(
-    structured: bool,
-    cookie: u64,
-    result: Result<Vec<u8>, (u32, String)>,
-    offset: u64,
-    read: bool,
-) -> Vec<u8> {
+/// What a request produced.
+enum Out {
+    /// Nothing but success.
+    Done,
+    /// Read data.
+    Read(AlignedBuf),
+    /// A block status payload.
+    Status(Vec<u8>),
+}
+
+/// A reply on its way out: header bytes (with any small payload), then read data sent as it is.
+struct Reply {
+    head: Vec<u8>,
+    body: Option<AlignedBuf>,
+}
+
+/// The reply to a request: success (with read data or block status) or an error.
+fn reply(structured: bool, cookie: u64, result: Result<Out, (u32, String)>, offset: u64) -> Reply {
+    let head = |head| Reply { head, body: None };
     match (structured, result) {
-        (false, Ok(data)) => simple_reply(cookie, 0, &data),
-        (false, Err((e, _))) => simple_reply(cookie, e, &[]),
-        (true, Ok(data)) if read => {
-            let mut p = offset.to_be_bytes().to_vec();
-            p.extend_from_slice(&data);
-            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, &p)
+        (false, Ok(Out::Read(data))) => Reply {
+            head: simple_reply(cookie, 0, &[]),
+            body: Some(data),
+        },
+        (false, Ok(_)) => head(simple_reply(cookie, 0, &[])),
+        (false, Err((e, _))) => head(simple_reply(cookie, e, &[])),
+        (true, Ok(Out::Read(data))) => {
+            let mut h = chunk_head(
+                cookie,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                8 + data.len(),
+            );
+            h.extend_from_slice(&offset.to_be_bytes());
+            Reply {
+                head: h,
+                body: Some(data),
+            }
         }
-        (true, Ok(payload)) if !payload.is_empty() => {
-            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &payload)
+        (true, Ok(Out::Status(p))) => {
+            head(chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &p))
         }
-        (true, Ok(_)) => chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[]),
+        (true, Ok(Out::Done)) => head(chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])),
         (true, Err((e, msg))) => {
             let msg = &msg.as_bytes()[..msg.len().min(4096)];
             let mut p = e.to_be_bytes().to_vec();
             p.extend_from_slice(&(msg.len() as u16).to_be_bytes());
             p.extend_from_slice(msg);
-            chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &p)
+            head(chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, &p))
         }
     }
 }
@@ -481,26 +535,31 @@ fn validate(r: &Req, size: u64, readonly: bool, meta: bool) -> Result<(), (u32, 
 }
 
 /// Execute one request on the volume (blocking).
-fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String)> {
+fn execute(vol: &Volume, r: &Req, data: &[u8]) -> Result<Out, (u32, String)> {
     let fua = r.flags & CMDF_FUA != 0;
     let w = |e: DatasetError| (map_err(&e, true), e.to_string());
     let rd = |e: DatasetError| (map_err(&e, false), e.to_string());
     match r.typ {
         CMD_READ => {
-            let mut buf = vec![0u8; r.len as usize];
-            vol.read(r.offset, &mut buf).map_err(rd)?;
-            Ok(buf)
+            let mut buf = take_buf(r.len as usize);
+            match vol.read(r.offset, buf.as_mut_slice()) {
+                Ok(()) => Ok(Out::Read(buf)),
+                Err(e) => {
+                    give_buf(buf);
+                    Err(rd(e))
+                }
+            }
         }
         CMD_WRITE => {
-            vol.write(r.offset, &data).map_err(w)?;
+            vol.write(r.offset, data).map_err(w)?;
             if fua {
                 vol.flush().map_err(w)?;
             }
-            Ok(Vec::new())
+            Ok(Out::Done)
         }
         CMD_FLUSH => {
             vol.flush().map_err(w)?;
-            Ok(Vec::new())
+            Ok(Out::Done)
         }
         CMD_TRIM | CMD_WRITE_ZEROES => {
             if r.typ == CMD_TRIM {
@@ -511,7 +570,7 @@ fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String
             if fua {
                 vol.flush().map_err(w)?;
             }
-            Ok(Vec::new())
+            Ok(Out::Done)
         }
         CMD_BLOCK_STATUS => {
             let ext = vol.map(r.offset, r.len as u64).map_err(rd)?;
@@ -528,7 +587,7 @@ fn execute(vol: &Volume, r: &Req, data: Vec<u8>) -> Result<Vec<u8>, (u32, String
                 p.extend_from_slice(&(e.length as u32).to_be_bytes());
                 p.extend_from_slice(&flags.to_be_bytes());
             }
-            Ok(p)
+            Ok(Out::Status(p))
         }
         _ => Err((EINVAL, "unknown command".into())),
     }
@@ -553,19 +612,39 @@ pub async fn serve_conn<S>(
     let (rd, mut wr) = tokio::io::split(s);
     // Buffered: a request header is 28 bytes; one read brings in many of them.
     let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT * 2);
+    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT * 2);
     let writer = tokio::spawn(async move {
-        // Replies that are ready together go out in one write.
-        while let Some(mut b) = rx.recv().await {
-            while b.len() < (1 << 20) {
+        // Replies that are ready together go out in one write; large read data is written from its
+        // own buffer (no copy), which then goes back for reuse.
+        let mut batch: Vec<u8> = Vec::new();
+        'out: while let Some(mut r) = rx.recv().await {
+            loop {
+                batch.extend_from_slice(&r.head);
+                if let Some(body) = r.body.take() {
+                    if body.len() < INLINE_MAX {
+                        batch.extend_from_slice(body.as_slice());
+                    } else {
+                        let ok = wr.write_all(&batch).await.is_ok()
+                            && wr.write_all(body.as_slice()).await.is_ok();
+                        batch.clear();
+                        give_buf(body);
+                        if !ok {
+                            break 'out;
+                        }
+                    }
+                }
+                if batch.len() >= 1 << 20 {
+                    break;
+                }
                 match rx.try_recv() {
-                    Ok(more) => b.extend_from_slice(&more),
+                    Ok(more) => r = more,
                     Err(_) => break,
                 }
             }
-            if wr.write_all(&b).await.is_err() {
+            if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
                 break;
             }
+            batch.clear();
         }
         let _ = wr.shutdown().await;
     });
@@ -597,7 +676,7 @@ pub async fn serve_conn<S>(
         if r.typ == CMD_DISC {
             break;
         }
-        let mut payload = Vec::new();
+        let mut payload = AlignedBuf::default();
         if r.typ == CMD_WRITE {
             if r.len > MAX_PAYLOAD {
                 // Cannot stay in sync without reading it; refuse and close.
@@ -607,20 +686,19 @@ pub async fn serve_conn<S>(
                         r.cookie,
                         Err((EINVAL, "write too large".into())),
                         r.offset,
-                        false,
                     ))
                     .await;
                 break;
             }
-            payload = vec![0u8; r.len as usize];
-            if rd.read_exact(&mut payload).await.is_err() {
+            payload = take_buf(r.len as usize);
+            if rd.read_exact(payload.as_mut_slice()).await.is_err() {
                 break;
             }
         }
-        let is_read = r.typ == CMD_READ;
         if let Err(e) = validate(&r, size, readonly, neg.meta) {
+            give_buf(payload);
             let _ = tx
-                .send(reply(neg.structured, r.cookie, Err(e), r.offset, is_read))
+                .send(reply(neg.structured, r.cookie, Err(e), r.offset))
                 .await;
             continue;
         }
@@ -632,12 +710,14 @@ pub async fn serve_conn<S>(
         let structured = neg.structured;
         tokio::spawn(async move {
             let (cookie, offset) = (r.cookie, r.offset);
-            let res = tokio::task::spawn_blocking(move || execute(&vol, &r, payload))
-                .await
-                .unwrap_or_else(|_| Err((EIO, "internal error".into())));
-            let _ = tx
-                .send(reply(structured, cookie, res, offset, is_read))
-                .await;
+            let res = tokio::task::spawn_blocking(move || {
+                let res = execute(&vol, &r, payload.as_slice());
+                give_buf(payload);
+                res
+            })
+            .await
+            .unwrap_or_else(|_| Err((EIO, "internal error".into())));
+            let _ = tx.send(reply(structured, cookie, res, offset)).await;
             drop(permit);
         });
     }
@@ -708,14 +788,23 @@ mod tests {
 
     #[test]
     fn reply_shapes() {
-        let s = reply(false, 7, Ok(vec![1, 2]), 0, true);
-        assert_eq!(&s[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(&s[16..], &[1, 2]);
-        let c = reply(true, 7, Ok(vec![1, 2]), 4096, true);
-        assert_eq!(&c[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(u16::from_be_bytes([c[6], c[7]]), REPLY_TYPE_OFFSET_DATA);
-        assert_eq!(u32::from_be_bytes([c[16], c[17], c[18], c[19]]), 10);
-        let e = reply(true, 7, Err((EIO, "x".into())), 0, true);
+        let data = || {
+            let mut b = AlignedBuf::zeroed(2);
+            b.as_mut_slice().copy_from_slice(&[1, 2]);
+            Ok(Out::Read(b))
+        };
+        let s = reply(false, 7, data(), 0);
+        assert_eq!(&s.head[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(s.head.len(), 16);
+        assert_eq!(s.body.unwrap().as_slice(), &[1, 2]);
+        let c = reply(true, 7, data(), 4096);
+        let h = &c.head;
+        assert_eq!(&h[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_OFFSET_DATA);
+        assert_eq!(u32::from_be_bytes([h[16], h[17], h[18], h[19]]), 10);
+        assert_eq!(u64::from_be_bytes(h[20..28].try_into().unwrap()), 4096);
+        assert_eq!(c.body.unwrap().as_slice(), &[1, 2]);
+        let e = reply(true, 7, Err((EIO, "x".into())), 0).head;
         assert_eq!(u16::from_be_bytes([e[6], e[7]]), REPLY_TYPE_ERROR);
         assert_eq!(u32::from_be_bytes([e[20], e[21], e[22], e[23]]), EIO);
     }

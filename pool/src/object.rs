@@ -326,42 +326,12 @@ pub fn write_copies(vdevs: &[Arc<TopVdev>], bps: &[BlockPtr], data: &[&[u8]]) ->
                 return t.write(*off, data[*one]).map_err(Into::into);
             }
             // Gathered into a page-aligned buffer, which leaves take without another copy.
-            let mut buf = AlignedBuf::with_capacity(*len as usize);
+            let mut buf = cairn_vdev::file::AlignedBuf::with_capacity(*len as usize);
             for &m in members {
                 buf.extend_from_slice(data[m]);
             }
             t.write(*off, buf.as_slice()).map_err(Into::into)
         })
-}
-
-/// A byte buffer whose contents start on a page boundary (what `O_DIRECT` leaves need to skip their
-/// bounce buffer), made from a plain `Vec` by skipping its first bytes.
-pub struct AlignedBuf {
-    v: Vec<u8>,
-    skip: usize,
-}
-
-impl AlignedBuf {
-    const ALIGN: usize = cairn_vdev::file::DIRECT_ALIGN;
-
-    pub fn with_capacity(len: usize) -> AlignedBuf {
-        let mut v: Vec<u8> = Vec::with_capacity(len + Self::ALIGN);
-        let skip = v.as_ptr().align_offset(Self::ALIGN);
-        v.resize(skip, 0);
-        AlignedBuf { v, skip }
-    }
-
-    pub fn extend_from_slice(&mut self, b: &[u8]) {
-        debug_assert!(
-            self.v.len() + b.len() <= self.v.capacity(),
-            "no reallocation"
-        );
-        self.v.extend_from_slice(b);
-    }
-
-    pub fn as_slice(&self) -> &[u8] {
-        &self.v[self.skip..]
-    }
 }
 
 /// Free every DVA of a block (deferred by the allocator).
