@@ -13,7 +13,7 @@
 
 use cairn_dataset::{DatasetError, Volume};
 use cairn_vdev::file::AlignedBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Semaphore};
 
@@ -97,30 +97,9 @@ const MAX_OPTION: u32 = 64 << 10;
 /// Requests served at once per connection.
 const MAX_INFLIGHT: usize = 64;
 const BASE_ALLOCATION: &str = "base:allocation";
-/// Payload buffers kept for reuse, and the largest one kept.
-const BUFS_KEPT: usize = 64;
-const BUF_KEEP_MAX: usize = 4 << 20;
 /// Read data smaller than this goes out copied into the reply batch; larger is written as it is.
 const INLINE_MAX: usize = 64 << 10;
 
-/// Read and write payload buffers for reuse: a request then costs no zeroing and no fresh pages, and
-/// read buffers are page-aligned, so direct reads from the leaves land in them without a bounce copy.
-static BUFS: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-
-fn take_buf(len: usize) -> AlignedBuf {
-    let mut b = cairn_vdev::units::lock(&BUFS).pop().unwrap_or_default();
-    b.reuse(len);
-    b
-}
-
-fn give_buf(b: AlignedBuf) {
-    if b.capacity() > 0 && b.capacity() <= BUF_KEEP_MAX {
-        let mut bufs = cairn_vdev::units::lock(&BUFS);
-        if bufs.len() < BUFS_KEPT {
-            bufs.push(b);
-        }
-    }
-}
 const META_ID: u32 = 1;
 
 /// What the server needs from the daemon.
@@ -541,11 +520,11 @@ fn execute(vol: &Volume, r: &Req, data: &[u8]) -> Result<Out, (u32, String)> {
     let rd = |e: DatasetError| (map_err(&e, false), e.to_string());
     match r.typ {
         CMD_READ => {
-            let mut buf = take_buf(r.len as usize);
+            let mut buf = AlignedBuf::take(r.len as usize);
             match vol.read(r.offset, buf.as_mut_slice()) {
                 Ok(()) => Ok(Out::Read(buf)),
                 Err(e) => {
-                    give_buf(buf);
+                    buf.give();
                     Err(rd(e))
                 }
             }
@@ -623,11 +602,12 @@ pub async fn serve_conn<S>(
                 if let Some(body) = r.body.take() {
                     if body.len() < INLINE_MAX {
                         batch.extend_from_slice(body.as_slice());
+                        body.give();
                     } else {
                         let ok = wr.write_all(&batch).await.is_ok()
                             && wr.write_all(body.as_slice()).await.is_ok();
                         batch.clear();
-                        give_buf(body);
+                        body.give();
                         if !ok {
                             break 'out;
                         }
@@ -690,13 +670,13 @@ pub async fn serve_conn<S>(
                     .await;
                 break;
             }
-            payload = take_buf(r.len as usize);
+            payload = AlignedBuf::take(r.len as usize);
             if rd.read_exact(payload.as_mut_slice()).await.is_err() {
                 break;
             }
         }
         if let Err(e) = validate(&r, size, readonly, neg.meta) {
-            give_buf(payload);
+            payload.give();
             let _ = tx
                 .send(reply(neg.structured, r.cookie, Err(e), r.offset))
                 .await;
@@ -712,7 +692,7 @@ pub async fn serve_conn<S>(
             let (cookie, offset) = (r.cookie, r.offset);
             let res = tokio::task::spawn_blocking(move || {
                 let res = execute(&vol, &r, payload.as_slice());
-                give_buf(payload);
+                payload.give();
                 res
             })
             .await

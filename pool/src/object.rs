@@ -381,6 +381,8 @@ pub struct Obj {
     pub dnode: Dnode,
     /// Level-0 blocks changed in the open txg.
     dirty: BTreeMap<u64, Dirty>,
+    /// How many of them are `Dirty::Written` (kept so the space check costs O(1) per write).
+    written: usize,
     /// Blocks written in the open txg and replaced before it committed: freed at the next sync.
     orphans: Vec<BlockPtr>,
     /// Ranges of level-0 block ids freed in the open txg, [start, end).
@@ -395,6 +397,7 @@ impl Obj {
             id,
             dnode,
             dirty: BTreeMap::new(),
+            written: 0,
             orphans: Vec::new(),
             frees: Vec::new(),
             ind: HashMap::new(),
@@ -416,12 +419,7 @@ impl Obj {
 
     /// Bytes of changed blocks whose space is not allocated yet (written at the next sync).
     pub fn unallocated_bytes(&self) -> u64 {
-        let n = self
-            .dirty
-            .values()
-            .filter(|d| matches!(d, Dirty::Data(_)))
-            .count();
-        n as u64 * self.dnode.block_size() as u64
+        (self.dirty.len() - self.written) as u64 * self.dnode.block_size() as u64
     }
 
     /// Forget the change to `blkid` in the open txg; a block already written becomes an orphan.
@@ -429,6 +427,7 @@ impl Obj {
         let d = self.dirty.remove(&blkid);
         if let Some(Dirty::Written { bp, .. }) = &d {
             self.orphans.push(*bp);
+            self.written -= 1;
         }
         d
     }
@@ -446,6 +445,7 @@ impl Obj {
                 data: Some(data),
             },
         );
+        self.written += 1;
         Ok(())
     }
 
@@ -755,6 +755,88 @@ impl Obj {
         Ok(())
     }
 
+    /// The on-disk pointers of the partial blocks a write of `len` bytes at `off` would have to read
+    /// first (blocks neither changed in the open txg, nor freed, nor holes), so that a caller can read
+    /// them without the pool lock and hand them to [`Obj::write_preread`].
+    pub fn partial_reads(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        off: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, BlockPtr)>> {
+        let bs = self.dnode.block_size() as u64;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = off + len;
+        let mut ends = vec![off / bs];
+        if (end - 1) / bs != off / bs {
+            ends.push((end - 1) / bs);
+        }
+        let mut out = Vec::new();
+        for blkid in ends {
+            let whole = blkid * bs >= off && (blkid + 1) * bs <= end;
+            if whole
+                || self.dirty.contains_key(&blkid)
+                || self.in_pending_free(blkid)
+                || blkid >= self.dnode.capacity()
+            {
+                continue;
+            }
+            let bp = self.get_bp(vdevs, 0, blkid)?;
+            if !bp.is_hole() {
+                out.push((blkid, bp));
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Obj::write`], taking the old contents of partial blocks from `preread` (block id, the
+    /// pointer they were read by, data) when the block still has that pointer and is unchanged.
+    pub fn write_preread(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        off: u64,
+        data: &[u8],
+        preread: &mut Vec<(u64, BlockPtr, Vec<u8>)>,
+    ) -> Result<()> {
+        let bs = self.dnode.block_size();
+        let mut pos = off;
+        let end = off + data.len() as u64;
+        let inside = |b: u64| b * (bs as u64) < end && (b + 1) * (bs as u64) > off;
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(preread)
+            .into_iter()
+            .partition(|p| inside(p.0));
+        *preread = rest;
+        for (blkid, bp, mut block) in mine {
+            let (b0, b1) = (blkid * bs as u64, (blkid + 1) * bs as u64);
+            if block.len() != bs {
+                continue;
+            }
+            let current = !self.dirty.contains_key(&blkid)
+                && !self.in_pending_free(blkid)
+                && blkid < self.dnode.capacity()
+                && self.get_bp(vdevs, 0, blkid)? == bp;
+            if !current {
+                continue;
+            }
+            // Write what comes before this block the ordinary way, then this block from `block`.
+            if pos < b0 {
+                self.write(vdevs, pos, &data[(pos - off) as usize..(b0 - off) as usize])?;
+            }
+            let (from, to) = (pos.max(b0), end.min(b1));
+            block[(from - b0) as usize..(to - b0) as usize]
+                .copy_from_slice(&data[(from - off) as usize..(to - off) as usize]);
+            self.take_dirty(blkid);
+            self.dirty.insert(blkid, Dirty::Data(block));
+            pos = to;
+        }
+        if pos < end {
+            self.write(vdevs, pos, &data[(pos - off) as usize..])?;
+        }
+        Ok(())
+    }
+
     /// Write `data` at `off` (in memory until the next sync).
     pub fn write(&mut self, vdevs: &[Arc<TopVdev>], off: u64, data: &[u8]) -> Result<()> {
         let bs = self.dnode.block_size() as u64;
@@ -873,6 +955,15 @@ impl Obj {
         }
         // Level 0.
         let dirty = std::mem::take(&mut self.dirty);
+        debug_assert_eq!(
+            self.written,
+            dirty
+                .values()
+                .filter(|d| matches!(d, Dirty::Written { .. }))
+                .count(),
+            "count of early-written blocks"
+        );
+        self.written = 0;
         let mut writes: Vec<(u64, NewBlock)> = Vec::new();
         for (blkid, d) in dirty {
             match d {

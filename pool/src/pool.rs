@@ -1328,11 +1328,24 @@ impl Pool {
         headroom: u64,
     ) -> Result<()> {
         check_range(off, data.len() as u64)?;
-        let bs = {
-            let mut g = self.lock();
-            let inner = &mut *g;
-            let vdevs = inner.tree.tops.clone();
-            inner.mos.obj(&vdevs, id)?.dnode.block_size() as u64
+        // Partial blocks must be read first: read them now, without the lock (their pointers are
+        // checked again under it; a block that changed meanwhile is read again there).
+        let (bs, mut preread) = {
+            let (bs, partial, vdevs, _guard) = {
+                let mut g = self.lock();
+                let inner = &mut *g;
+                let vdevs = inner.tree.tops.clone();
+                let o = inner.mos.obj(&vdevs, id)?;
+                let bs = o.dnode.block_size() as u64;
+                let partial = o.partial_reads(&vdevs, off, data.len() as u64)?;
+                let guard = ReaderGuard::new(&inner.readers, inner.committed);
+                (bs, partial, vdevs, guard)
+            };
+            let preread: Vec<(u64, BlockPtr, Vec<u8>)> = partial
+                .into_iter()
+                .filter_map(|(b, bp)| object::read_bp(&vdevs, &bp).ok().map(|d| (b, bp, d)))
+                .collect();
+            (bs, preread)
         };
         let end = off + data.len() as u64;
         let (first_full, last_full) = (off.div_ceil(bs), end / bs);
@@ -1368,20 +1381,26 @@ impl Pool {
         inner.forget_errors(id, off, data.len() as u64);
         // Everything but the whole blocks goes through the object's in-memory path.
         let mut pos = off;
+
         for &(b, _, _) in &whole {
             if pos < b * bs {
                 let at = (pos - off) as usize;
                 let to = (b * bs - off) as usize;
-                inner
-                    .mos
-                    .obj(&vdevs, id)?
-                    .write(&vdevs, pos, &data[at..to])?;
+                inner.mos.obj(&vdevs, id)?.write_preread(
+                    &vdevs,
+                    pos,
+                    &data[at..to],
+                    &mut preread,
+                )?;
             }
             pos = (b + 1) * bs;
         }
         if pos < end {
             let at = (pos - off) as usize;
-            inner.mos.obj(&vdevs, id)?.write(&vdevs, pos, &data[at..])?;
+            inner
+                .mos
+                .obj(&vdevs, id)?
+                .write_preread(&vdevs, pos, &data[at..], &mut preread)?;
         }
         if whole.is_empty() {
             return inner.sync_if_full();

@@ -18,6 +18,7 @@ pub use cairn_pool::schedule;
 
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
+use cairn_vdev::file::AlignedBuf;
 use cairn_vdev::tree::LeafVdev;
 use cairn_vdev::units::lock;
 use cairn_vdev::units::now_secs as now;
@@ -268,7 +269,51 @@ struct Want {
 /// Read every copy of every block of the batch: per leaf, sorted and merged, all leaves in parallel.
 /// Returns per block, per copy, the data (or None if a read failed). Each byte is copied once, from
 /// the merged read's buffer into the block's buffer (or not at all when a read is exactly one block).
-fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>> {
+/// The bytes of one copy of a block: a range of a shared read buffer (a merged read is never copied
+/// apart), or a buffer of its own.
+#[derive(Clone)]
+struct Data {
+    buf: Arc<AlignedBuf>,
+    off: usize,
+    len: usize,
+}
+
+impl Data {
+    fn own(b: AlignedBuf) -> Data {
+        let len = b.len();
+        Data {
+            buf: Arc::new(b),
+            off: 0,
+            len,
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.buf.as_slice()[self.off..self.off + self.len]
+    }
+
+    fn sub(&self, off: usize, len: usize) -> Data {
+        Data {
+            buf: self.buf.clone(),
+            off: self.off + off,
+            len,
+        }
+    }
+
+    /// Does `next` continue this range in the same buffer?
+    fn continued_by(&self, next: &Data) -> bool {
+        Arc::ptr_eq(&self.buf, &next.buf) && self.off + self.len == next.off
+    }
+
+    /// Return the buffer to the free list if this was its last user.
+    fn recycle(self) {
+        if let Ok(b) = Arc::try_unwrap(self.buf) {
+            b.give();
+        }
+    }
+}
+
+fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Data>>> {
     let sizes: Vec<usize> = batch.blocks.iter().map(|b| b.bp.psize as usize).collect();
     let mut per_leaf: HashMap<u64, (Arc<cairn_vdev::tree::LeafVdev>, Vec<Want>)> = HashMap::new();
     for (bi, cs) in all.iter().enumerate() {
@@ -289,7 +334,7 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
         }
     }
     /// A merged read: its buffer (None if it failed) and the pieces in it (offset in the run).
-    type Run = (Option<Vec<u8>>, Vec<(usize, usize, usize, usize, usize)>);
+    type Run = (Option<AlignedBuf>, Vec<(usize, usize, usize, usize, usize)>);
     let runs: Vec<Vec<Run>> = std::thread::scope(|sc| {
         // Two readers per leaf (alternate halves of its sorted list) keep two requests in flight.
         let mut jobs: Vec<(Arc<cairn_vdev::tree::LeafVdev>, Vec<Want>)> = Vec::new();
@@ -330,22 +375,23 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
                                 })
                                 .collect::<Vec<_>>()
                         };
-                        let mut buf = vec![0u8; (end - start) as usize];
+                        let mut buf = AlignedBuf::take((end - start) as usize);
                         leaf.stats.reads.fetch_add(1, Ordering::Relaxed);
                         leaf.stats
                             .read_bytes
                             .fetch_add(buf.len() as u64, Ordering::Relaxed);
                         let ok = dev
                             .as_ref()
-                            .is_some_and(|d| d.read_at(&mut buf, start).is_ok());
+                            .is_some_and(|d| d.read_at_uncached(buf.as_mut_slice(), start).is_ok());
                         if ok {
                             out.push((Some(buf), pieces(&wants[i..j])));
                         } else {
+                            buf.give();
                             // Retry piece by piece so one bad sector fails only its block.
                             for w in &wants[i..j] {
-                                let mut b = vec![0u8; w.len];
+                                let mut b = AlignedBuf::take(w.len);
                                 let r = match &dev {
-                                    Some(d) => d.read_at(&mut b, w.leaf_off),
+                                    Some(d) => d.read_at_uncached(b.as_mut_slice(), w.leaf_off),
                                     None => Err(std::io::Error::other("device closed")),
                                 };
                                 if let Err(e) = &r {
@@ -368,7 +414,9 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
             .map(|h| h.join().unwrap_or_default())
             .collect()
     });
-    let mut bufs: Vec<Vec<Option<Vec<u8>>>> = all.iter().map(|cs| vec![None; cs.len()]).collect();
+    let mut bufs: Vec<Vec<Option<Data>>> = all.iter().map(|cs| vec![None; cs.len()]).collect();
+    // Copies made of several pieces (a block split across stripe chunks) are gathered here.
+    let mut gathered: HashMap<(usize, usize), AlignedBuf> = HashMap::new();
     // Pieces that failed to read poison their copy.
     let mut failed: Vec<Vec<bool>> = all.iter().map(|cs| vec![false; cs.len()]).collect();
     for (buf, pieces) in runs.into_iter().flatten() {
@@ -379,19 +427,24 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Vec<u8>>>>
                 }
             }
             Some(buf) => {
-                // A read that is exactly one whole block: hand the buffer over.
-                if let [(bi, ci, 0, 0, len)] = pieces.as_slice() {
-                    if *len == sizes[*bi] && bufs[*bi][*ci].is_none() {
-                        bufs[*bi][*ci] = Some(buf);
-                        continue;
-                    }
-                }
+                let run = Data::own(buf);
                 for (bi, ci, off, roff, len) in pieces {
-                    let dst = bufs[bi][ci].get_or_insert_with(|| vec![0u8; sizes[bi]]);
-                    dst[off..off + len].copy_from_slice(&buf[roff..roff + len]);
+                    if off == 0 && len == sizes[bi] {
+                        // The whole copy lies in this read: refer to it.
+                        bufs[bi][ci] = Some(run.sub(roff, len));
+                    } else {
+                        let dst = gathered
+                            .entry((bi, ci))
+                            .or_insert_with(|| AlignedBuf::zeroed(sizes[bi]));
+                        dst.as_mut_slice()[off..off + len]
+                            .copy_from_slice(&run.as_slice()[roff..roff + len]);
+                    }
                 }
             }
         }
+    }
+    for ((bi, ci), b) in gathered {
+        bufs[bi][ci] = Some(Data::own(b));
     }
     for (bi, f) in failed.iter().enumerate() {
         for (ci, &bad) in f.iter().enumerate() {
@@ -413,17 +466,18 @@ struct BatchResult {
 }
 
 /// Read one copy now (the rare fallback when a resilver's first source copy is bad).
-fn read_copy(c: &Copy, psize: usize) -> Option<Vec<u8>> {
-    let mut buf = vec![0u8; psize];
+fn read_copy(c: &Copy, psize: usize) -> Option<Data> {
+    let mut buf = AlignedBuf::zeroed(psize);
     for p in &c.pieces {
         let dev = p.leaf.dev()?;
-        if let Err(e) = dev.read_at(&mut buf[p.buf_off..p.buf_off + p.len], p.leaf_off) {
+        let dst = &mut buf.as_mut_slice()[p.buf_off..p.buf_off + p.len];
+        if let Err(e) = dev.read_at_uncached(dst, p.leaf_off) {
             p.leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
             p.leaf.note("read_error", Some(p.leaf_off), e.to_string());
             return None;
         }
     }
-    Some(buf)
+    Some(Data::own(buf))
 }
 
 /// Write verified data over a copy. Returns the bytes written.
@@ -449,20 +503,22 @@ fn write_copy(c: &Copy, data: &[u8]) -> u64 {
 }
 
 /// Write pieces to leaves, merging neighbours into writes of up to 1 MiB, all leaves in parallel.
-/// Returns the bytes written.
-fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Vec<u8>)>) -> u64 {
+/// Neighbours that also lie one after the other in the same read buffer are written from it without a
+/// copy. Returns the bytes written.
+fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Data)>) -> u64 {
     pieces.sort_by_key(|(l, off, _)| (l.guid.0, *off));
-    type Runs = Vec<(u64, Vec<u8>)>;
+    type Runs = Vec<(u64, usize, Vec<Data>)>;
     let mut per_leaf: Vec<(Arc<LeafVdev>, Runs)> = Vec::new();
     for (leaf, off, data) in pieces {
         match per_leaf.last_mut() {
             Some((l, runs)) if l.guid == leaf.guid => match runs.last_mut() {
-                Some((start, buf)) if *start + buf.len() as u64 == off && buf.len() < MAX_READ => {
-                    buf.extend_from_slice(&data)
+                Some((start, len, parts)) if *start + *len as u64 == off && *len < MAX_READ => {
+                    *len += data.len;
+                    parts.push(data);
                 }
-                _ => runs.push((off, data)),
+                _ => runs.push((off, data.len, vec![data])),
             },
-            _ => per_leaf.push((leaf, vec![(off, data)])),
+            _ => per_leaf.push((leaf, vec![(off, data.len, vec![data])])),
         }
     }
     std::thread::scope(|sc| {
@@ -472,13 +528,26 @@ fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Vec<u8>)>) -> u64 {
                 sc.spawn(move || {
                     let Some(dev) = leaf.dev() else { return 0 };
                     let mut n = 0u64;
-                    for (off, buf) in runs {
-                        match dev.write_at(&buf, off) {
+                    for (off, len, parts) in runs {
+                        let whole = parts.windows(2).all(|w| w[0].continued_by(&w[1]));
+                        let gathered;
+                        let buf: &[u8] = if whole {
+                            let first = &parts[0];
+                            &first.buf.as_slice()[first.off..first.off + len]
+                        } else {
+                            let mut b = AlignedBuf::with_capacity(len);
+                            for p in &parts {
+                                b.extend_from_slice(p.as_slice());
+                            }
+                            gathered = b;
+                            gathered.as_slice()
+                        };
+                        match dev.write_at(buf, off) {
                             Ok(()) => {
                                 leaf.stats
                                     .repaired_bytes
-                                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                                n += buf.len() as u64;
+                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                n += len as u64;
                             }
                             Err(e) => {
                                 leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
@@ -510,7 +579,16 @@ struct Fetched {
     missing: Vec<Vec<Copy>>,
     sources: Vec<Vec<Copy>>,
     all: Vec<Vec<Copy>>,
-    bufs: Vec<Vec<Option<Vec<u8>>>>,
+    bufs: Vec<Vec<Option<Data>>>,
+}
+
+impl Fetched {
+    /// Return the batch's read buffers to the free list.
+    fn recycle(self) {
+        for d in self.bufs.into_iter().flatten().flatten() {
+            d.recycle();
+        }
+    }
 }
 
 /// Plan and issue a batch's reads (no pool lock needed: the batch holds its vdevs and reader guard).
@@ -570,13 +648,13 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
             cs.iter()
                 .map(|d| {
                     d.as_ref()
-                        .is_some_and(|d| *blake3::hash(d).as_bytes() == b.bp.checksum)
+                        .is_some_and(|d| *blake3::hash(d.as_slice()).as_bytes() == b.bp.checksum)
                 })
                 .collect()
         })
         .collect();
     let mut r = BatchResult::default();
-    let mut pending: Vec<(Arc<LeafVdev>, u64, Vec<u8>)> = Vec::new();
+    let mut pending: Vec<(Arc<LeafVdev>, u64, Data)> = Vec::new();
     let had_errors = pool.has_data_errors();
     for (bi, b) in batch.blocks.iter().enumerate() {
         r.examined += b.bp.psize as u64;
@@ -586,7 +664,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
         r.issued += b.bp.psize as u64 * all[bi].len() as u64;
         let psize = b.bp.psize as usize;
         // The good data: a copy read in the batch, or (resilver) the next source that verifies.
-        let mut good: Option<Vec<u8>> = ok[bi]
+        let mut good: Option<Data> = ok[bi]
             .iter()
             .position(|&v| v)
             .and_then(|g| bufs[bi][g].clone());
@@ -602,7 +680,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
             for c in sources[bi].iter().skip(1) {
                 r.issued += psize as u64;
                 match read_copy(c, psize) {
-                    Some(d) if *blake3::hash(&d).as_bytes() == b.bp.checksum => {
+                    Some(d) if *blake3::hash(d.as_slice()).as_bytes() == b.bp.checksum => {
                         good = Some(d);
                         break;
                     }
@@ -638,7 +716,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
                         .note("checksum", Some(p.leaf_off), "checksum mismatch".into());
                 }
             }
-            let n = write_copy(c, &data);
+            let n = write_copy(c, data.as_slice());
             if n > 0 {
                 r.repaired += n;
                 if let Some(p) = c.pieces.first() {
@@ -650,11 +728,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
         // Resilver: the copies the targets lack (gathered, then written merged below).
         for c in &missing[bi] {
             for p in &c.pieces {
-                pending.push((
-                    p.leaf.clone(),
-                    p.leaf_off,
-                    data[p.buf_off..p.buf_off + p.len].to_vec(),
-                ));
+                pending.push((p.leaf.clone(), p.leaf_off, data.sub(p.buf_off, p.len)));
             }
         }
     }
@@ -772,7 +846,7 @@ pub fn run(
             (r, h.and_then(|h| h.join().ok()))
         });
         prefetched = fetched_next;
-        drop(cur);
+        cur.recycle();
         s = pool.scan_state()?;
         s.examined += r.examined;
         s.issued += r.issued;

@@ -13,14 +13,14 @@
 //!   another, gets [`VdevError::Busy`];
 //! - `flush` is `fdatasync`; `discard` punches a hole (`fallocate(PUNCH_HOLE | KEEP_SIZE)`, which the kernel
 //!   also implements for block devices) and is advisory: "unsupported" is success.
-//! - Reads and writes whose offset and length are multiples of [`DIRECT_ALIGN`] bypass the page cache
-//!   through a second descriptor opened `O_DIRECT` on the same open file (via `/proc/self/fd`), so the
-//!   pool's own checksummed blocks are not cached twice and large transfers run at device speed; a
-//!   caller's unaligned buffer goes through a per-thread aligned bounce buffer. Everything else (labels'
-//!   odd sizes, small unaligned pieces) uses the ordinary descriptor; the kernel keeps the two coherent
-//!   (a direct read writes back dirty cached pages of its range first, a direct write drops them).
-//!   Where the file system refuses `O_DIRECT` (tmpfs) or `CAIRN_DIRECT_IO=0` is set, only the ordinary
-//!   descriptor is used.
+//! - Transfers whose offset and length are multiples of [`DIRECT_ALIGN`] may bypass the page cache
+//!   through a second descriptor opened `O_DIRECT` on the same open file (via `/proc/self/fd`): all
+//!   such writes, scan reads (`read_at_uncached`), and application reads of 256 KiB or more. Smaller
+//!   application reads use the page cache, which keeps serving re-reads. A caller's unaligned buffer goes through a per-thread aligned
+//!   bounce buffer. Everything else (labels' odd sizes, small unaligned pieces) uses the ordinary
+//!   descriptor; the kernel keeps the two coherent (a direct read writes back dirty cached pages of its
+//!   range first, a direct write drops them). Where the file system refuses `O_DIRECT` (tmpfs) or
+//!   `CAIRN_DIRECT_IO=0` is set, only the ordinary descriptor is used.
 
 use crate::error::VdevError;
 use crate::leaf::Leaf;
@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Offset, length and buffer alignment of a transfer that goes through the `O_DIRECT` descriptor.
 pub const DIRECT_ALIGN: usize = 4096;
+/// Reads of at least this size bypass the page cache unless it holds them whole (see `read_at`).
+const LARGE_READ: usize = 256 << 10;
 /// Largest piece moved through the bounce buffer at once (bounds its memory per thread).
 const BOUNCE_MAX: usize = 1 << 20;
 
@@ -54,6 +56,12 @@ fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
 fn aligned(offset: u64, len: usize) -> bool {
     len > 0 && offset.is_multiple_of(DIRECT_ALIGN as u64) && len.is_multiple_of(DIRECT_ALIGN)
 }
+
+/// Bytes of buffers kept on the free list of [`AlignedBuf::take`] (none larger than 1/8 of it).
+pub const FREE_KEEP_BYTES: usize = 64 << 20;
+
+/// The free list: (bytes kept, buffers).
+static FREE: std::sync::Mutex<(usize, Vec<AlignedBuf>)> = std::sync::Mutex::new((0, Vec::new()));
 
 /// A byte buffer whose contents start on a [`DIRECT_ALIGN`] boundary, so a [`FileLeaf`] moves it
 /// without the bounce copy. Made from a plain `Vec` by skipping its first bytes (no `unsafe`).
@@ -89,6 +97,36 @@ impl AlignedBuf {
         }
     }
 
+    /// A buffer of `len` bytes from the process-wide free list (or a new one): no zeroing and no fresh
+    /// pages when one is there. The contents are unspecified, as with [`AlignedBuf::reuse`].
+    pub fn take(len: usize) -> AlignedBuf {
+        let mut b = {
+            let mut f = crate::units::lock(&FREE);
+            match f.1.pop() {
+                Some(b) => {
+                    f.0 -= b.capacity();
+                    b
+                }
+                None => AlignedBuf::default(),
+            }
+        };
+        b.reuse(len);
+        b
+    }
+
+    /// Give a buffer back to the free list (kept while the list holds under [`FREE_KEEP_BYTES`]).
+    pub fn give(self) {
+        let cap = self.capacity();
+        if cap == 0 || cap > FREE_KEEP_BYTES / 8 {
+            return;
+        }
+        let mut f = crate::units::lock(&FREE);
+        if f.0 + cap <= FREE_KEEP_BYTES {
+            f.0 += cap;
+            f.1.push(self);
+        }
+    }
+
     /// Append bytes (past the capacity the buffer grows and may lose its alignment, not its contents).
     pub fn extend_from_slice(&mut self, b: &[u8]) {
         self.v.extend_from_slice(b);
@@ -119,6 +157,21 @@ impl AlignedBuf {
 /// Is this error the kernel refusing a direct transfer (so the ordinary path should be used)?
 fn direct_refused(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
+}
+
+/// Which aligned transfers always bypass the page cache: (reads, writes). By default writes and
+/// uncached (scan) reads do; application reads use the page cache, which serves re-reads as a cache
+/// the size of free memory, except large reads (see `read_at`).
+/// `CAIRN_DIRECT_IO=0` turns direct I/O off; `all`, `writes`, `reads` and `scan` choose (`scan`:
+/// only uncached reads are direct).
+fn direct_mode() -> (bool, bool) {
+    match std::env::var("CAIRN_DIRECT_IO").as_deref() {
+        Ok("all") => (true, true),
+        Ok("writes") => (false, true),
+        Ok("reads") => (true, false),
+        Ok("scan") => (false, false),
+        _ => (false, true),
+    }
 }
 
 /// Opens the same open file again with `O_DIRECT`, or `None` if the file system refuses it.
@@ -153,6 +206,9 @@ pub struct FileLeaf {
     /// The same file opened `O_DIRECT`, while the kernel accepts direct transfers on it.
     direct: Option<File>,
     direct_ok: AtomicBool,
+    /// Which aligned transfers use `direct` (see [`direct_mode`]); uncached reads always do.
+    direct_reads: bool,
+    direct_writes: bool,
     path: String,
     size: u64,
     block: bool,
@@ -239,7 +295,10 @@ impl FileLeaf {
 
         tracing::debug!(path = %name, size, block, read_only = opts.read_only, lock = opts.lock, "opened leaf");
         let direct = open_direct(&file, opts.read_only);
+        let (direct_reads, direct_writes) = direct_mode();
         Ok(FileLeaf {
+            direct_reads,
+            direct_writes,
             direct_ok: AtomicBool::new(direct.is_some()),
             direct,
             file,
@@ -341,6 +400,20 @@ impl FileLeaf {
 impl Leaf for FileLeaf {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(offset, buf.len(), self.size, io::ErrorKind::UnexpectedEof)?;
+        if self.direct_reads {
+            return self.read_at_uncached(buf, offset);
+        }
+        // A large read goes around the page cache, at device speed and without pushing out what
+        // small reads cached. (Probing the cache first with RWF_NOWAIT is no good: the probe starts
+        // buffered readahead of the very range the direct read then reads again.)
+        if buf.len() >= LARGE_READ {
+            return self.read_at_uncached(buf, offset);
+        }
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn read_at_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size, io::ErrorKind::UnexpectedEof)?;
         if let Some(d) = self.direct_for(offset, buf.len()) {
             match Self::read_direct(d, buf, offset) {
                 Err(e) if direct_refused(&e) => self.direct_refused(&e),
@@ -352,7 +425,10 @@ impl Leaf for FileLeaf {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(offset, buf.len(), self.size, io::ErrorKind::InvalidInput)?;
-        if let Some(d) = self.direct_for(offset, buf.len()) {
+        if let Some(d) = self
+            .direct_for(offset, buf.len())
+            .filter(|_| self.direct_writes)
+        {
             match Self::write_direct(d, buf, offset) {
                 Err(e) if direct_refused(&e) => self.direct_refused(&e),
                 r => return r,
@@ -521,6 +597,10 @@ mod tests {
         assert_eq!(c.len(), 8192);
         assert_eq!(c.as_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
         assert_eq!((c.as_slice()[4999], c.as_slice()[5000]), (1, 2));
+        c.give();
+        let d = AlignedBuf::take(4096);
+        assert_eq!(d.len(), 4096);
+        assert_eq!(d.as_slice().as_ptr().align_offset(DIRECT_ALIGN), 0);
     }
 
     #[test]

@@ -10,6 +10,11 @@ use std::io;
 pub trait Leaf: Send + Sync {
     /// Read exactly `buf.len()` bytes at `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Read like `read_at`, bypassing any cache where the leaf can (a scan reads data once; caching
+    /// it would only push out what applications read again).
+    fn read_at_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_at(buf, offset)
+    }
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable.

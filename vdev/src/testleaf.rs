@@ -637,18 +637,33 @@ impl FaultLeaf {
     }
 }
 
-impl Leaf for FaultLeaf {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+impl FaultLeaf {
+    fn faulted_read(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        read: impl FnOnce(&mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let fired = self.faults.fire(Op::Read, offset, buf.len() as u64);
         Self::errors_and_latency(&fired)?;
-        self.inner.read_at(buf, offset)?;
+        read(buf)?;
         for f in &fired {
             if f.kind == FaultKind::CorruptRead {
                 corrupt(buf, f.overlap, f.seed);
             }
         }
         Ok(())
+    }
+}
+
+impl Leaf for FaultLeaf {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.faulted_read(buf, offset, |b| self.inner.read_at(b, offset))
+    }
+
+    fn read_at_uncached(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.faulted_read(buf, offset, |b| self.inner.read_at_uncached(b, offset))
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
