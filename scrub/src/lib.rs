@@ -33,6 +33,9 @@ const BATCH_BLOCKS: usize = 4096;
 const BATCH_BYTES: u64 = 16 << 20;
 /// Largest merged read.
 const MAX_READ: usize = 1 << 20;
+/// Reads in flight per leaf, and resilver writes in flight per target leaf.
+const READERS_PER_LEAF: usize = 4;
+const WRITERS_PER_LEAF: usize = 4;
 
 pub const RUN: u8 = 0;
 pub const PAUSE: u8 = 1;
@@ -336,13 +339,16 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Data>>> {
     /// A merged read: its buffer (None if it failed) and the pieces in it (offset in the run).
     type Run = (Option<AlignedBuf>, Vec<(usize, usize, usize, usize, usize)>);
     let runs: Vec<Vec<Run>> = std::thread::scope(|sc| {
-        // Two readers per leaf (alternate halves of its sorted list) keep two requests in flight.
+        // READERS_PER_LEAF readers per leaf (consecutive parts of its sorted list) keep that many
+        // requests in flight: direct reads need a queue to reach the device's speed.
         let mut jobs: Vec<(Arc<cairn_vdev::tree::LeafVdev>, Vec<Want>)> = Vec::new();
         for (leaf, mut wants) in per_leaf.into_values() {
             wants.sort_by_key(|w| w.leaf_off);
-            let second = wants.split_off(wants.len() / 2);
-            jobs.push((leaf.clone(), wants));
-            jobs.push((leaf, second));
+            let part = wants.len().div_ceil(READERS_PER_LEAF).max(1);
+            while !wants.is_empty() {
+                let rest = wants.split_off(part.min(wants.len()));
+                jobs.push((leaf.clone(), std::mem::replace(&mut wants, rest)));
+            }
         }
         let hs: Vec<_> = jobs
             .into_iter()
@@ -521,8 +527,17 @@ fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Data)>) -> u64 {
             _ => per_leaf.push((leaf, vec![(off, data.len, vec![data])])),
         }
     }
+    // Each leaf's runs are split into WRITERS_PER_LEAF consecutive parts written in parallel.
+    let mut jobs: Vec<(Arc<LeafVdev>, Runs)> = Vec::new();
+    for (leaf, mut runs) in per_leaf {
+        let part = runs.len().div_ceil(WRITERS_PER_LEAF).max(1);
+        while !runs.is_empty() {
+            let rest = runs.split_off(part.min(runs.len()));
+            jobs.push((leaf.clone(), std::mem::replace(&mut runs, rest)));
+        }
+    }
     std::thread::scope(|sc| {
-        let hs: Vec<_> = per_leaf
+        let hs: Vec<_> = jobs
             .into_iter()
             .map(|(leaf, runs)| {
                 sc.spawn(move || {
@@ -605,6 +620,13 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
                     .any(|p| resilver_targets.contains(&p.leaf.guid.0))
                     && is_stale(c, b.bp.birth)
             });
+            // Take turns between the sources by 2 MiB region (as application reads do), so every
+            // good child serves a share of the copying.
+            let mut s = s;
+            if let Some(first) = s.first().and_then(|c| c.pieces.first()) {
+                let k = (first.leaf_off >> 21) as usize % s.len();
+                s.rotate_left(k);
+            }
             missing.push(m);
             sources.push(s);
         } else {
