@@ -1381,7 +1381,6 @@ impl Pool {
         inner.forget_errors(id, off, data.len() as u64);
         // Everything but the whole blocks goes through the object's in-memory path.
         let mut pos = off;
-
         for &(b, _, _) in &whole {
             if pos < b * bs {
                 let at = (pos - off) as usize;

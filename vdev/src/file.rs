@@ -16,8 +16,8 @@
 //! - Transfers whose offset and length are multiples of [`DIRECT_ALIGN`] may bypass the page cache
 //!   through a second descriptor opened `O_DIRECT` on the same open file (via `/proc/self/fd`): all
 //!   such writes, scan reads (`read_at_uncached`), and application reads of 256 KiB or more. Smaller
-//!   application reads use the page cache, which keeps serving re-reads. A caller's unaligned buffer goes through a per-thread aligned
-//!   bounce buffer. Everything else (labels' odd sizes, small unaligned pieces) uses the ordinary
+//!   application reads use the page cache, which keeps serving re-reads. A caller's unaligned buffer
+//!   goes through a per-thread aligned bounce buffer. Everything else (labels' odd sizes, small unaligned pieces) uses the ordinary
 //!   descriptor; the kernel keeps the two coherent (a direct read writes back dirty cached pages of its
 //!   range first, a direct write drops them). Where the file system refuses `O_DIRECT` (tmpfs) or
 //!   `CAIRN_DIRECT_IO=0` is set, only the ordinary descriptor is used.
@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Offset, length and buffer alignment of a transfer that goes through the `O_DIRECT` descriptor.
 pub const DIRECT_ALIGN: usize = 4096;
-/// Reads of at least this size bypass the page cache unless it holds them whole (see `read_at`).
+/// Application reads of at least this size bypass the page cache (see `read_at`).
 const LARGE_READ: usize = 256 << 10;
 /// Largest piece moved through the bounce buffer at once (bounds its memory per thread).
 const BOUNCE_MAX: usize = 1 << 20;
