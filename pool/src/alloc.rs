@@ -16,6 +16,7 @@
 //! so memory does not grow with the pool's size.
 
 use crate::error::{PoolError, Result};
+use cairn_vdev::codec::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use cairn_vdev::tree::TopVdev;
 use cairn_vdev::{Guid, Txg, SECTOR};
 use std::collections::{BTreeSet, HashMap};
@@ -99,17 +100,17 @@ impl Page {
             }
         }
         let mut out = vec![0u8; PAGE_SIZE];
-        out[0..4].copy_from_slice(&PAGE_MAGIC.to_le_bytes());
-        out[4..6].copy_from_slice(&PAGE_VERSION.to_le_bytes());
-        out[8..16].copy_from_slice(&top_guid.0.to_le_bytes());
-        out[16..20].copy_from_slice(&(index as u32).to_le_bytes());
-        out[20..24].copy_from_slice(&(Page::count_free(&image) as u32).to_le_bytes());
-        out[24..32].copy_from_slice(&txg.0.to_le_bytes());
-        for (i, w) in image.iter().enumerate() {
-            out[PAGE_HDR + i * 8..PAGE_HDR + i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        put_u32(&mut out, 0, PAGE_MAGIC);
+        put_u16(&mut out, 4, PAGE_VERSION);
+        put_u64(&mut out, 8, top_guid.0);
+        put_u32(&mut out, 16, index as u32);
+        put_u32(&mut out, 20, Page::count_free(&image) as u32);
+        put_u64(&mut out, 24, txg.0);
+        for (i, &w) in image.iter().enumerate() {
+            put_u64(&mut out, PAGE_HDR + i * 8, w);
         }
         let crc = page_crc(&out);
-        out[32..36].copy_from_slice(&crc.to_le_bytes());
+        put_u32(&mut out, 32, crc);
         out
     }
 }
@@ -128,25 +129,17 @@ fn decode_page(b: &[u8], top_guid: Guid, index: u64) -> Option<(Txg, Vec<u64>)> 
     if b.len() != PAGE_SIZE {
         return None;
     }
-    let le32 = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
-    let le64 = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
-    if le32(0) != PAGE_MAGIC || u16::from_le_bytes([b[4], b[5]]) != PAGE_VERSION {
+    if get_u32(b, 0) != PAGE_MAGIC || get_u16(b, 4) != PAGE_VERSION {
         return None;
     }
-    if page_crc(b) != le32(32) {
+    if page_crc(b) != get_u32(b, 32) {
         return None;
     }
-    if le64(8) != top_guid.0 || le32(16) as u64 != index {
+    if get_u64(b, 8) != top_guid.0 || get_u32(b, 16) as u64 != index {
         return None;
     }
-    let mut bits = vec![0u64; WORDS];
-    for (i, w) in bits.iter_mut().enumerate() {
-        let o = PAGE_HDR + i * 8;
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[o..o + 8]);
-        *w = u64::from_le_bytes(a);
-    }
-    Some((Txg(le64(24)), bits))
+    let bits = (0..WORDS).map(|i| get_u64(b, PAGE_HDR + i * 8)).collect();
+    Some((Txg(get_u64(b, 24)), bits))
 }
 
 /// The allocator of one top-level vdev.

@@ -9,6 +9,7 @@
 //! counts); the vdev id of a DVA is checked against the tree at read time.
 
 use crate::error::{PoolError, Result};
+use cairn_vdev::codec::{get_u32, get_u64, put_u32, put_u64};
 use cairn_vdev::{Txg, SECTOR};
 
 pub const BP_SIZE: usize = 128;
@@ -82,17 +83,6 @@ impl Default for BlockPtr {
     }
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
 impl BlockPtr {
     pub const HOLE: BlockPtr = BlockPtr {
         dvas: [Dva {
@@ -128,18 +118,18 @@ impl BlockPtr {
         b[..BP_SIZE].fill(0);
         for (i, d) in self.dvas.iter().enumerate() {
             let o = i * 16;
-            b[o..o + 4].copy_from_slice(&d.vdev.to_le_bytes());
-            b[o + 4..o + 8].copy_from_slice(&d.asize_sectors.to_le_bytes());
-            b[o + 8..o + 16].copy_from_slice(&d.offset.to_le_bytes());
+            put_u32(b, o, d.vdev);
+            put_u32(b, o + 4, d.asize_sectors);
+            put_u64(b, o + 8, d.offset);
         }
-        b[48..56].copy_from_slice(&self.birth.0.to_le_bytes());
-        b[56..60].copy_from_slice(&self.lsize.to_le_bytes());
-        b[60..64].copy_from_slice(&self.psize.to_le_bytes());
+        put_u64(b, 48, self.birth.0);
+        put_u32(b, 56, self.lsize);
+        put_u32(b, 60, self.psize);
         b[64] = self.kind as u8;
         b[65] = self.level;
         b[66] = self.checksum_type;
         b[67] = self.compression;
-        b[72..80].copy_from_slice(&self.fill.to_le_bytes());
+        put_u64(b, 72, self.fill);
         b[80..112].copy_from_slice(&self.checksum);
     }
 
@@ -154,7 +144,7 @@ impl BlockPtr {
         if b.len() < BP_SIZE {
             return Err(PoolError::corrupt("block pointer", "short"));
         }
-        let birth = Txg(le64(b, 48));
+        let birth = Txg(get_u64(b, 48));
         if birth.0 == 0 {
             if b[..BP_SIZE].iter().any(|&x| x != 0) {
                 return Err(PoolError::corrupt(
@@ -168,22 +158,22 @@ impl BlockPtr {
         for (i, d) in dvas.iter_mut().enumerate() {
             let o = i * 16;
             *d = Dva {
-                vdev: le32(b, o),
-                asize_sectors: le32(b, o + 4),
-                offset: le64(b, o + 8),
+                vdev: get_u32(b, o),
+                asize_sectors: get_u32(b, o + 4),
+                offset: get_u64(b, o + 8),
             };
         }
         let bp = BlockPtr {
             dvas,
             birth,
-            lsize: le32(b, 56),
-            psize: le32(b, 60),
+            lsize: get_u32(b, 56),
+            psize: get_u32(b, 60),
             kind: BlockKind::from_u8(b[64])
                 .ok_or_else(|| PoolError::corrupt("block pointer", format!("kind {}", b[64])))?,
             level: b[65],
             checksum_type: b[66],
             compression: b[67],
-            fill: le64(b, 72),
+            fill: get_u64(b, 72),
             checksum: {
                 let mut c = [0u8; 32];
                 c.copy_from_slice(&b[80..112]);

@@ -16,6 +16,7 @@
 use crate::alloc::Allocator;
 use crate::blkptr::{checksum, BlockKind, BlockPtr, Dva, BP_SIZE, CKSUM_BLAKE3, MAX_DVAS};
 use crate::error::{PoolError, Result};
+use cairn_vdev::codec::{get_u32, get_u64, put_u32, put_u64};
 use cairn_vdev::tree::TopVdev;
 use cairn_vdev::{Txg, SECTOR};
 use rayon::prelude::*;
@@ -116,8 +117,8 @@ impl Dnode {
         b[1] = self.nlevels;
         b[2] = self.data_shift;
         b[3] = self.copies;
-        b[8..16].copy_from_slice(&self.size.to_le_bytes());
-        b[24..32].copy_from_slice(&self.used.to_le_bytes());
+        put_u64(b, 8, self.size);
+        put_u64(b, 24, self.used);
         self.root.encode_into(&mut b[64..64 + BP_SIZE]);
         b[192..256].copy_from_slice(&self.bonus);
     }
@@ -145,11 +146,6 @@ impl Dnode {
         if !(1..=3).contains(&copies) {
             return bad(format!("copies {copies}"));
         }
-        let le64 = |o: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(a)
-        };
         let root = BlockPtr::decode(&b[64..64 + BP_SIZE])?;
         if !root.is_hole() && root.level as u32 + 1 != nlevels as u32 {
             return bad(format!("root level {} with {} levels", root.level, nlevels));
@@ -161,8 +157,8 @@ impl Dnode {
             nlevels,
             data_shift,
             copies,
-            size: le64(8),
-            used: le64(24),
+            size: get_u64(b, 8),
+            used: get_u64(b, 24),
             root,
             bonus,
         })
@@ -1070,13 +1066,12 @@ pub struct ObjsetPhys {
 impl ObjsetPhys {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; OBJSET_SIZE];
-        b[0..8].copy_from_slice(&OBJSET_MAGIC.to_le_bytes());
-        b[8..12].copy_from_slice(&OBJSET_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(self.alloc_bytes.len() as u32).to_le_bytes());
+        put_u64(&mut b, 0, OBJSET_MAGIC);
+        put_u32(&mut b, 8, OBJSET_VERSION);
+        put_u32(&mut b, 12, self.alloc_bytes.len() as u32);
         self.meta.encode_into(&mut b[16..16 + DNODE_SIZE]);
-        for (i, a) in self.alloc_bytes.iter().enumerate() {
-            let o = 272 + i * 8;
-            b[o..o + 8].copy_from_slice(&a.to_le_bytes());
+        for (i, &a) in self.alloc_bytes.iter().enumerate() {
+            put_u64(&mut b, 272 + i * 8, a);
         }
         b
     }
@@ -1086,16 +1081,14 @@ impl ObjsetPhys {
         if b.len() != OBJSET_SIZE {
             return bad(format!("size {}", b.len()));
         }
-        let le32 = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-        let mut m = [0u8; 8];
-        m.copy_from_slice(&b[0..8]);
-        if u64::from_le_bytes(m) != OBJSET_MAGIC {
+        if get_u64(b, 0) != OBJSET_MAGIC {
             return bad("bad magic".into());
         }
-        if le32(8) != OBJSET_VERSION {
-            return bad(format!("version {}", le32(8)));
+        let version = get_u32(b, 8);
+        if version != OBJSET_VERSION {
+            return bad(format!("version {version}"));
         }
-        let n = le32(12) as usize;
+        let n = get_u32(b, 12) as usize;
         if n > MAX_TOPS {
             return bad(format!("{n} vdevs"));
         }
@@ -1103,14 +1096,7 @@ impl ObjsetPhys {
         if meta.otype != ObjType::Bytes || meta.data_shift != META_SHIFT {
             return bad("meta dnode has the wrong type or block size".into());
         }
-        let alloc_bytes = (0..n)
-            .map(|i| {
-                let o = 272 + i * 8;
-                let mut a = [0u8; 8];
-                a.copy_from_slice(&b[o..o + 8]);
-                u64::from_le_bytes(a)
-            })
-            .collect();
+        let alloc_bytes = (0..n).map(|i| get_u64(b, 272 + i * 8)).collect();
         Ok(ObjsetPhys { meta, alloc_bytes })
     }
 }

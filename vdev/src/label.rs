@@ -14,6 +14,7 @@
 //! `sync_labels` (even labels, flush, uberblocks, flush, odd labels, flush) so that a torn update never
 //! leaves a leaf without a valid label.
 
+use crate::codec::{get_u32, get_u64, put_u32, put_u64};
 use crate::config::{PoolConfig, CONFIG_VERSION};
 use crate::error::{Result, VdevError};
 use crate::leaf::Leaf;
@@ -63,26 +64,6 @@ pub fn data_size(size: u64) -> u64 {
     data_end(size).saturating_sub(DATA_START)
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(a)
-}
-
-fn put64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
 /// The fixed header of one label.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LabelHeader {
@@ -110,17 +91,17 @@ const H_CRC: usize = LABEL_HEADER_SIZE - 4;
 impl LabelHeader {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; LABEL_HEADER_SIZE];
-        put64(&mut b, H_MAGIC, LABEL_MAGIC);
-        put32(&mut b, H_VERSION, LABEL_VERSION);
-        put32(&mut b, H_INDEX, self.index);
-        put64(&mut b, H_POOL, self.pool_guid.0);
-        put64(&mut b, H_TOP, self.top_guid.0);
-        put64(&mut b, H_LEAF, self.leaf_guid.0);
-        put64(&mut b, H_CTXG, self.config_txg.0);
-        put32(&mut b, H_CLEN, self.config_len);
+        put_u64(&mut b, H_MAGIC, LABEL_MAGIC);
+        put_u32(&mut b, H_VERSION, LABEL_VERSION);
+        put_u32(&mut b, H_INDEX, self.index);
+        put_u64(&mut b, H_POOL, self.pool_guid.0);
+        put_u64(&mut b, H_TOP, self.top_guid.0);
+        put_u64(&mut b, H_LEAF, self.leaf_guid.0);
+        put_u64(&mut b, H_CTXG, self.config_txg.0);
+        put_u32(&mut b, H_CLEN, self.config_len);
         b[H_CSUM..H_CSUM + 32].copy_from_slice(&self.config_sum);
         let crc = crc32fast::hash(&b[..H_CRC]);
-        put32(&mut b, H_CRC, crc);
+        put_u32(&mut b, H_CRC, crc);
         b
     }
 
@@ -129,22 +110,22 @@ impl LabelHeader {
         if b.len() < LABEL_HEADER_SIZE {
             return Err("short header".into());
         }
-        if le64(b, H_MAGIC) != LABEL_MAGIC {
+        if get_u64(b, H_MAGIC) != LABEL_MAGIC {
             return Ok(None);
         }
         let crc = crc32fast::hash(&b[..H_CRC]);
-        if crc != le32(b, H_CRC) {
+        if crc != get_u32(b, H_CRC) {
             return Err("header checksum mismatch".into());
         }
-        let version = le32(b, H_VERSION);
+        let version = get_u32(b, H_VERSION);
         if version != LABEL_VERSION {
             return Err(format!("unsupported label version {version}"));
         }
-        let index = le32(b, H_INDEX);
+        let index = get_u32(b, H_INDEX);
         if index != expect_index {
             return Err(format!("label {expect_index} claims to be label {index}"));
         }
-        let config_len = le32(b, H_CLEN);
+        let config_len = get_u32(b, H_CLEN);
         if config_len == 0 || config_len as usize > CONFIG_MAX {
             return Err(format!("config length {config_len} out of range"));
         }
@@ -152,10 +133,10 @@ impl LabelHeader {
         config_sum.copy_from_slice(&b[H_CSUM..H_CSUM + 32]);
         Ok(Some(LabelHeader {
             index,
-            pool_guid: Guid(le64(b, H_POOL)),
-            top_guid: Guid(le64(b, H_TOP)),
-            leaf_guid: Guid(le64(b, H_LEAF)),
-            config_txg: Txg(le64(b, H_CTXG)),
+            pool_guid: Guid(get_u64(b, H_POOL)),
+            top_guid: Guid(get_u64(b, H_TOP)),
+            leaf_guid: Guid(get_u64(b, H_LEAF)),
+            config_txg: Txg(get_u64(b, H_CTXG)),
             config_len,
             config_sum,
         }))
@@ -319,32 +300,32 @@ const U_CRC: usize = UB_SIZE - 4;
 impl Uberblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; UB_SLOT_SIZE as usize];
-        put64(&mut b, U_MAGIC, UB_MAGIC);
-        put32(&mut b, U_VERSION, UB_VERSION);
-        put32(&mut b, U_FLAGS, self.flags);
-        put64(&mut b, U_TXG, self.txg.0);
-        put64(&mut b, U_TIME, self.timestamp);
-        put64(&mut b, U_POOL, self.pool_guid.0);
-        put64(&mut b, U_GSUM, self.guid_sum);
-        put64(&mut b, U_CTXG, self.config_txg.0);
+        put_u64(&mut b, U_MAGIC, UB_MAGIC);
+        put_u32(&mut b, U_VERSION, UB_VERSION);
+        put_u32(&mut b, U_FLAGS, self.flags);
+        put_u64(&mut b, U_TXG, self.txg.0);
+        put_u64(&mut b, U_TIME, self.timestamp);
+        put_u64(&mut b, U_POOL, self.pool_guid.0);
+        put_u64(&mut b, U_GSUM, self.guid_sum);
+        put_u64(&mut b, U_CTXG, self.config_txg.0);
         b[U_ROOT..U_ROOT + ROOT_BP_SIZE].copy_from_slice(&self.root);
         let crc = crc32fast::hash(&b[..U_CRC]);
-        put32(&mut b, U_CRC, crc);
+        put_u32(&mut b, U_CRC, crc);
         b
     }
 
     /// Decode a slot. `None` for an empty or damaged slot; the ring is redundant by design.
     pub fn decode(b: &[u8]) -> Option<Uberblock> {
-        if b.len() < UB_SIZE || le64(b, U_MAGIC) != UB_MAGIC {
+        if b.len() < UB_SIZE || get_u64(b, U_MAGIC) != UB_MAGIC {
             return None;
         }
-        if crc32fast::hash(&b[..U_CRC]) != le32(b, U_CRC) {
+        if crc32fast::hash(&b[..U_CRC]) != get_u32(b, U_CRC) {
             return None;
         }
-        if le32(b, U_VERSION) != UB_VERSION {
+        if get_u32(b, U_VERSION) != UB_VERSION {
             return None;
         }
-        let txg = Txg(le64(b, U_TXG));
+        let txg = Txg(get_u64(b, U_TXG));
         if txg.0 == 0 {
             return None;
         }
@@ -352,12 +333,12 @@ impl Uberblock {
         root.copy_from_slice(&b[U_ROOT..U_ROOT + ROOT_BP_SIZE]);
         Some(Uberblock {
             txg,
-            timestamp: le64(b, U_TIME),
-            pool_guid: Guid(le64(b, U_POOL)),
-            guid_sum: le64(b, U_GSUM),
-            config_txg: Txg(le64(b, U_CTXG)),
+            timestamp: get_u64(b, U_TIME),
+            pool_guid: Guid(get_u64(b, U_POOL)),
+            guid_sum: get_u64(b, U_GSUM),
+            config_txg: Txg(get_u64(b, U_CTXG)),
             root,
-            flags: le32(b, U_FLAGS),
+            flags: get_u32(b, U_FLAGS),
         })
     }
 

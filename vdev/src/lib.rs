@@ -8,12 +8,14 @@
 //! - the label format ([`label`]): four labels per leaf, each a checksummed header, the pool configuration
 //!   and a ring of uberblocks;
 //! - the pool configuration that labels carry ([`config`]);
+//! - fixed-offset little-endian field access for on-disk structures ([`codec`]), used here and by the pool;
 //! - the runtime vdev tree ([`tree`]): routing of reads and writes to mirror, stripe and single-leaf
 //!   top-level vdevs, with per-copy verification.
 //!
 //! Invariants: nothing read from a device is trusted before its checksum and every integer in it are
 //! validated; all multi-byte integers on disk are little-endian.
 
+pub mod codec;
 pub mod config;
 pub mod error;
 pub mod file;
