@@ -38,18 +38,18 @@ const LARGE_READ: usize = 256 << 10;
 const BOUNCE_MAX: usize = 1 << 20;
 
 thread_local! {
-    static BOUNCE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static BOUNCE: std::cell::RefCell<AlignedBuf> =
+        const { std::cell::RefCell::new(AlignedBuf { v: Vec::new(), skip: 0 }) };
 }
 
 /// Runs `f` on an aligned scratch slice of `len` bytes (`len <= BOUNCE_MAX`) owned by this thread.
 fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     BOUNCE.with(|b| {
-        let mut v = b.borrow_mut();
-        if v.len() < BOUNCE_MAX + DIRECT_ALIGN {
-            *v = vec![0u8; BOUNCE_MAX + DIRECT_ALIGN];
+        let mut b = b.borrow_mut();
+        if b.len() < BOUNCE_MAX {
+            *b = AlignedBuf::zeroed(BOUNCE_MAX);
         }
-        let skip = v.as_ptr().align_offset(DIRECT_ALIGN);
-        f(&mut v[skip..skip + len])
+        f(&mut b.as_mut_slice()[..len])
     })
 }
 
