@@ -355,6 +355,27 @@ struct Ind {
     dirty: bool,
 }
 
+/// The byte range `[off, off + len)` of an object with `bs`-byte blocks, cut at block boundaries:
+/// (block id, offset in the block, offset in the range, length) per piece, in order.
+pub fn block_pieces(
+    off: u64,
+    len: usize,
+    bs: u64,
+) -> impl Iterator<Item = (u64, usize, usize, usize)> {
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        if pos >= len {
+            return None;
+        }
+        let o = off + pos as u64;
+        let within = (o % bs) as usize;
+        let take = (bs as usize - within).min(len - pos);
+        let piece = (o / bs, within, pos, take);
+        pos += take;
+        Some(piece)
+    })
+}
+
 /// A level-0 block changed in the open txg.
 #[derive(Clone)]
 pub enum Dirty {
@@ -575,8 +596,10 @@ impl Obj {
         Ok(())
     }
 
-    fn in_pending_free(&self, blkid: u64) -> bool {
-        self.frees.iter().any(|&(a, b)| a <= blkid && blkid < b)
+    /// Does level-0 block `blkid` read as zeros unless changed in the open txg (freed in it, or past the
+    /// tree), whatever pointer the tree still holds for it?
+    fn freed_or_past_end(&self, blkid: u64) -> bool {
+        blkid >= self.dnode.capacity() || self.frees.iter().any(|&(a, b)| a <= blkid && blkid < b)
     }
 
     /// The current contents of level-0 block `blkid` (zeros for a hole).
@@ -587,9 +610,7 @@ impl Obj {
             Some(Dirty::Hole) => return Ok(vec![0u8; bs]),
             Some(Dirty::Written { data: Some(d), .. }) => return Ok(d.to_vec()),
             Some(Dirty::Written { bp, data: None }) => *bp,
-            None if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() => {
-                return Ok(vec![0u8; bs]);
-            }
+            None if self.freed_or_past_end(blkid) => return Ok(vec![0u8; bs]),
             None => self.get_bp(vdevs, 0, blkid)?,
         };
         if bp.is_hole() {
@@ -612,7 +633,7 @@ impl Obj {
             Some(Dirty::Written { .. }) => return Ok(true),
             None => {}
         }
-        if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() {
+        if self.freed_or_past_end(blkid) {
             return Ok(false);
         }
         Ok(!self.get_bp(vdevs, 0, blkid)?.is_hole())
@@ -697,12 +718,7 @@ impl Obj {
     ) -> Result<Vec<(BlockPtr, usize, usize, usize)>> {
         let bs = self.dnode.block_size() as u64;
         let mut todo = Vec::new();
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let o = off + pos as u64;
-            let blkid = o / bs;
-            let within = (o % bs) as usize;
-            let take = (bs as usize - within).min(buf.len() - pos);
+        for (blkid, within, pos, take) in block_pieces(off, buf.len(), bs) {
             let dst = &mut buf[pos..pos + take];
             match self.dirty.get(&blkid) {
                 Some(Dirty::Data(d)) => dst.copy_from_slice(&d[within..within + take]),
@@ -711,9 +727,7 @@ impl Obj {
                 }
                 Some(Dirty::Written { bp, data: None }) => todo.push((*bp, within, pos, take)),
                 Some(Dirty::Hole) => dst.fill(0),
-                None if self.in_pending_free(blkid) || blkid >= self.dnode.capacity() => {
-                    dst.fill(0)
-                }
+                None if self.freed_or_past_end(blkid) => dst.fill(0),
                 None => {
                     let bp = self.get_bp(vdevs, 0, blkid)?;
                     if bp.is_hole() {
@@ -730,7 +744,6 @@ impl Obj {
                     }
                 }
             }
-            pos += take;
         }
         Ok(todo)
     }
@@ -738,15 +751,9 @@ impl Obj {
     /// Read `buf.len()` bytes at `off`.
     pub fn read(&mut self, vdevs: &[Arc<TopVdev>], off: u64, buf: &mut [u8]) -> Result<()> {
         let bs = self.dnode.block_size() as u64;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let o = off + pos as u64;
-            let blkid = o / bs;
-            let within = (o % bs) as usize;
-            let take = (bs as usize - within).min(buf.len() - pos);
+        for (blkid, within, pos, take) in block_pieces(off, buf.len(), bs) {
             let block = self.read_block(vdevs, blkid)?;
             buf[pos..pos + take].copy_from_slice(&block[within..within + take]);
-            pos += take;
         }
         Ok(())
     }
@@ -772,11 +779,7 @@ impl Obj {
         let mut out = Vec::new();
         for blkid in ends {
             let whole = blkid * bs >= off && (blkid + 1) * bs <= end;
-            if whole
-                || self.dirty.contains_key(&blkid)
-                || self.in_pending_free(blkid)
-                || blkid >= self.dnode.capacity()
-            {
+            if whole || self.dirty.contains_key(&blkid) || self.freed_or_past_end(blkid) {
                 continue;
             }
             let bp = self.get_bp(vdevs, 0, blkid)?;
@@ -810,8 +813,7 @@ impl Obj {
                 continue;
             }
             let current = !self.dirty.contains_key(&blkid)
-                && !self.in_pending_free(blkid)
-                && blkid < self.dnode.capacity()
+                && !self.freed_or_past_end(blkid)
                 && self.get_bp(vdevs, 0, blkid)? == bp;
             if !current {
                 continue;
@@ -841,12 +843,7 @@ impl Obj {
         }
         let last = (off + data.len() as u64 - 1) / bs;
         self.grow(last)?;
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let o = off + pos as u64;
-            let blkid = o / bs;
-            let within = (o % bs) as usize;
-            let take = (bs as usize - within).min(data.len() - pos);
+        for (blkid, within, pos, take) in block_pieces(off, data.len(), bs) {
             let block = if take == bs as usize {
                 self.take_dirty(blkid);
                 data[pos..pos + take].to_vec()
@@ -866,7 +863,6 @@ impl Obj {
                 block
             };
             self.dirty.insert(blkid, Dirty::Data(block));
-            pos += take;
         }
         Ok(())
     }

@@ -1501,17 +1501,13 @@ impl Pool {
         let o = inner.mos.obj(&vdevs, id)?;
         let bs = o.dnode.block_size() as u64;
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        let end = off + len;
-        let mut pos = off;
-        while pos < end {
-            let blkid = pos / bs;
-            let next = ((blkid + 1) * bs).min(end);
+        // `check_range` keeps `len` below 2^60, so it fits a (64-bit) usize.
+        for (blkid, _, at, take) in object::block_pieces(off, len as usize, bs) {
             let a = o.block_allocated(&vdevs, blkid)?;
             match out.last_mut() {
-                Some(last) if last.2 == a => last.1 += next - pos,
-                _ => out.push((pos, next - pos, a)),
+                Some(last) if last.2 == a => last.1 += take as u64,
+                _ => out.push((off + at as u64, take as u64, a)),
             }
-            pos = next;
         }
         Ok(out)
     }
