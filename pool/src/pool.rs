@@ -1880,6 +1880,8 @@ impl Inner {
                     VdevState::Offline => None,
                     _ => lock(&c.reason).clone(),
                 };
+                let n =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
                 children.push(VdevStatus {
                     name: leaf_name(&lc.identity.path),
                     vdev_type: "leaf".into(),
@@ -1888,38 +1890,16 @@ impl Inner {
                     phys_path: Some(lc.identity.phys_path.clone()),
                     devid: Some(lc.identity.devid.clone()),
                     state: st.as_str().into(),
-                    read_errors: c
-                        .stats
-                        .read_errors
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    write_errors: c
-                        .stats
-                        .write_errors
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    checksum_errors: c
-                        .stats
-                        .cksum_errors
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    repaired_bytes: c
-                        .stats
-                        .repaired_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed),
+                    read_errors: n(&c.stats.read_errors),
+                    write_errors: n(&c.stats.write_errors),
+                    checksum_errors: n(&c.stats.cksum_errors),
+                    repaired_bytes: n(&c.stats.repaired_bytes),
                     reason,
-                    reads: c.stats.reads.load(std::sync::atomic::Ordering::Relaxed),
-                    writes: c.stats.writes.load(std::sync::atomic::Ordering::Relaxed),
-                    read_bytes: c
-                        .stats
-                        .read_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    write_bytes: c
-                        .stats
-                        .write_bytes
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    read_latency_us: c
-                        .stats
-                        .lat_ewma_ns
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        / 1000,
+                    reads: n(&c.stats.reads),
+                    writes: n(&c.stats.writes),
+                    read_bytes: n(&c.stats.read_bytes),
+                    write_bytes: n(&c.stats.write_bytes),
+                    read_latency_us: n(&c.stats.lat_ewma_ns) / 1000,
                     dtl: lock(&c.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect(),
                     children: Vec::new(),
                 });
