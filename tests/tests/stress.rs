@@ -39,6 +39,7 @@
 //! lands in, which mirror child serves a read, how far a scan got) is what the model allows for.
 
 use cairn_tests::{json_leaves, Daemon, Env, NbdClient, MIB};
+use cairn_vdev::testleaf::XorShift;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -71,30 +72,21 @@ const LOG_TAIL: usize = 60;
 // Randomness and hashing
 // ---------------------------------------------------------------------------------------------------
 
-/// xorshift64* seeded through splitmix64.
-struct Rng(u64);
+/// The test leaves' xorshift64* generator, with what the schedule needs on top.
+struct Rng(XorShift);
 
 impl Rng {
     fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        Rng(if z == 0 { 1 } else { z })
+        Rng(XorShift::new(seed))
     }
 
     fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (`n > 0`).
     fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.0.below(n)
     }
 
     /// Uniform in `lo..=hi`.

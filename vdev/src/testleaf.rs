@@ -50,16 +50,17 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A small xorshift64* generator (no external rand crate; quality is ample for test schedules).
-struct XorShift(u64);
+/// A small xorshift64* generator seeded through splitmix64 (no external rand crate; quality is ample
+/// for test schedules). Shared with the end-to-end stress test.
+pub struct XorShift(u64);
 
 impl XorShift {
-    fn new(seed: u64) -> XorShift {
+    pub fn new(seed: u64) -> XorShift {
         let s = splitmix64(seed);
         XorShift(if s == 0 { 0x2545_f491_4f6c_dd1d } else { s })
     }
 
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -69,13 +70,13 @@ impl XorShift {
     }
 
     /// Uniform in `[0, n)`; `n` must be non-zero.
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
     }
 
     /// Uniform in `[0, 100)`.
     fn percent(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 100.0
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 100.0
     }
 }
 
@@ -535,7 +536,7 @@ impl FaultSet {
             if rng.percent() < e.fault.percent {
                 fired.push(Fired {
                     kind: e.fault.kind,
-                    seed: rng.next(),
+                    seed: rng.next_u64(),
                     overlap,
                 });
             }
