@@ -411,6 +411,36 @@ impl Env {
         );
         o.stdout
     }
+
+    /// `qemu-io -f raw OPTS... -c CMD... URI` (`-r` in `opts` opens read-only).
+    pub fn qemu_io(&self, opts: &[&str], uri: &str, cmds: &[&str]) -> Out {
+        let mut a = vec!["-f", "raw"];
+        a.extend_from_slice(opts);
+        for c in cmds {
+            a.push("-c");
+            a.push(c);
+        }
+        a.push(uri);
+        self.tool("qemu-io", &a)
+    }
+
+    /// qemu-io commands that must all succeed (exit 0, no failed command, every `read -P` verified);
+    /// returns its standard output.
+    pub fn qemu_io_ok(&self, opts: &[&str], uri: &str, cmds: &[&str]) -> String {
+        let o = self.qemu_io(opts, uri, cmds);
+        let all = format!("{}{}", o.stdout, o.stderr);
+        assert!(
+            o.code == 0
+                && !all.contains("verification failed")
+                && !all.contains(" failed:")
+                && !all.contains("can't open"),
+            "qemu-io {cmds:?} on {uri} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
+            o.code,
+            o.stdout,
+            o.stderr
+        );
+        o.stdout
+    }
 }
 
 /// The Debian package that provides an NBD client program.

@@ -61,31 +61,12 @@ fn vol(env: &Env) -> String {
 
 /// `qemu-io -f raw -c CMD... tank/vol`.
 fn qemu_io(env: &Env, cmds: &[&str]) -> Out {
-    let mut a = vec!["-f", "raw"];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    let uri = vol(env);
-    a.push(&uri);
-    env.tool("qemu-io", &a)
+    env.qemu_io(&[], &vol(env), cmds)
 }
 
 /// qemu-io commands on `tank/vol` that must all succeed (and every `read -P` verify).
 fn qio_ok(env: &Env, cmds: &[&str]) -> String {
-    let o = qemu_io(env, cmds);
-    let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(
-        o.code == 0
-            && !all.contains("verification failed")
-            && !all.contains(" failed:")
-            && !all.contains("can't open"),
-        "qemu-io {cmds:?} on tank/vol failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
-        o.code,
-        o.stdout,
-        o.stderr
-    );
-    o.stdout
+    env.qemu_io_ok(&[], &vol(env), cmds)
 }
 
 /// Reads the whole of `tank/vol` with `nbdcopy --connections=1 --requests=1` into a file and returns it.

@@ -49,41 +49,12 @@ fn setup(vols: &[(&str, &str)]) -> (Env, Daemon) {
 
 /// `qemu-io -f raw -c CMD... URI`.
 fn qemu_io(env: &Env, uri: &str, cmds: &[&str]) -> Out {
-    qemu_io_with(env, &[], uri, cmds)
-}
-
-/// `qemu-io -f raw OPTS... -c CMD... URI` (`-r` opens read-only).
-fn qemu_io_with(env: &Env, opts: &[&str], uri: &str, cmds: &[&str]) -> Out {
-    let mut a = vec!["-f", "raw"];
-    a.extend_from_slice(opts);
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(uri);
-    env.tool("qemu-io", &a)
+    env.qemu_io(&[], uri, cmds)
 }
 
 /// qemu-io commands that must all succeed (exit 0, no failed command, every `read -P` verified).
 fn qio_ok(env: &Env, uri: &str, cmds: &[&str]) -> String {
-    qio_ok_with(env, &[], uri, cmds)
-}
-
-/// [`qio_ok`] with qemu-io options.
-fn qio_ok_with(env: &Env, opts: &[&str], uri: &str, cmds: &[&str]) -> String {
-    let o = qemu_io_with(env, opts, uri, cmds);
-    let all = format!("{}{}", o.stdout, o.stderr);
-    assert!(
-        o.code == 0
-            && !all.contains("verification failed")
-            && !all.contains(" failed:")
-            && !all.contains("can't open"),
-        "qemu-io {cmds:?} on {uri} failed (exit {}):\nstdout:\n{}\nstderr:\n{}",
-        o.code,
-        o.stdout,
-        o.stderr
-    );
-    o.stdout
+    env.qemu_io_ok(&[], uri, cmds)
 }
 
 /// qemu-io commands of which one must fail; returns stdout + stderr.
@@ -1195,7 +1166,7 @@ fn readonly_volumes_refuse_writes() {
     let ro = env.nbd_uri("tank/ro");
     let out = qio_fails(&env, &ro, &["write -P 0x01 0 4k"]);
     assert!(out.contains("Permission denied"), "{out}");
-    qio_ok_with(&env, &["-r"], &ro, &["read -P 0 0 1M"]);
+    env.qemu_io_ok(&["-r"], &ro, &["read -P 0 0 1M"]);
 
     // The server refuses a write itself, with EPERM, and stays in step.
     let (mut c, _, flags) = Nbd::open(&env, "tank/ro");
