@@ -19,6 +19,7 @@ pub use cairn_pool::schedule;
 use cairn_pool::scan::{copies, Bookmark, Copy, ScanBatch, ScanState};
 use cairn_pool::{Pool, PoolError, Txg};
 use cairn_vdev::file::AlignedBuf;
+use cairn_vdev::leaf::Leaf;
 use cairn_vdev::tree::LeafVdev;
 use cairn_vdev::units::lock;
 use cairn_vdev::units::now_secs as now;
@@ -396,16 +397,10 @@ fn read_batch(batch: &ScanBatch, all: &[Vec<Copy>]) -> Vec<Vec<Option<Data>>> {
                             // Retry piece by piece so one bad sector fails only its block.
                             for w in &wants[i..j] {
                                 let mut b = AlignedBuf::take(w.len);
-                                let r = match &dev {
-                                    Some(d) => d.read_at_uncached(b.as_mut_slice(), w.leaf_off),
-                                    None => Err(std::io::Error::other("device closed")),
-                                };
-                                if let Err(e) = &r {
-                                    leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-                                    leaf.note("read_error", Some(w.leaf_off), e.to_string());
-                                }
+                                let ok =
+                                    read_piece(&leaf, dev.as_deref(), b.as_mut_slice(), w.leaf_off);
                                 out.push((
-                                    r.ok().map(|()| b),
+                                    ok.then_some(b),
                                     vec![(w.block, w.copy, w.buf_off, 0, w.len)],
                                 ));
                             }
@@ -471,15 +466,44 @@ struct BatchResult {
     errors: u64,
 }
 
+/// Read `buf.len()` bytes at `off` from a leaf around the cache. A failure (or a closed device) is
+/// counted as the leaf's read error and noted in its events.
+fn read_piece(leaf: &LeafVdev, dev: Option<&dyn Leaf>, buf: &mut [u8], off: u64) -> bool {
+    let r = match dev {
+        Some(d) => d.read_at_uncached(buf, off),
+        None => Err(std::io::Error::other("device closed")),
+    };
+    if let Err(e) = &r {
+        leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
+        leaf.note("read_error", Some(off), e.to_string());
+    }
+    r.is_ok()
+}
+
+/// Write repaired or resilvered bytes to a leaf: counted as repaired bytes, or as a write error
+/// (noted in its events). Returns the bytes written.
+fn write_piece(leaf: &LeafVdev, dev: &dyn Leaf, buf: &[u8], off: u64) -> u64 {
+    match dev.write_at(buf, off) {
+        Ok(()) => {
+            leaf.stats
+                .repaired_bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.len() as u64
+        }
+        Err(e) => {
+            leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            leaf.note("write_error", Some(off), e.to_string());
+            0
+        }
+    }
+}
+
 /// Read one copy now (the rare fallback when a resilver's first source copy is bad).
 fn read_copy(c: &Copy, psize: usize) -> Option<Data> {
     let mut buf = AlignedBuf::zeroed(psize);
     for p in &c.pieces {
-        let dev = p.leaf.dev()?;
         let dst = &mut buf.as_mut_slice()[p.buf_off..p.buf_off + p.len];
-        if let Err(e) = dev.read_at_uncached(dst, p.leaf_off) {
-            p.leaf.stats.read_errors.fetch_add(1, Ordering::Relaxed);
-            p.leaf.note("read_error", Some(p.leaf_off), e.to_string());
+        if !read_piece(&p.leaf, p.leaf.dev().as_deref(), dst, p.leaf_off) {
             return None;
         }
     }
@@ -488,24 +512,18 @@ fn read_copy(c: &Copy, psize: usize) -> Option<Data> {
 
 /// Write verified data over a copy. Returns the bytes written.
 fn write_copy(c: &Copy, data: &[u8]) -> u64 {
-    let mut n = 0;
-    for p in &c.pieces {
-        let Some(dev) = p.leaf.dev() else { continue };
-        match dev.write_at(&data[p.buf_off..p.buf_off + p.len], p.leaf_off) {
-            Ok(()) => {
-                p.leaf
-                    .stats
-                    .repaired_bytes
-                    .fetch_add(p.len as u64, Ordering::Relaxed);
-                n += p.len as u64;
-            }
-            Err(e) => {
-                p.leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                p.leaf.note("write_error", Some(p.leaf_off), e.to_string());
-            }
-        }
-    }
-    n
+    c.pieces
+        .iter()
+        .filter_map(|p| {
+            let dev = p.leaf.dev()?;
+            Some(write_piece(
+                &p.leaf,
+                dev.as_ref(),
+                &data[p.buf_off..p.buf_off + p.len],
+                p.leaf_off,
+            ))
+        })
+        .sum()
 }
 
 /// Write pieces to leaves, merging neighbours into writes of up to 1 MiB, all leaves in parallel.
@@ -557,18 +575,7 @@ fn write_merged(mut pieces: Vec<(Arc<LeafVdev>, u64, Data)>) -> u64 {
                             gathered = b;
                             gathered.as_slice()
                         };
-                        match dev.write_at(buf, off) {
-                            Ok(()) => {
-                                leaf.stats
-                                    .repaired_bytes
-                                    .fetch_add(len as u64, Ordering::Relaxed);
-                                n += len as u64;
-                            }
-                            Err(e) => {
-                                leaf.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                                leaf.note("write_error", Some(off), e.to_string());
-                            }
-                        }
+                        n += write_piece(&leaf, dev.as_ref(), buf, off);
                     }
                     n
                 })
@@ -584,9 +591,6 @@ fn is_stale(c: &Copy, birth: Txg) -> bool {
     c.pieces.iter().any(|p| p.leaf.dtl_contains(birth))
 }
 
-/// Scrub or resilver one batch. A scrub reads and verifies every copy. A resilver (non-empty
-/// `resilver_targets`) touches only blocks with a copy on a target leaf that lacks them: it reads one
-/// good copy and writes it over those copies.
 /// A batch whose reads are done, waiting to be verified and repaired.
 struct Fetched {
     batch: ScanBatch,
@@ -607,6 +611,8 @@ impl Fetched {
 }
 
 /// Plan and issue a batch's reads (no pool lock needed: the batch holds its vdevs and reader guard).
+/// A scrub reads every copy. A resilver (non-empty `resilver_targets`) touches only blocks with a
+/// copy on a target leaf that lacks them: it reads one good copy, to be written over those copies.
 fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
     let resilver = !resilver_targets.is_empty();
     let mut missing: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
