@@ -138,10 +138,10 @@ impl Pool {
             Some(Arc::new(dev) as Arc<dyn Leaf>),
             None,
         ));
-        let upto = g.committed;
-        if lacks_from <= upto {
-            lock(&lv.dtl).push((lacks_from, upto));
-        }
+        // It lacks the open txg too: blocks written since the last commit went to the other children
+        // only, and this attach commits them.
+        let upto = txg;
+        lock(&lv.dtl).push((lacks_from, upto));
         let mut children = t.children.clone();
         children.push(lv.clone());
         self.rebuild_top(&mut g, ti, TopKind::Mirror, children);

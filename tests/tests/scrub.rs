@@ -880,6 +880,33 @@ fn replace_with_a_new_file_then_the_old_leaf_goes() {
 }
 
 #[test]
+fn a_replace_right_after_unflushed_writes_copies_them_too() {
+    // The writes are acknowledged but not flushed: they sit in the open txg when the replace starts,
+    // and were written to a and b only. The new leaf must get them before b leaves.
+    let (env, mut d, mut model) = setup_with_data(8 * MIB, 0x53);
+    env.sparse("e", 256 * MIB);
+    let data = random_bytes(24 * MIB as usize, 0x54);
+    let mut c = env.nbd_connect(VOL).expect("connect to tank/vol");
+    for (i, chunk) in data.chunks(MIB as usize).enumerate() {
+        let o = 8 * MIB + i as u64 * MIB;
+        c.write(o, chunk)
+            .unwrap_or_else(|e| panic!("NBD write at {o}: {e}"));
+    }
+    model[8 * MIB as usize..32 * MIB as usize].copy_from_slice(&data);
+    env.ok(&["pool", "replace", "tank", "b", &env.p("e")]);
+    c.disconnect().expect("NBD disconnect");
+    wait_resilvered(&env, Duration::from_secs(20));
+    wait_for(&env, "b is detached", Duration::from_secs(5), || {
+        children(&env, "mirror-0") == ["a", "e"]
+    });
+    env.ok(&["pool", "offline", "tank", "a"]);
+    assert_volume(&env, &model);
+    env.ok(&["pool", "online", "tank", "a"]);
+    assert_clean_scrub(&env);
+    d.assert_alive();
+}
+
+#[test]
 fn replace_in_place_after_the_file_was_deleted() {
     let (env, mut d, model) = setup_with_data(100 * MIB, 0x51);
     std::fs::remove_file(env.path("b")).expect("rm b");
