@@ -15,7 +15,7 @@
 use bincode::Options;
 use cairn_pool::lock;
 use cairn_pool::object::ObjType;
-use cairn_pool::{Pool, PoolError};
+use cairn_pool::{Pool, PoolError, SpaceRule};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -133,6 +133,9 @@ pub struct CreateVolume {
     /// Other `-o PROP=VAL` settings (readonly, copies, checksum, refreservation, user props).
     pub props: Vec<(String, String)>,
 }
+
+/// The piece size in which a volume with a reservation rewrites its space on a full pool.
+const RESERVED_PIECE: u64 = 1 << 20;
 
 /// Unused reservations of every volume except `except`.
 fn reserved_by_others(pool: &Pool, reg: &Registry, except: Option<&str>) -> Result<u64> {
@@ -518,10 +521,28 @@ impl Volume {
             return Err(DatasetError::ReadOnly);
         }
         // Other volumes' unused reservations must stay free; our own covers us.
-        let headroom = self.headroom()?;
-        self.pool
-            .write_object_reserved(self.rec.object, off, data, headroom)
-            .map_err(DatasetError::from_pool)
+        let rule = SpaceRule {
+            headroom: self.headroom()?,
+            reserved: self.rec.refreservation > 0,
+        };
+        match self
+            .pool
+            .write_object_reserved(self.rec.object, off, data, rule)
+        {
+            // A volume rewriting its reserved space on a full pool: the new blocks need room before
+            // the old ones are freed, so go in pieces, each freeing what the last one replaced.
+            Err(PoolError::NoSpace) if rule.reserved && data.len() as u64 > RESERVED_PIECE => {
+                let mut at = 0u64;
+                for piece in data.chunks(RESERVED_PIECE as usize) {
+                    self.pool
+                        .write_object_reserved(self.rec.object, off + at, piece, rule)
+                        .map_err(DatasetError::from_pool)?;
+                    at += piece.len() as u64;
+                }
+                Ok(())
+            }
+            r => r.map_err(DatasetError::from_pool),
+        }
     }
 
     /// Free the range (TRIM); partial blocks are zeroed.

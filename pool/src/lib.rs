@@ -27,4 +27,4 @@ pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
 pub use cairn_vdev::units::{lock, now_secs};
 pub use cairn_vdev::{Guid, Txg};
 pub use error::{PoolError, Result};
-pub use pool::{CreateOptions, HostInfo, OpenOptions, Pool, TopSpec};
+pub use pool::{CreateOptions, HostInfo, OpenOptions, Pool, SpaceRule, TopSpec};

@@ -1311,10 +1311,11 @@ impl Pool {
 
     /// Write into an object. Refuses with `NoSpace` when the pool could not hold the change.
     pub fn write_object(&self, id: u64, off: u64, data: &[u8]) -> Result<()> {
-        self.write_object_reserved(id, off, data, 0)
+        self.write_object_reserved(id, off, data, SpaceRule::default())
     }
 
-    /// Write into an object, keeping `headroom` bytes free for other datasets' reservations.
+    /// Write into an object under `rule` (space kept for other datasets' reservations, and whether
+    /// the writer holds a reservation of its own).
     ///
     /// Whole blocks with data are checksummed before the pool lock is taken, allocated under it, and
     /// written to the leaves after it is released, so writers run in parallel and a commit only links
@@ -1325,7 +1326,7 @@ impl Pool {
         id: u64,
         off: u64,
         data: &[u8],
-        headroom: u64,
+        rule: SpaceRule,
     ) -> Result<()> {
         check_range(off, data.len() as u64)?;
         // Partial blocks must be read first: read them now, without the lock (their pointers are
@@ -1377,7 +1378,7 @@ impl Pool {
                 "object {id} changed block size during a write"
             )));
         }
-        inner.make_space(data.len() as u64, copies, headroom)?;
+        inner.make_space(data.len() as u64, copies, rule)?;
         inner.forget_errors(id, off, data.len() as u64);
         // Everything but the whole blocks goes through the object's in-memory path.
         let mut pos = off;
@@ -1581,6 +1582,17 @@ impl Drop for Pool {
     }
 }
 
+/// How much of the pool a write may use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpaceRule {
+    /// Bytes to leave free for other datasets' unused reservations.
+    pub headroom: u64,
+    /// The writer holds a reservation (a thick volume): it may use half of the slop space, so that
+    /// rewriting its blocks works on a pool that others have filled (copy-on-write needs the new
+    /// block before the old one is freed, and frees are deferred).
+    pub reserved: bool,
+}
+
 /// Space kept back for metadata so commits never run out: 1/32 of the pool, at least 4 MiB and at most
 /// 128 MiB (never more than half), as OpenZFS's slop space.
 fn slop_for(size: u64) -> u64 {
@@ -1650,10 +1662,16 @@ impl Inner {
     }
 
     /// Refuse a write that could leave the pool unable to commit. Keeps 1/32 of the pool (at least
-    /// 4 MiB, at most 128 MiB) for metadata, as OpenZFS's slop space does.
-    fn check_space(&self, len: u64, copies: u8, headroom: u64) -> Result<()> {
+    /// 4 MiB, at most 128 MiB) for metadata, as OpenZFS's slop space does; a writer holding a
+    /// reservation may use half of it (its overwrites need new blocks before the old ones are freed).
+    fn check_space(&self, len: u64, copies: u8, rule: SpaceRule) -> Result<()> {
         let size = self.alloc.size();
-        let slop = slop_for(size);
+        let slop = if rule.reserved {
+            slop_for(size) / 2
+        } else {
+            slop_for(size)
+        };
+        let headroom = rule.headroom;
         // Dirty data lands once per copy, plus a generous 1/32 for indirect blocks and metadata.
         let data = self.mos.dirty_space() + len * copies as u64;
         let pending = data + data / 32;
@@ -1665,14 +1683,15 @@ impl Inner {
         Ok(())
     }
 
-    /// `check_space`, and if only deferred frees stand in the way, commit (empty) txgs until they are
-    /// released.
-    fn make_space(&mut self, len: u64, copies: u8, headroom: u64) -> Result<()> {
+    /// `check_space`, and if the open txg's frees or deferred frees may stand in the way, commit txgs
+    /// until they are released (an overwrite frees its old blocks only once committed and deferred).
+    fn make_space(&mut self, len: u64, copies: u8, rule: SpaceRule) -> Result<()> {
         let mut tries = 0;
         loop {
-            match self.check_space(len, copies, headroom) {
+            match self.check_space(len, copies, rule) {
                 Err(PoolError::NoSpace)
-                    if self.alloc.deferred_bytes() > 0 && tries <= crate::alloc::DEFER_TXGS =>
+                    if (self.alloc.deferred_bytes() > 0 || self.mos.is_dirty())
+                        && tries <= crate::alloc::DEFER_TXGS =>
                 {
                     self.commit(false)?;
                     tries += 1;

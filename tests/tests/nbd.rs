@@ -1216,6 +1216,38 @@ fn a_full_pool_gives_enospc_and_stays_healthy() {
 }
 
 #[test]
+fn a_thick_volume_can_be_rewritten_after_a_sparse_one_filled_the_pool() {
+    // The reservation guarantees the thick volume's space: rewriting it (copy-on-write, so each new
+    // block exists before the old one is freed) must work on a pool that a sparse volume has filled.
+    let env = Env::new();
+    let l = env.leaves(&["s1", "s2"]);
+    env.ok(&[
+        "pool", "create", "--size", "256M", "small", "mirror", &l[0], &l[1],
+    ]);
+    volume(&env, "small/thick", "64M", &[]);
+    volume(&env, "small/thin", "1G", &["-s"]);
+    let mut d = env.serve();
+    let thick = env.nbd_uri("small/thick");
+    let thin = env.nbd_uri("small/thin");
+    qio_ok(&env, &thick, &["write -P 0x51 0 64M", "flush"]);
+    let out = qio_fails(&env, &thin, &["write -P 0x52 0 400M"]);
+    assert!(out.contains("No space left on device"), "{out}");
+    qio_ok(&env, &thin, &["flush"]);
+    for pat in [0x53, 0x54] {
+        let w = format!("write -P {pat:#x} 0 64M");
+        let r = format!("read -P {pat:#x} 0 64M");
+        qio_ok(&env, &thick, &[&w, "flush", &r]);
+    }
+    // The sparse volume still cannot take more.
+    qio_fails(&env, &thin, &["write -P 0x55 400M 32M"]);
+    d.stop();
+    let mut d = env.serve();
+    qio_ok(&env, &thick, &["read -P 0x54 0 64M"]);
+    assert_eq!(env.pool_health("small"), "ONLINE");
+    d.assert_alive();
+}
+
+#[test]
 fn a_full_pool_recovers_after_a_discard() {
     let env = Env::new();
     let l = env.leaves(&["s1", "s2"]);
