@@ -275,13 +275,21 @@ impl TopAlloc {
             .retain(|p, page| dirty.contains(p) || !page.deferred.is_empty());
     }
 
-    /// Allocate `n` contiguous sectors; `None` if no run fits.
-    fn alloc(&mut self, vdev: &TopVdev, n: u64, committed: Txg) -> Result<Option<u64>> {
+    /// Allocate `n` contiguous sectors, searching from the cursor (which then moves past the run), or
+    /// from sector `from` (the cursor stays); `None` if no run fits.
+    fn alloc(
+        &mut self,
+        vdev: &TopVdev,
+        n: u64,
+        committed: Txg,
+        from: Option<u64>,
+    ) -> Result<Option<u64>> {
         if n == 0 || n > BITS_PER_PAGE {
             return Ok(None);
         }
         self.evict();
-        let start_page = (self.cursor / BITS_PER_PAGE).min(self.npages.saturating_sub(1));
+        let cursor = from.unwrap_or(self.cursor);
+        let start_page = (cursor / BITS_PER_PAGE).min(self.npages.saturating_sub(1));
         for i in 0..=self.npages {
             let p = (start_page + i) % self.npages;
             if self.page_free[p as usize] != UNKNOWN && (self.page_free[p as usize] as u64) < n {
@@ -293,13 +301,13 @@ impl TopAlloc {
                 continue;
             }
             // The first visit starts at the cursor; the last (the same page again) covers all of it.
-            let from = if i == 0 && self.cursor / BITS_PER_PAGE == p {
-                self.cursor % BITS_PER_PAGE
+            let start = if i == 0 && cursor / BITS_PER_PAGE == p {
+                cursor % BITS_PER_PAGE
             } else {
                 0
             };
             let page = self.pages.get_mut(&p).expect("loaded");
-            let found = page.find_run(from, n);
+            let found = page.find_run(start, n);
             if let Some(bit) = found {
                 page.set_range(bit, n, true);
                 page.free -= n;
@@ -307,7 +315,9 @@ impl TopAlloc {
                 self.dirty.insert(p);
                 self.alloc_bytes += n * SECTOR;
                 let blk = p * BITS_PER_PAGE + bit;
-                self.cursor = blk + n;
+                if from.is_none() {
+                    self.cursor = blk + n;
+                }
                 return Ok(Some(blk));
             }
         }
@@ -475,7 +485,7 @@ impl Allocator {
                 if pass == 0 && frac < best_frac * 0.5 {
                     continue;
                 }
-                if let Some(blk) = self.tops[ti].alloc(&vdevs[ti], n, committed)? {
+                if let Some(blk) = self.tops[ti].alloc(&vdevs[ti], n, committed, None)? {
                     if ti != self.rotor {
                         self.rotor = ti;
                         self.rotor_bytes = 0;
@@ -486,6 +496,33 @@ impl Allocator {
             }
         }
         Ok(None)
+    }
+
+    /// Allocate `size` bytes on vdev `id` away from a copy already at byte `near`: the search starts an
+    /// eighth of the vdev further on (wrapping), so that damage to one region (a few MiB of a disk)
+    /// rarely takes two copies of a block. `None` if the vdev does not take writes or is full.
+    pub fn alloc_apart(
+        &mut self,
+        vdevs: &[std::sync::Arc<TopVdev>],
+        usable: &[bool],
+        size: u64,
+        id: u32,
+        near: u64,
+        committed: Txg,
+    ) -> Result<Option<u64>> {
+        let n = size.div_ceil(SECTOR);
+        let ti = id as usize;
+        let Some(t) = self.tops.get_mut(ti) else {
+            return Ok(None);
+        };
+        if !usable.get(ti).copied().unwrap_or(false) || t.free_bytes() < n * SECTOR {
+            return Ok(None);
+        }
+        let first = 2 * t.npages;
+        let span = t.nblocks.saturating_sub(first).max(1);
+        let from = first + ((near / SECTOR).saturating_sub(first) + span / 8) % span;
+        Ok(t.alloc(&vdevs[ti], n, committed, Some(from))?
+            .map(|blk| blk * SECTOR))
     }
 
     /// Free `size` bytes at `offset` of vdev `id`, deferred.
@@ -616,6 +653,41 @@ mod tests {
             asize: TopVdev::compute_asize(TopKind::Single, &[size]),
             children: vec![Arc::new(LeafVdev::new(lc, Some(leaf), None))],
         })
+    }
+
+    #[test]
+    fn copies_on_one_vdev_are_an_eighth_of_it_apart() {
+        let v = vdev(600 << 20);
+        let vs = vec![v.clone()];
+        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let (_, o1) = a.alloc(&vs, &[true], 16384, &[], Txg(1)).unwrap().unwrap();
+        let o2 = a
+            .alloc_apart(&vs, &[true], 16384, 0, o1, Txg(1))
+            .unwrap()
+            .unwrap();
+        let o3 = a
+            .alloc_apart(&vs, &[true], 16384, 0, o2, Txg(1))
+            .unwrap()
+            .unwrap();
+        let eighth = (v.asize - TopAlloc::map_bytes(v.asize)) / 8;
+        assert!(
+            o2 >= o1 + eighth - SECTOR && o3 >= o2 + eighth - SECTOR,
+            "{o1} {o2} {o3}"
+        );
+        // The cursor did not follow: the next block goes right after the first.
+        let (_, o4) = a.alloc(&vs, &[true], 16384, &[], Txg(1)).unwrap().unwrap();
+        assert_eq!(o4, o1 + 16384);
+        // Near the end it wraps around to the start of the data area.
+        let end = v.asize - 16384;
+        let w = a
+            .alloc_apart(&vs, &[true], 16384, 0, end, Txg(1))
+            .unwrap()
+            .unwrap();
+        assert!(w < end && w >= TopAlloc::map_bytes(v.asize), "{w}");
+        assert_eq!(
+            a.alloc_apart(&vs, &[false], 16384, 0, o1, Txg(1)).unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -186,6 +186,7 @@ pub struct TxgCtx<'a> {
 pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; bp.psize as usize];
     let mut last: Option<PoolError> = None;
+    let mut failed: Vec<&Dva> = Vec::new();
     for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
         let Some(v) = vdevs.get(d.vdev as usize) else {
             last = Some(PoolError::corrupt(
@@ -198,8 +199,22 @@ pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
         match v.read(d.offset, &mut buf, bp.birth, &|b: &[u8]| {
             checksum(b) == want
         }) {
-            Ok(()) => return Ok(buf),
-            Err(e) => last = Some(e.into()),
+            Ok(()) => {
+                // Self-heal: copies that returned bad data or an I/O error are rewritten from
+                // this one (a copy on a vdev that cannot be written to stays as it is).
+                for f in failed {
+                    if let Some(fv) = vdevs.get(f.vdev as usize) {
+                        if fv.state().usable() {
+                            let _ = fv.heal(f.offset, &buf);
+                        }
+                    }
+                }
+                return Ok(buf);
+            }
+            Err(e) => {
+                failed.push(d);
+                last = Some(e.into());
+            }
         }
     }
     Err(last.unwrap_or_else(|| PoolError::corrupt("block", "no DVA")))
@@ -237,22 +252,50 @@ pub fn alloc_bp(
     debug_assert!(size.is_multiple_of(SECTOR));
     let mut dvas = [Dva::default(); MAX_DVAS];
     let mut avoid: Vec<u32> = Vec::new();
-    for slot in dvas.iter_mut().take(copies.clamp(1, 3) as usize) {
+    for k in 0..copies.clamp(1, 3) as usize {
         let got = match ctx
             .alloc
             .alloc(ctx.vdevs, &ctx.usable, size, &avoid, ctx.committed)?
         {
             Some(x) => Some(x),
-            // Fewer top-level vdevs than copies: put the extra copy on one already used.
-            None => ctx
-                .alloc
-                .alloc(ctx.vdevs, &ctx.usable, size, &[], ctx.committed)?,
+            // Fewer top-level vdevs than copies: put the extra copy on one already used, far from
+            // the copy there (the one with the fewest copies so far, the first of equals).
+            None => {
+                let mut got = None;
+                let mut used: Vec<(usize, u32, u64)> = Vec::new();
+                for d in &dvas[..k] {
+                    match used.iter_mut().find(|u| u.1 == d.vdev) {
+                        Some(u) => (u.0, u.2) = (u.0 + 1, d.offset),
+                        None => used.push((1, d.vdev, d.offset)),
+                    }
+                }
+                used.sort_by_key(|u| u.0);
+                for &(_, vdev, near) in &used {
+                    if let Some(off) = ctx.alloc.alloc_apart(
+                        ctx.vdevs,
+                        &ctx.usable,
+                        size,
+                        vdev,
+                        near,
+                        ctx.committed,
+                    )? {
+                        got = Some((vdev, off));
+                        break;
+                    }
+                }
+                match got {
+                    Some(x) => Some(x),
+                    None => ctx
+                        .alloc
+                        .alloc(ctx.vdevs, &ctx.usable, size, &[], ctx.committed)?,
+                }
+            }
         };
         let Some((vdev, offset)) = got else {
             return Err(PoolError::NoSpace);
         };
         avoid.push(vdev);
-        *slot = Dva {
+        dvas[k] = Dva {
             vdev,
             asize_sectors: (size / SECTOR) as u32,
             offset,

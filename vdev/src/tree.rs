@@ -502,6 +502,36 @@ impl TopVdev {
         }
     }
 
+    /// Rewrite a copy of a block that failed to read with the verified data from another copy (another
+    /// DVA of the block): like [`TopVdev::write`], and counted as repaired bytes with a repair event on
+    /// the leaves written.
+    pub fn heal(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.write(off, data)?;
+        let written: Vec<(usize, u64, usize)> = match self.kind {
+            TopKind::Mirror => (0..self.children.len())
+                .filter(|&ci| self.children[ci].usable_dev().is_some())
+                .map(|ci| (ci, DATA_START + off, data.len()))
+                .collect(),
+            _ => self
+                .segments(off, data.len())
+                .iter()
+                .map(|s| (s.child, s.leaf_off, s.len))
+                .collect(),
+        };
+        for (ci, leaf_off, len) in written {
+            let c = &self.children[ci];
+            c.stats
+                .repaired_bytes
+                .fetch_add(len as u64, Ordering::Relaxed);
+            c.event(
+                "repair",
+                Some(leaf_off),
+                format!("{len} bytes rewritten from another copy"),
+            );
+        }
+        Ok(())
+    }
+
     /// Write `data` at `off`. A mirror succeeds if at least one child took the write; children that
     /// were skipped or failed are marked as having missed this txg.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
