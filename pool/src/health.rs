@@ -279,10 +279,13 @@ impl Pool {
         Ok(())
     }
 
-    /// Reset error counters (of one leaf or all) and bring back faulted leaves whose device works.
+    /// Reset error counters (of one leaf or all), bring back faulted leaves whose device works, and
+    /// resume a suspended pool (see `Inner::resume`).
     pub fn clear(&self, name: Option<&str>) -> Result<()> {
         let mut g = self.lock();
-        g.check_writable()?;
+        if let Some(what) = g.closed {
+            return Err(PoolError::Unavailable(format!("the pool has been {what}")));
+        }
         let targets: Vec<Arc<LeafVdev>> = match name {
             Some(n) => vec![self.find_leaf(&g, n)?.1],
             None => g.tree.leaves().map(|(_, l)| l.clone()).collect(),
@@ -294,6 +297,10 @@ impl Pool {
                 lock(&lv.config).flags.faulted = false;
                 *lock(&lv.reason) = None;
             }
+        }
+        // A suspended pool resumes from its last committed txg, now that its devices are back.
+        if g.suspended.is_some() {
+            g.resume()?;
         }
         g.commit(false)
     }

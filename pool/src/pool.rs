@@ -828,30 +828,7 @@ impl Pool {
                 "root pointer is not an objset block",
             ));
         }
-        let osb = object::read_bp(&tree.tops, &root)?;
-        let os = ObjsetPhys::decode(&osb)?;
-        if os.alloc_bytes.len() > config.tops.len() {
-            return Err(PoolError::corrupt(
-                "objset block",
-                format!(
-                    "{} vdevs recorded, config has {}",
-                    os.alloc_bytes.len(),
-                    config.tops.len()
-                ),
-            ));
-        }
-        let alloc = Allocator::new(
-            config
-                .tops
-                .iter()
-                .map(|t| match os.alloc_bytes.get(t.id as usize) {
-                    Some(&a) => TopAlloc::open(t.id, t.guid, t.asize, a),
-                    // Added in a configuration newer than this txg's objset: still empty on disk,
-                    // but its map pages were never committed, so format it again.
-                    None => TopAlloc::format(t.id, t.guid, t.asize),
-                })
-                .collect(),
-        );
+        let (os, alloc) = load_objset(&tree, &config, &root)?;
         let mut inner = Inner {
             config,
             config_dirty: false,
@@ -997,6 +974,10 @@ impl Pool {
     fn set_state(&self, st: PoolState, what: &'static str) -> Result<()> {
         *lock(&self.stop_sync) = true;
         let mut g = self.lock();
+        if g.suspended.is_some() && g.closed.is_none() {
+            // What could not be committed is lost either way; the committed state is exported.
+            g.resume()?;
+        }
         g.check_writable()?;
         g.sync_txg()?;
         g.config.state = st;
@@ -1593,6 +1574,39 @@ pub struct SpaceRule {
     pub reserved: bool,
 }
 
+/// Read the objset block `root` points at, and set up the allocator it records.
+fn load_objset(
+    tree: &VdevTree,
+    config: &PoolConfig,
+    root: &BlockPtr,
+) -> Result<(ObjsetPhys, Allocator)> {
+    let osb = object::read_bp(&tree.tops, root)?;
+    let os = ObjsetPhys::decode(&osb)?;
+    if os.alloc_bytes.len() > config.tops.len() {
+        return Err(PoolError::corrupt(
+            "objset block",
+            format!(
+                "{} vdevs recorded, config has {}",
+                os.alloc_bytes.len(),
+                config.tops.len()
+            ),
+        ));
+    }
+    let alloc = Allocator::new(
+        config
+            .tops
+            .iter()
+            .map(|t| match os.alloc_bytes.get(t.id as usize) {
+                Some(&a) => TopAlloc::open(t.id, t.guid, t.asize, a),
+                // Added in a configuration newer than this txg's objset: still empty on disk,
+                // but its map pages were never committed, so format it again.
+                None => TopAlloc::format(t.id, t.guid, t.asize),
+            })
+            .collect(),
+    );
+    Ok((os, alloc))
+}
+
 /// Space kept back for metadata so commits never run out: 1/32 of the pool, at least 4 MiB and at most
 /// 128 MiB (never more than half), as OpenZFS's slop space.
 fn slop_for(size: u64) -> u64 {
@@ -1638,6 +1652,93 @@ pub(crate) fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Re
 }
 
 impl Inner {
+    /// Leave the suspended state (`pool clear`): drop what the failed commit and the open txg held in
+    /// memory and load the pool as of its newest committed uberblock on the leaves, as an import after a
+    /// crash would, keeping the device tree, its counters, events, dirty time logs and error log (the
+    /// in-memory ones hold at least what was committed). Writes acknowledged since the last commit and
+    /// never flushed are lost, as in a crash; everything flushed is in the committed state.
+    pub(crate) fn resume(&mut self) -> Result<()> {
+        self.inflight.wait_idle();
+        std::mem::take(&mut lock(&self.inflight.state).1);
+        let guid = self.config.pool_guid;
+        let mut best: Option<Uberblock> = None;
+        let mut labels: Vec<label::Label> = Vec::new();
+        for (_, lv) in self.tree.leaves() {
+            let Some(dev) = lv.dev().filter(|_| lv.state().usable()) else {
+                continue;
+            };
+            let scan = label::scan_leaf(dev.as_ref());
+            for u in scan.uberblocks.iter().filter(|u| u.pool_guid == guid) {
+                if best.as_ref().is_none_or(|b| u.is_newer_than(b)) {
+                    best = Some(u.clone());
+                }
+            }
+            labels.extend(scan.valid_labels().cloned());
+        }
+        let ub = best.ok_or_else(|| {
+            PoolError::Unavailable("no valid uberblock on any usable device".into())
+        })?;
+        let config = labels
+            .iter()
+            .filter(|l| l.header.pool_guid == guid && l.header.config_txg <= ub.txg)
+            .max_by_key(|l| l.header.config_txg)
+            .map(|l| l.config.clone())
+            .ok_or_else(|| {
+                PoolError::Unavailable("no configuration matches the newest uberblock".into())
+            })?;
+        let shape = |c: &PoolConfig| -> Vec<(Guid, Vec<Guid>)> {
+            c.tops
+                .iter()
+                .map(|t| (t.guid, t.children.iter().map(|l| l.guid).collect()))
+                .collect()
+        };
+        if shape(&config) != shape(&self.config) {
+            return Err(PoolError::Unavailable(
+                "the failed commit changed the pool's devices; export and import the pool".into(),
+            ));
+        }
+        let root = BlockPtr::decode(&ub.root)?;
+        let (os, alloc) = load_objset(&self.tree, &config, &root)?;
+        let mut mos = ObjSet::open(os.meta);
+        let vdevs = self.tree.tops.clone();
+        let dirblob = read_blob(&mut mos, &vdevs, DIR_OBJ)?;
+        let dir = blob_opts()
+            .deserialize(&dirblob)
+            .map_err(|e| PoolError::corrupt("pool directory", e.to_string()))?;
+        // Txgs after the committed one never happened: nobody lacks them (their numbers are reused).
+        for (_, lv) in self.tree.leaves() {
+            let mut d = lock(&lv.dtl);
+            d.retain(|&(a, _)| a <= ub.txg);
+            for r in d.iter_mut() {
+                r.1 = r.1.min(ub.txg);
+            }
+        }
+        // The leaves' flags are the tree's; the next commit writes them into the labels.
+        let state = self.config.state;
+        self.config = config;
+        self.config.state = state;
+        self.config_dirty = true;
+        self.alloc = alloc;
+        self.mos = mos;
+        self.root_bp = root;
+        self.committed = ub.txg;
+        self.dir = dir;
+        self.dir_dirty = false;
+        // Page copies the failed commit left must be zeroed before the txg number is reused.
+        self.opened_clean = ub.flags & label::UB_FLAG_CLEAN != 0;
+        self.invalidated = false;
+        self.opened_ub = Some(ub);
+        self.marked_in_use = false;
+        self.health_written = Vec::new();
+        self.suspended = None;
+        tracing::info!(
+            "pool {} resumed at txg {}",
+            self.config.name,
+            self.committed
+        );
+        Ok(())
+    }
+
     pub(crate) fn check_writable(&self) -> Result<()> {
         if let Some(what) = self.closed {
             return Err(PoolError::Unavailable(format!("the pool has been {what}")));

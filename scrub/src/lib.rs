@@ -626,9 +626,12 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
                     .any(|p| resilver_targets.contains(&p.leaf.guid.0))
                     && is_stale(c, b.bp.birth)
             });
+            // Every copy is on a leaf whose dirty time log covers the block: the log is
+            // conservative (a write may have landed though it was counted as missed), so try them;
+            // one that verifies is the source, and only if none does is the block lost.
+            let mut s = if s.is_empty() { m.clone() } else { s };
             // Take turns between the sources by 2 MiB region (as application reads do), so every
             // good child serves a share of the copying.
-            let mut s = s;
             if let Some(first) = s.first().and_then(|c| c.pieces.first()) {
                 let k = (first.leaf_off >> 21) as usize % s.len();
                 s.rotate_left(k);

@@ -843,3 +843,45 @@ fn events_record_checksum_errors_repairs_and_state_changes() {
     assert!(h.lines().any(|l| l.contains("state_change")), "{h}");
     d.assert_alive();
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 9. A suspended pool resumes with `pool clear` once its devices work again
+// ---------------------------------------------------------------------------------------------------
+
+#[test]
+fn a_suspended_pool_resumes_with_clear_and_keeps_every_flushed_byte() {
+    let (env, mut d, mut data) = setup(16, 9);
+    // Both sides of mirror-0 refuse writes: the next commit fails and the pool suspends.
+    env.ok(&["inject", "-d", "a", "-e", "io", "-T", "write", "tank"]);
+    env.ok(&["inject", "-d", "b", "-e", "io", "-T", "write", "tank"]);
+    let out = qemu_io(&env, &["write -P 0x5e 0 8M", "flush"]);
+    assert!(
+        out.code != 0 || out.stdout.contains("failed"),
+        "the flush cannot succeed with mirror-0 refusing writes:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(
+        st.contains("suspended"),
+        "the pool says it is suspended:\n{st}"
+    );
+    // Clearing while the devices still fail does not resume it.
+    env.fail(&["pool", "clear", "tank"]);
+    env.ok(&["inject", "-c", "all", "tank"]);
+    env.ok(&["pool", "clear", "tank"]);
+    assert_eq!(env.pool_health("tank"), "ONLINE");
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(!st.contains("suspended"), "{st}");
+    // Everything flushed before the suspension is there; the pool takes writes again.
+    assert_reads_back(&env, &data, "read after the resume");
+    qio_ok(&env, &["write -P 0x5f 1M 2M", "flush"]);
+    data[MIB as usize..3 * MIB as usize].fill(0x5f);
+    assert_reads_back(&env, &data, "read after a write following the resume");
+    d.stop();
+    let mut d = env.serve();
+    assert_reads_back(&env, &data, "read after a restart");
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(st.contains("errors: No known data errors"), "{st}");
+    d.assert_alive();
+}

@@ -902,6 +902,8 @@ fn a_replace_right_after_unflushed_writes_copies_them_too() {
     env.ok(&["pool", "offline", "tank", "a"]);
     assert_volume(&env, &model);
     env.ok(&["pool", "online", "tank", "a"]);
+    // a lacks the txgs it was offline for; once it has them, a scrub finds nothing wrong.
+    wait_resilvered(&env, Duration::from_secs(20));
     assert_clean_scrub(&env);
     d.assert_alive();
 }
