@@ -396,6 +396,12 @@ fn a_leaf_failing_every_read_is_faulted_and_clear_brings_it_back() {
     // A faulted leaf is not read from any more: the data still reads back right.
     assert_reads_back(&env, &data, "read with b faulted");
 
+    // The fault is kept across a restart (until clear), as zpool keeps it.
+    d.stop();
+    let mut d = env.serve();
+    assert_eq!(state(&env, "b"), "FAULTED");
+    assert_eq!(env.pool_health("tank"), "DEGRADED");
+
     env.ok(&["inject", "-c", "all", "tank"]);
     let l = env.ok(&["inject", "-l", "tank"]);
     assert!(
