@@ -57,8 +57,21 @@ impl Pool {
         g.config_dirty = true;
     }
 
-    /// Attach `new` as a mirror child next to `existing`. Returns the txgs the new leaf lacks.
+    /// Attach `new` as a mirror child next to `existing` (the last child). Returns the txgs the new
+    /// leaf lacks.
     pub fn attach(&self, existing: &str, new: &Path, force: bool) -> Result<(Txg, Txg)> {
+        self.attach_after(existing, new, force, None)
+    }
+
+    /// [`Pool::attach`], placing the new child right after the leaf `after` (a replacement goes where
+    /// the leaf it replaces is) instead of last.
+    fn attach_after(
+        &self,
+        existing: &str,
+        new: &Path,
+        force: bool,
+        after: Option<Guid>,
+    ) -> Result<(Txg, Txg)> {
         let mut g = self.lock();
         g.check_writable()?;
         let (ti, t, _) = self.top_of(&g, existing)?;
@@ -143,7 +156,10 @@ impl Pool {
         let upto = txg;
         lock(&lv.dtl).push((lacks_from, upto));
         let mut children = t.children.clone();
-        children.push(lv.clone());
+        match after.and_then(|a| children.iter().position(|c| c.guid == a)) {
+            Some(i) => children.insert(i + 1, lv.clone()),
+            None => children.push(lv.clone()),
+        }
         self.rebuild_top(&mut g, ti, TopKind::Mirror, children);
         g.tree.events.push(Event {
             time: now(),
@@ -277,19 +293,23 @@ impl Pool {
         old_path: &str,
         same_path: bool,
     ) -> Result<()> {
-        let sibling = if same_path {
+        let (sibling, old_guid) = if same_path {
             // Attach next to any other child of the old leaf's vdev.
             let g = self.lock();
             let (_, t, lv) = self.top_of(&g, &format!("{old_path} (old)"))?;
-            t.children
+            let sibling = t
+                .children
                 .iter()
                 .find(|c| c.guid != lv.guid)
                 .map(|c| c.path())
-                .ok_or_else(|| PoolError::Invalid("no sibling to attach to".into()))?
+                .ok_or_else(|| PoolError::Invalid("no sibling to attach to".into()))?;
+            (sibling, lv.guid)
         } else {
-            old_path.to_string()
+            let g = self.lock();
+            let (_, _, lv) = self.top_of(&g, old_path)?;
+            (old_path.to_string(), lv.guid)
         };
-        self.attach(&sibling, target, force)?;
+        self.attach_after(&sibling, target, force, Some(old_guid))?;
         Ok(())
     }
 

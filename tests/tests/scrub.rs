@@ -909,6 +909,30 @@ fn a_replace_right_after_unflushed_writes_copies_them_too() {
 }
 
 #[test]
+fn a_replacement_takes_the_place_of_the_leaf_it_replaces() {
+    let (env, mut d, model) = setup_with_data(16 * MIB, 0x55);
+    env.sparse("e", 256 * MIB);
+    env.ok(&["pool", "replace", "tank", "a", &env.p("e")]);
+    wait_resilvered(&env, Duration::from_secs(20));
+    // In the order status shows them (the JSON's objects are keyed by name).
+    let order = |env: &Env| -> Vec<String> {
+        let st = status(env, false);
+        st.lines()
+            .skip_while(|l| l.split_whitespace().next() != Some("mirror-0"))
+            .skip(1)
+            .take_while(|l| l.starts_with("\t    "))
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    };
+    wait_for(&env, "a is detached", Duration::from_secs(5), || {
+        order(&env) == ["e", "b"]
+    });
+    env.ok(&["pool", "offline", "tank", "b"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
+#[test]
 fn replace_in_place_after_the_file_was_deleted() {
     let (env, mut d, model) = setup_with_data(100 * MIB, 0x51);
     std::fs::remove_file(env.path("b")).expect("rm b");
