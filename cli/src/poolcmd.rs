@@ -96,6 +96,13 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => {
             let p = ctx.pools.get(ctx.sd, &pool, "attach").map_err(one)?;
             let new = ctx.abs(&new);
+            refuse_active_leaves(
+                ctx,
+                "attach",
+                &new.display().to_string(),
+                std::slice::from_ref(&new),
+                Some(p.guid().0),
+            )?;
             p.attach(&existing, &new, force)
                 .map_err(|e| one(CmdError::new("attach", &new.display().to_string(), e)))?;
             log(ctx, &p, cmdline);
@@ -120,6 +127,15 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => {
             let p = ctx.pools.get(ctx.sd, &pool, "replace").map_err(one)?;
             let new = new.map(|n| ctx.abs(&n));
+            if let Some(n) = &new {
+                refuse_active_leaves(
+                    ctx,
+                    "replace",
+                    &old,
+                    std::slice::from_ref(n),
+                    Some(p.guid().0),
+                )?;
+            }
             p.replace(&old, new.as_deref(), force)
                 .map_err(|e| one(CmdError::new("replace", &old, e)))?;
             log(ctx, &p, cmdline);
@@ -613,6 +629,48 @@ fn remove_entry(ctx: &mut Ctx, guid: u64) -> std::io::Result<()> {
     ctx.sd.update_cache(|v| v.retain(|x| x.guid != guid))
 }
 
+/// Refuse leaves that belong to a pool imported here (in this state directory's cache), whose label
+/// says it is active and whose recorded leaves include the very file: `-f` overrides the label of an
+/// exported, destroyed or foreign pool, never a leaf in use, as zpool refuses "part of active pool".
+/// `own` is the pool being changed (its own leaves get the pool layer's more precise message).
+fn refuse_active_leaves(
+    ctx: &Ctx,
+    verb: &str,
+    name: &str,
+    leaves: &[PathBuf],
+    own: Option<u64>,
+) -> Result<(), Vec<CmdError>> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |r: String| one(CmdError::new(verb, name, r));
+    let cache = ctx.sd.load_cache().map_err(|e| err(e.to_string()))?;
+    let ident = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    for leaf in leaves {
+        let abs = ctx.abs(leaf);
+        let Some(id) = ident(&abs) else { continue };
+        let Some(lbl) = cairn_pool::pool::read_leaf_label(&abs) else {
+            continue;
+        };
+        if lbl.config.state != PoolState::Active || Some(lbl.header.pool_guid.0) == own {
+            continue;
+        }
+        let Some(entry) = cache.iter().find(|e| e.guid == lbl.header.pool_guid.0) else {
+            continue;
+        };
+        if entry
+            .leaves
+            .iter()
+            .any(|l| ident(std::path::Path::new(l)) == Some(id))
+        {
+            return Err(err(format!(
+                "{} is part of active pool '{}'",
+                leaf.display(),
+                entry.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn create(
     ctx: &mut Ctx,
     force: bool,
@@ -625,6 +683,8 @@ fn create(
     let err = |r: String| one(CmdError::new("create", name, r));
     validate_pool_name(name).map_err(|r| err(format!("invalid pool name: {r}")))?;
     let specs = specs(ctx, vdevs).map_err(err)?;
+    let all: Vec<PathBuf> = specs.iter().flat_map(|s| s.leaves.clone()).collect();
+    refuse_active_leaves(ctx, "create", name, &all, None)?;
     let create_size = size
         .map(parse_size)
         .transpose()
@@ -1144,6 +1204,8 @@ fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) 
     let err = |r: String| one(CmdError::new("add", name, r));
     let specs = specs(ctx, vdevs).map_err(err)?;
     let pool = ctx.pools.get(ctx.sd, name, "add").map_err(one)?;
+    let all: Vec<PathBuf> = specs.iter().flat_map(|s| s.leaves.clone()).collect();
+    refuse_active_leaves(ctx, "add", name, &all, Some(pool.guid().0))?;
     let opts = CreateOptions {
         force,
         create_size: None,

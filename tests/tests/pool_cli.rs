@@ -1233,7 +1233,7 @@ fn create_refuses_a_leaf_of_an_imported_pool_without_f() {
     let before = label_area(&env.path("a"));
 
     let e = try_create(&env, Some("128M"), false, "new", &["mirror", "c", "a"]);
-    assert_cannot(&e, "create", "new", &[&env.p("a"), "pool 'old'", "-f"]);
+    assert_cannot(&e, "create", "new", &[&env.p("a"), "active pool 'old'"]);
     assert!(!env.path("c").exists(), "c must not have been created");
     assert_eq!(label_area(&env.path("a")), before);
     assert_eq!(env.pool_names(), ["old"], "the other pool is untouched");
@@ -1244,22 +1244,49 @@ fn create_refuses_a_leaf_of_an_imported_pool_without_f() {
     assert_cannot(&e, "create", "new", &["pool 'old'"]);
     assert_eq!(label_area(&env.path("a")), before);
 
-    // -f is allowed while the pool is not held open (there is no daemon).
+    // -f does not override a pool that is imported (active), even with no daemon holding it open.
     env.sparse("c", 128 * MIB);
-    env.ok(&[
-        "pool",
+    let e = try_create(&env, None, true, "new", &["mirror", "c", "a"]);
+    assert_cannot(
+        &e,
         "create",
-        "-f",
         "new",
-        "mirror",
-        &env.p("c"),
-        &env.p("a"),
-    ]);
-    assert!(env.pool_names().contains(&"new".to_string()));
-    assert_eq!(
-        env.ok(&["pool", "list", "-H", "-o", "name,health", "new"]),
-        "new\tONLINE\n"
+        &[&env.p("a"), "part of active pool 'old'"],
     );
+    assert_eq!(label_area(&env.path("a")), before);
+    assert_eq!(env.pool_names(), ["old"]);
+    assert_eq!(env.pool_health("old"), "ONLINE");
+}
+
+#[test]
+fn f_never_takes_a_leaf_of_an_active_pool() {
+    let env = Env::new();
+    create(&env, "128M", "p1", &["mirror", "a", "b"]);
+    create(&env, "128M", "p2", &["c"]);
+    let before = label_area(&env.path("a"));
+    let (a, c) = (env.p("a"), env.p("c"));
+
+    // create -f, add -f, attach -f, replace -f: all refused, nothing changed.
+    let e = try_create(&env, None, true, "p3", &["a"]);
+    assert_cannot(&e, "create", "p3", &[&a, "part of active pool 'p1'"]);
+    assert!(!env.pool_names().contains(&"p3".to_string()));
+    let e = env.fail(&["pool", "add", "-f", "p2", &a]);
+    assert_cannot(&e, "add", "p2", &[&a, "part of active pool 'p1'"]);
+    let e = env.fail(&["pool", "attach", "-f", "p2", &c, &a]);
+    assert_cannot(&e, "attach", &a, &["part of active pool 'p1'"]);
+    env.sparse("d", 128 * MIB);
+    env.ok(&["pool", "attach", "p2", &c, &env.p("d")]);
+    let e = env.fail(&["pool", "replace", "-f", "p2", &env.p("d"), &a]);
+    assert_cannot(&e, "replace", &env.p("d"), &["part of active pool 'p1'"]);
+    assert_eq!(label_area(&env.path("a")), before);
+    assert_eq!(env.pool_health("p1"), "ONLINE");
+    let st = env.ok(&["pool", "status", "p2"]);
+    assert!(!st.contains("\ta ") && !st.contains(" a "), "{st}");
+
+    // Once p1 is exported, -f may take its leaf (as zpool allows).
+    env.ok(&["pool", "export", "p1"]);
+    env.ok(&["pool", "create", "-f", "p3", &a]);
+    assert_eq!(env.pool_health("p3"), "ONLINE");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1646,7 +1673,7 @@ fn a_pool_held_open_is_refused_even_with_f() {
     env.ok(&["pool", "import", "-d", &d, "tank"]);
     let lock = hold_open(&env.path("b"));
     let e = try_create(&env, Some("128M"), true, "new", &["mirror", "b", "c"]);
-    assert_cannot(&e, "create", "new", &["in use"]);
+    assert_cannot(&e, "create", "new", &["part of active pool 'tank'"]);
     assert!(!env.path("c").exists());
     let e = env.fail(&["pool", "export", "tank"]);
     assert_cannot(&e, "export", "tank", &["in use"]);
