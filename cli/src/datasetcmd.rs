@@ -62,6 +62,11 @@ const SIZE_PROPS: &[&str] = &[
 fn reason(e: DatasetError) -> String {
     match e {
         DatasetError::Pool(p) => p.to_string(),
+        DatasetError::TooBig { needed, available } => format!(
+            "size is greater than available space ({} needed, {} available)",
+            format_compact(needed),
+            format_compact(available)
+        ),
         e => e.to_string(),
     }
 }
@@ -373,9 +378,10 @@ fn get(
 }
 
 fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
-    let err = |r: String| one(CmdError::new("set", name, r));
+    // zfs's wording: "cannot set property for 'tank/vol': ...".
+    let err = |r: String| one(CmdError::new("set property for", name, r));
     let (k, v) = split_assignment(assignment).map_err(err)?;
-    let pool_name = pool_of(name, "set")?;
+    let pool_name = pool_of(name, "set property for")?;
     let pool = ctx.pools.get(ctx.sd, &pool_name, "set").map_err(one)?;
     ds::set(&pool, name, &k, &v).map_err(|e| err(reason(e)))?;
     pool.log_history(cmdline, &ctx.sd.hostname())

@@ -1619,6 +1619,55 @@ fn import_errors() {
     env.ok(&["pool", "import", "-d", &d, "tank"]);
 }
 
+/// One property of a dataset, exact (`dataset get -H -p -o value`).
+fn ds_value(env: &Env, ds: &str, prop: &str) -> String {
+    env.ok(&["dataset", "get", "-H", "-p", "-o", "value", prop, ds])
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn reservations_larger_than_the_pool_are_refused() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    // A thick volume larger than the pool: refused, nothing created.
+    let e = env.fail(&["dataset", "create", "-V", "100G", "tank/big"]);
+    assert_cannot(&e, "create", "tank/big", &["out of space"]);
+    assert!(!env.ok(&["dataset", "list", "-H"]).contains("tank/big"));
+
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    env.ok(&["dataset", "create", "-s", "-V", "100G", "tank/thin"]);
+    let res = ds_value(&env, "tank/vol", "refreservation");
+    for (ds, assignment) in [
+        ("tank/vol", "refreservation=100G"),
+        ("tank/thin", "refreservation=100G"),
+        ("tank/vol", "volsize=100G"),
+        ("tank/vol", "volsize=1G"),
+    ] {
+        let e = env.fail(&["dataset", "set", assignment, ds]);
+        assert_cannot(
+            &e,
+            "set property for",
+            ds,
+            &["size is greater than available space"],
+        );
+    }
+    assert_eq!(ds_value(&env, "tank/vol", "refreservation"), res);
+    assert_eq!(
+        ds_value(&env, "tank/vol", "volsize"),
+        (16 * MIB).to_string()
+    );
+    assert_eq!(ds_value(&env, "tank/thin", "refreservation"), "none");
+    // What fits is accepted; lowering always is.
+    env.ok(&["dataset", "set", "refreservation=32M", "tank/thin"]);
+    assert_eq!(
+        ds_value(&env, "tank/thin", "refreservation"),
+        (32 * MIB).to_string()
+    );
+    env.ok(&["dataset", "set", "refreservation=none", "tank/thin"]);
+    env.ok(&["dataset", "set", "volsize=32M", "tank/vol"]);
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let env = Env::new();
