@@ -160,8 +160,11 @@ fn prop_value(v: &VolumeInfo, prop: &str, parsable: bool) -> Option<(String, Str
     Some((shown, src))
 }
 
+/// Volumes named (or all volumes of all pools), and the errors of those that could not be read.
+type Collected = (Vec<VolumeInfo>, Vec<CmdError>);
+
 /// Volumes named (or all volumes of all pools).
-fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo>, Vec<CmdError>> {
+fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec<CmdError>> {
     let mut out = Vec::new();
     let mut errs = Vec::new();
     if names.is_empty() {
@@ -196,13 +199,13 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo
             }
         }
     }
-    if errs.is_empty() || !out.is_empty() {
-        if !errs.is_empty() {
-            for e in errs {
-                crate::errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
-            }
-        }
-        Ok(out)
+    Ok((out, errs))
+}
+
+/// What was printed succeeded; any dataset or pool that could not be read makes the exit code 1.
+fn done(errs: Vec<CmdError>) -> CmdResult {
+    if errs.is_empty() {
+        Ok(())
     } else {
         Err(errs)
     }
@@ -274,10 +277,10 @@ fn list(
         ),
     )
     .map_err(|r| one(CmdError::new("list", "", r)))?;
-    let vols = if want_volumes {
+    let (vols, errs) = if want_volumes {
         collect(ctx, names, "list")?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     if flags.json {
         let mut m = Map::new();
@@ -298,13 +301,13 @@ fn list(
             );
         }
         ctx.print_json("cairn dataset list", "datasets", Value::Object(m));
-        return Ok(());
+        return done(errs);
     }
     if vols.is_empty() {
-        if !flags.scripted {
+        if !flags.scripted && errs.is_empty() {
             outln!(ctx, "no datasets available");
         }
-        return Ok(());
+        return done(errs);
     }
     let headers: Vec<String> = sel
         .iter()
@@ -327,7 +330,7 @@ fn list(
         }));
     }
     out!(ctx, "{}", t.render(flags.scripted));
-    Ok(())
+    done(errs)
 }
 
 fn get(
@@ -340,7 +343,10 @@ fn get(
     if names.is_empty() {
         return Err(one(CmdError::new("get", props, "missing dataset name")));
     }
-    let vols = collect(ctx, names, "get")?;
+    let (vols, errs) = collect(ctx, names, "get")?;
+    if vols.is_empty() && !errs.is_empty() {
+        return Err(errs);
+    }
     let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
     let mut rows: Vec<[String; 4]> = Vec::new();
     let mut jm = Map::new();
@@ -374,7 +380,7 @@ fn get(
             .map_err(|r| one(CmdError::new("get", props, r)))?;
         out!(ctx, "{}", text);
     }
-    Ok(())
+    done(errs)
 }
 
 fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {

@@ -315,6 +315,9 @@ pub struct CmdError {
     pub verb: String,
     pub name: String,
     pub reason: String,
+    /// An imported pool that cannot be opened (its devices are gone or unreadable): `pool list`
+    /// shows it as UNAVAIL and `pool export`/`pool destroy -f` forget it.
+    pub unavailable: bool,
 }
 
 impl CmdError {
@@ -323,6 +326,15 @@ impl CmdError {
             verb: verb.to_string(),
             name: name.to_string(),
             reason: reason.to_string(),
+            unavailable: false,
+        }
+    }
+
+    /// A pool of the cache that cannot be opened.
+    pub fn unavailable(verb: &str, name: &str, reason: impl std::fmt::Display) -> CmdError {
+        CmdError {
+            unavailable: true,
+            ..CmdError::new(verb, name, reason)
         }
     }
 }

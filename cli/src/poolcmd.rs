@@ -748,16 +748,32 @@ fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
     let mut errs = Vec::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut json_pools = Map::new();
+    let cache = ctx.sd.load_cache().unwrap_or_default();
     for n in &names {
         let st = match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => p.status(),
+            // Imported but its devices cannot be opened: listed as UNAVAIL, as zpool does.
+            Err(e) if e.unavailable => {
+                let mut st = PoolStatus {
+                    name: n.clone(),
+                    state: "UNAVAIL".into(),
+                    ..PoolStatus::default()
+                };
+                if let Some(c) = cache.iter().find(|c| &c.name == n) {
+                    st.pool_guid = c.guid;
+                }
+                st
+            }
             Err(e) => {
                 errs.push(e);
                 continue;
             }
         };
+        let unavail = st.size == 0 && st.state == "UNAVAIL";
         let num = |v: u64| {
-            if flags.parsable {
+            if unavail {
+                "-".to_string()
+            } else if flags.parsable {
                 v.to_string()
             } else {
                 format_compact(v)
@@ -772,12 +788,21 @@ fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
             "-".into(),
             "-".into(),
             "-".into(),
-            if flags.parsable {
+            if unavail {
+                "-".to_string()
+            } else if flags.parsable {
                 cap.to_string()
             } else {
                 format!("{cap}%")
             },
-            if flags.parsable { "1.00" } else { "1.00x" }.into(),
+            if unavail {
+                "-"
+            } else if flags.parsable {
+                "1.00"
+            } else {
+                "1.00x"
+            }
+            .into(),
             st.state.clone(),
             "-".into(),
             st.pool_guid.to_string(),
@@ -1181,10 +1206,70 @@ fn import_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// No leaf at the recorded paths carries the pool's label any more (deleted, or overwritten).
+fn devices_gone(guid: u64, leaves: &[String]) -> bool {
+    let paths: Vec<PathBuf> = leaves.iter().map(PathBuf::from).collect();
+    !import::scan(&paths).iter().any(|c| c.guid().0 == guid)
+}
+
+/// Export or destroy -f of a pool whose devices are gone: nothing can be written, so the pool is
+/// only forgotten (taken from the daemon if it holds it, removed from the state directory).
+fn forget_unavailable(ctx: &mut Ctx, name: &str, verb: &str, guid: Option<u64>) -> CmdResult {
+    let err = |r: String| one(CmdError::new(verb, name, r));
+    let _ = ctx.pools.take(ctx.sd, name, verb, true);
+    if let Some(g) = guid {
+        remove_entry(ctx, g).map_err(|e| err(e.to_string()))?;
+    }
+    ctx.pools.forget(name);
+    if verb == "destroy" {
+        errln!(
+            ctx,
+            "warning: '{name}' is unavailable: it was removed from this system, but its devices \
+             (if they come back) were not marked destroyed"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export(ctx: &mut Ctx, name: &str, cmdline: &str, destroy: bool, force: bool) -> CmdResult {
     let verb = if destroy { "destroy" } else { "export" };
-    let pool = ctx.pools.take(ctx.sd, name, verb, force).map_err(one)?;
     let err = |r: String| one(CmdError::new(verb, name, r));
+    let unavailable_hint = |reason: &str| {
+        format!(
+            "{reason}; the pool is unavailable: use 'cairn pool destroy -f {name}' or 'cairn pool \
+             export {name}' to remove it from this system"
+        )
+    };
+    let entry = ctx
+        .sd
+        .load_cache()
+        .map_err(|e| err(e.to_string()))?
+        .into_iter()
+        .find(|x| x.name == name);
+    // Devices deleted (with or without a daemon holding the pool open): export forgets the pool,
+    // destroy needs -f since it cannot mark the labels destroyed.
+    if let Some(e) = entry.as_ref().filter(|e| devices_gone(e.guid, &e.leaves)) {
+        if destroy && !force {
+            return Err(err(unavailable_hint(&format!(
+                "no device of the pool was found at its recorded paths ({})",
+                e.leaves.join(", ")
+            ))));
+        }
+        return forget_unavailable(ctx, name, verb, Some(e.guid));
+    }
+    let pool = match ctx.pools.take(ctx.sd, name, verb, force) {
+        Ok(p) => p,
+        // Devices there but the pool cannot be opened (a whole top-level vdev missing, damage).
+        Err(e) if e.unavailable && (!destroy || force) => {
+            return forget_unavailable(ctx, name, verb, entry.map(|e| e.guid));
+        }
+        Err(mut e) => {
+            if e.unavailable {
+                e.reason = unavailable_hint(&e.reason);
+            }
+            return Err(one(e));
+        }
+    };
     let guid = pool.guid().0;
     if !destroy {
         pool.log_history(cmdline, &ctx.sd.hostname())

@@ -140,7 +140,7 @@ impl VdevStatus {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct PoolStatus {
     pub name: String,
     pub pool_guid: u64,
@@ -1085,6 +1085,10 @@ impl Pool {
 
     pub fn status(&self) -> PoolStatus {
         let g = self.lock();
+        // A device deleted or replaced since the last commit shows now, not at the next write.
+        for (_, lv) in g.tree.leaves() {
+            lv.check_device();
+        }
         g.status()
     }
 

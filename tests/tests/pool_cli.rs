@@ -618,8 +618,11 @@ fn leaves_moved_while_imported_are_found_again_by_import() {
     // The pool cannot be opened at its recorded paths; the message says what to do.
     let e = env.fail(&["pool", "status", "tank"]);
     assert_cannot(&e, "open", "tank", &[&env.p("a"), "import"]);
-    let e = env.fail(&["pool", "list"]);
-    assert_cannot(&e, "open", "tank", &[]);
+    // list shows it UNAVAIL (as zpool lists a pool it cannot open).
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,health"]),
+        "tank\tUNAVAIL\n"
+    );
     env.ok(&["pool", "import", "-d", new.to_str().unwrap(), "tank"]);
     assert_eq!(env.pool_names(), ["tank"]);
     assert_eq!(env.pool_health("tank"), "ONLINE");
@@ -1666,6 +1669,51 @@ fn reservations_larger_than_the_pool_are_refused() {
     );
     env.ok(&["dataset", "set", "refreservation=none", "tank/thin"]);
     env.ok(&["dataset", "set", "volsize=32M", "tank/vol"]);
+}
+
+#[test]
+fn a_pool_whose_leaves_were_deleted_is_unavail_and_can_be_forgotten() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    create(&env, "128M", "p2", &["c"]);
+    env.ok(&["dataset", "create", "-V", "16M", "p2/vol"]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    std::fs::remove_file(env.path("a")).unwrap();
+    std::fs::remove_file(env.path("b")).unwrap();
+
+    // Listed as UNAVAIL with exit 0, the healthy pool beside it.
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,size,health"]),
+        "p2\t124M\tONLINE\ntank\t-\tUNAVAIL\n"
+    );
+    assert_eq!(env.pool_health("tank"), "UNAVAIL");
+    // dataset list prints what it can read and says (exit 1) what it could not.
+    let o = env.run(&["dataset", "list", "-H", "-o", "name"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(o.stdout, "p2/vol\n");
+    assert!(o.stderr.contains("cannot list 'tank'"), "{}", o.stderr);
+
+    // destroy without -f cannot mark the labels destroyed: refused, with the way out.
+    let e = env.fail(&["pool", "destroy", "tank"]);
+    assert_cannot(&e, "destroy", "tank", &["unavailable", "-f"]);
+    assert_eq!(env.pool_names(), ["p2", "tank"]);
+    // export forgets it.
+    env.ok(&["pool", "export", "tank"]);
+    assert_eq!(env.pool_names(), ["p2"]);
+    assert_eq!(env.ok(&["dataset", "list", "-H", "-o", "name"]), "p2/vol\n");
+
+    // The same with a daemon holding the pool open when its leaves go; destroy -f forgets it.
+    let _d = env.serve();
+    std::fs::remove_file(env.path("c")).unwrap();
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,health"]),
+        "p2\tUNAVAIL\n"
+    );
+    let e = env.fail(&["pool", "destroy", "p2"]);
+    assert_cannot(&e, "destroy", "p2", &["unavailable", "-f"]);
+    env.ok(&["pool", "destroy", "-f", "p2"]);
+    assert!(env.pool_names().is_empty());
+    assert_eq!(env.ok(&["pool", "list"]).trim(), "no pools available");
 }
 
 #[test]
