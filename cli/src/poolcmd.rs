@@ -689,6 +689,14 @@ fn create(
         .map(parse_size)
         .transpose()
         .map_err(|r| err(format!("invalid --size: {r}")))?;
+    // A file's length is a signed 64-bit number: 8E and more cannot be a file's size.
+    if let (Some(sz), Some(text)) = (create_size, size) {
+        if sz > i64::MAX as u64 {
+            return Err(err(format!(
+                "invalid --size '{text}': larger than the largest possible file (8E minus 1 byte)"
+            )));
+        }
+    }
     let props = props
         .iter()
         .map(|p| parse_assignment(p))

@@ -1023,6 +1023,28 @@ fn create_refuses_a_missing_leaf_without_size() {
 }
 
 #[test]
+fn create_with_a_size_too_large_for_a_file_leaves_nothing_behind() {
+    let env = Env::new();
+    // The file system refuses a file of 1E: the files the command created are removed.
+    let e = try_create(&env, Some("1E"), false, "tank", &["mirror", "a", "b"]);
+    assert_cannot(
+        &e,
+        "create",
+        "tank",
+        &[&env.p("a"), "1152921504606846976 bytes"],
+    );
+    assert_nothing_created(&env, &["a", "b"]);
+    // 8E is no possible file size at all: said so, naming the size.
+    let e = try_create(&env, Some("8E"), false, "tank", &["mirror", "a", "b"]);
+    assert_cannot(&e, "create", "tank", &["'8E'", "largest possible file"]);
+    assert!(!e.contains("integral type"), "{e}");
+    assert_nothing_created(&env, &["a", "b"]);
+    // A retry with a sensible size works.
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    assert_eq!(env.pool_health("tank"), "ONLINE");
+}
+
+#[test]
 fn create_refuses_leaves_smaller_than_64m() {
     let env = Env::new();
     env.sparse("small", 32 * MIB);
