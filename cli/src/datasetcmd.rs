@@ -1,7 +1,7 @@
 //! The `cairn dataset` commands: create, list, get, set, destroy (volumes).
 
 use crate::ctx::Ctx;
-use crate::names::validate_dataset_name;
+use crate::names::{validate_dataset_name, validate_pool_name};
 use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
@@ -46,7 +46,7 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
             names,
         } => get(ctx, &flags, fields.as_deref(), &props, &names),
         DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
-        DatasetCmd::Destroy { recursive: _, name } => destroy(ctx, &name, &cmdline),
+        DatasetCmd::Destroy { recursive, name } => destroy(ctx, &name, recursive, &cmdline),
     }
 }
 
@@ -183,6 +183,17 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec
         }
     } else {
         for n in names {
+            // A pool name is the root of its datasets: list shows its volumes.
+            if verb == "list" && !n.contains('/') && validate_pool_name(n).is_ok() {
+                match ctx.pools.get(ctx.sd, n, verb) {
+                    Ok(pool) => match ds::list(&pool) {
+                        Ok(v) => out.extend(v),
+                        Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
+                    },
+                    Err(e) => errs.push(CmdError::new(verb, n, e.reason)),
+                }
+                continue;
+            }
             let pool_name = match pool_of(n, verb) {
                 Ok(p) => p,
                 Err(mut e) => {
@@ -396,8 +407,11 @@ fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult 
     Ok(())
 }
 
-fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
+fn destroy(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResult {
     let err = |r: String| one(CmdError::new("destroy", name, r));
+    if !name.contains('/') && validate_pool_name(name).is_ok() {
+        return destroy_children(ctx, name, recursive, cmdline);
+    }
     let pool_name = pool_of(name, "destroy")?;
     let pool = ctx.pools.get(ctx.sd, &pool_name, "destroy").map_err(one)?;
     if ctx.pools.in_use(name) {
@@ -410,4 +424,39 @@ fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+/// `destroy -r POOL`: every volume of the pool (the pool itself is `pool destroy`'s), none if one is
+/// busy.
+fn destroy_children(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("destroy", name, r));
+    if !recursive {
+        return Err(err(format!(
+            "a pool's root dataset cannot be destroyed: use 'cairn dataset destroy -r {name}' to \
+             destroy its volumes, or 'cairn pool destroy {name}' to destroy the pool"
+        )));
+    }
+    let pool = ctx.pools.get(ctx.sd, name, "destroy").map_err(one)?;
+    let vols = ds::list(&pool).map_err(|e| err(reason(e)))?;
+    let busy: Vec<&str> = vols
+        .iter()
+        .map(|v| v.name.as_str())
+        .filter(|n| ctx.pools.in_use(n))
+        .collect();
+    if !busy.is_empty() {
+        return Err(err(format!(
+            "dataset is busy: an NBD client is connected to {}",
+            busy.join(", ")
+        )));
+    }
+    let mut errs = Vec::new();
+    for v in &vols {
+        if let Err(e) = ds::destroy(&pool, &v.name) {
+            errs.push(CmdError::new("destroy", &v.name, reason(e)));
+        }
+    }
+    pool.log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    done(errs)
 }

@@ -1739,6 +1739,47 @@ fn a_pool_whose_leaves_were_deleted_is_unavail_and_can_be_forgotten() {
 }
 
 #[test]
+fn a_pool_name_is_the_root_of_its_datasets() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    create(&env, "128M", "other", &["c"]);
+    for v in ["tank/v1", "tank/v2", "other/keep"] {
+        env.ok(&["dataset", "create", "-s", "-V", "16M", v]);
+    }
+    // list POOL and list -r POOL show the pool's volumes.
+    for args in [
+        &["dataset", "list", "-H", "-o", "name", "tank"][..],
+        &["dataset", "list", "-r", "-H", "-o", "name", "tank"],
+    ] {
+        assert_eq!(env.ok(args), "tank/v1\ntank/v2\n", "{args:?}");
+    }
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name", "other", "tank/v2"]),
+        "other/keep\ntank/v2\n"
+    );
+    let o = env.run(&["dataset", "list", "nopool"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_cannot(&o.stderr, "list", "nopool", &["no such pool"]);
+
+    // destroy POOL without -r: the pool's root cannot go; nothing changes.
+    let e = env.fail(&["dataset", "destroy", "tank"]);
+    assert_cannot(&e, "destroy", "tank", &["destroy -r", "pool destroy"]);
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name", "tank"]),
+        "tank/v1\ntank/v2\n"
+    );
+    // destroy -r POOL destroys its volumes and leaves the pool and the other pools alone.
+    env.ok(&["dataset", "destroy", "-r", "tank"]);
+    assert_eq!(env.ok(&["dataset", "list", "-H", "-o", "name", "tank"]), "");
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name"]),
+        "other/keep\n"
+    );
+    assert_eq!(env.pool_names(), ["other", "tank"]);
+    env.ok(&["dataset", "destroy", "-r", "tank"]);
+}
+
+#[test]
 fn usage_errors_exit_2() {
     let env = Env::new();
     for args in [
