@@ -255,10 +255,9 @@ fn list(
                     "volume" | "all" => v = true,
                     "snapshot" | "snap" | "filesystem" => {}
                     other => {
-                        return Err(one(CmdError::new(
+                        return Err(one(CmdError::usage(
                             "list",
-                            other,
-                            "invalid type (volume, snapshot or all)",
+                            format!("invalid type '{other}' for -t (volume, snapshot or all)"),
                         )))
                     }
                 }
@@ -287,7 +286,7 @@ fn list(
                 .unwrap_or("name,used,available,referenced,mountpoint"),
         ),
     )
-    .map_err(|r| one(CmdError::new("list", "", r)))?;
+    .map_err(|r| one(CmdError::usage("list", r)))?;
     let (vols, errs) = if want_volumes {
         collect(ctx, names, "list")?
     } else {
@@ -388,7 +387,7 @@ fn get(
         ctx.print_json("cairn dataset get", "datasets", Value::Object(jm));
     } else {
         let text = render_get(&rows, fields, flags.scripted)
-            .map_err(|r| one(CmdError::new("get", props, r)))?;
+            .map_err(|r| one(CmdError::usage("get", r)))?;
         out!(ctx, "{}", text);
     }
     done(errs)

@@ -446,20 +446,46 @@ fn iostat_rows(
 }
 
 fn iostat(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, args: &[String]) -> CmdResult {
-    let bad = |m: String| one(CmdError::new("iostat", "", m));
+    let bad = |m: String| {
+        one(CmdError::usage(
+            "iostat",
+            format!("{m}\nusage: cairn pool iostat [-v] [POOL...] [INTERVAL [COUNT]]"),
+        ))
+    };
     let mut pools: Vec<String> = Vec::new();
     let mut nums: Vec<u64> = Vec::new();
     for a in args {
+        // Numbers (or what looks like one: "-1", "0.5") end the pool names.
+        let numeric = a.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.');
         match a.parse::<u64>() {
             Ok(n) => nums.push(n),
-            Err(_) if nums.is_empty() => pools.push(a.clone()),
-            Err(_) => return Err(bad(format!("bad interval or count '{a}'"))),
+            Err(_) if nums.is_empty() && !numeric => pools.push(a.clone()),
+            Err(_) if nums.is_empty() => {
+                return Err(bad(format!(
+                    "invalid interval '{a}': interval must be a positive number of seconds"
+                )))
+            }
+            Err(_) => {
+                return Err(bad(format!(
+                    "invalid count '{a}': count must be a positive number"
+                )))
+            }
         }
     }
     let interval = nums.first().copied();
     let count = nums.get(1).copied();
-    if nums.len() > 2 || interval == Some(0) {
-        return Err(bad("usage: iostat [-v] [POOL...] [INTERVAL [COUNT]]".into()));
+    if interval == Some(0) {
+        return Err(bad(
+            "invalid interval '0': interval must be a positive number".into(),
+        ));
+    }
+    if count == Some(0) {
+        return Err(bad(
+            "invalid count '0': count must be a positive number".into()
+        ));
+    }
+    if nums.len() > 2 {
+        return Err(bad(format!("too many arguments: '{}'", nums[2])));
     }
     let names = targets(ctx, &pools, "iostat")?;
     let mut opened = Vec::new();
@@ -751,7 +777,7 @@ const LIST_DEFAULT: &str = "name,size,alloc,free,ckpoint,expandsz,frag,cap,dedup
 
 fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) -> CmdResult {
     let sel = select_columns(LIST_COLS, Some(cols.unwrap_or(LIST_DEFAULT)))
-        .map_err(|r| one(CmdError::new("list", "", r)))?;
+        .map_err(|r| one(CmdError::usage("list", r)))?;
     let names = targets(ctx, pools, "list")?;
     let mut errs = Vec::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
@@ -1366,7 +1392,7 @@ fn get(
         ctx.print_json("cairn pool get", "pools", Value::Object(jp));
     } else if !rows.is_empty() {
         let text = render_get(&rows, fields, flags.scripted)
-            .map_err(|r| one(CmdError::new("get", props, r)))?;
+            .map_err(|r| one(CmdError::usage("get", r)))?;
         out!(ctx, "{}", text);
     }
     if errs.is_empty() {

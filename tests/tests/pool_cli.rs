@@ -1796,6 +1796,53 @@ fn usage_errors_exit_2() {
     assert!(env.pool_names().is_empty());
 }
 
+#[test]
+fn bad_columns_and_intervals_are_usage_errors() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["c"]);
+    for (args, needle) in [
+        (
+            &["pool", "list", "-o", "name,bogus"][..],
+            "invalid property 'bogus'",
+        ),
+        (
+            &["pool", "list", "-o", "name,", "tank"],
+            "invalid property ''",
+        ),
+        (
+            &["dataset", "list", "-o", "bogus"],
+            "invalid property 'bogus'",
+        ),
+        (&["dataset", "list", "-t", "bogus"], "invalid type 'bogus'"),
+        (
+            &["pool", "get", "-o", "bogus", "size", "tank"],
+            "invalid field 'bogus'",
+        ),
+        (
+            &["pool", "iostat", "tank", "0", "1"],
+            "interval must be a positive number",
+        ),
+        (
+            &["pool", "iostat", "0"],
+            "interval must be a positive number",
+        ),
+        (&["pool", "iostat", "tank", "1.5"], "invalid interval '1.5'"),
+        (
+            &["pool", "iostat", "tank", "1", "0"],
+            "count must be a positive number",
+        ),
+        (&["pool", "iostat", "tank", "1", "x"], "invalid count 'x'"),
+        (&["pool", "iostat", "tank", "1", "2", "3"], "too many"),
+    ] {
+        let o = env.run(args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(needle), "{args:?}: {}", o.stderr);
+        assert!(!o.stderr.contains("cannot"), "{args:?}: {}", o.stderr);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", o.stdout);
+    }
+    env.ok(&["pool", "iostat", "tank", "1", "1"]);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Pools held open by another process, pools of another system
 // ---------------------------------------------------------------------------------------------------
