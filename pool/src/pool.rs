@@ -1950,7 +1950,7 @@ impl Inner {
                 s("One or more devices has experienced an error resulting in data corruption. \
                    Applications may be affected."),
                 s("Restore the data in question if possible (rewriting a block clears its error), \
-                   or restore the pool from backup. Use '-v' for the list of errors."),
+                   or restore the pool from backup."),
             )
         } else {
             match st {

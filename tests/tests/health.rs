@@ -591,6 +591,12 @@ fn a_block_bad_on_both_copies_fails_alone_and_is_listed_until_rewritten() {
         stv.contains("errors: Permanent errors have been detected in the following datasets:"),
         "{stv}"
     );
+    // -v was given: no hint to use it.
+    assert!(!stv.contains("'-v'"), "{stv}");
+    assert!(
+        !st.contains("Use '-v'"),
+        "the hint is on the errors: line only:\n{st}"
+    );
     let entry = format!("tank/vol: offset {x} (16K block)");
     assert!(
         stv.lines().any(|l| l.trim() == entry),
