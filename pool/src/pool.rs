@@ -800,7 +800,7 @@ impl Pool {
                     reasons
                         .get(&lc.guid)
                         .cloned()
-                        .unwrap_or_else(|| "cannot open".into()),
+                        .unwrap_or_else(|| missing_leaf_reason(&lc.identity.path, guid, lc.guid)),
                 ),
             ),
         });
@@ -1944,6 +1944,11 @@ impl Inner {
             .tree
             .leaves()
             .any(|(_, l)| l.state() == VdevState::Faulted);
+        let bad_label = self.tree.leaves().any(|(_, l)| {
+            lock(&l.reason)
+                .as_deref()
+                .is_some_and(|r| r.starts_with("corrupted data"))
+        });
         let s = |x: &str| Some(x.to_string());
         let (status, action) = if error_count > 0 {
             (
@@ -1974,6 +1979,12 @@ impl Inner {
                        degraded state."),
                     s("Online the device using 'cairn pool online' or replace the device with \
                        'cairn pool replace'."),
+                ),
+                VdevState::Degraded if bad_label => (
+                    s("One or more devices could not be used because the label is missing or \
+                       invalid. Sufficient replicas exist for the pool to continue functioning in \
+                       a degraded state."),
+                    s("Replace the device using 'cairn pool replace'."),
                 ),
                 VdevState::Degraded => (
                     s("One or more devices could not be opened or are not healthy. Sufficient \
@@ -2017,6 +2028,27 @@ impl Inner {
                 tops,
             ),
         }
+    }
+}
+
+/// Why a leaf of pool `pool` was not found at `path`: the file is missing ("cannot open"), or it is
+/// there without a label of this pool (zeroed, damaged or overwritten: "corrupted data").
+pub fn missing_leaf_reason(path: &str, pool: Guid, leaf: Guid) -> String {
+    let p = Path::new(path);
+    if std::fs::metadata(p).is_err() {
+        return "cannot open".into();
+    }
+    match read_leaf_label(p) {
+        None => "corrupted data: missing or invalid label".into(),
+        Some(l) if l.header.pool_guid != pool => format!(
+            "corrupted data: the device now carries a label of pool '{}'",
+            l.config.name
+        ),
+        Some(l) if l.header.leaf_guid != leaf => {
+            "corrupted data: the label is not this leaf's".into()
+        }
+        // Its label is fine: it was only not among the devices searched or given.
+        Some(_) => "cannot open".into(),
     }
 }
 

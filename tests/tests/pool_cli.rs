@@ -1779,6 +1779,49 @@ fn a_pool_name_is_the_root_of_its_datasets() {
     env.ok(&["dataset", "destroy", "-r", "tank"]);
 }
 
+/// Zeroes the four labels of a leaf (what `labelclear` would do).
+fn zero_labels(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len() / LABEL * LABEL;
+    for off in [0, LABEL, len - 2 * LABEL, len - LABEL] {
+        scribble(path, off, LABEL, Some(0), 0);
+    }
+}
+
+#[test]
+fn a_leaf_without_labels_is_corrupted_data_not_cannot_open() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b", "c"]);
+    zero_labels(&env.path("b"));
+    std::fs::remove_file(env.path("c")).unwrap();
+    let reason = |text: &str, leaf: &str| -> String {
+        let l = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(leaf))
+            .unwrap_or_else(|| panic!("no row {leaf}:\n{text}"));
+        l.to_string()
+    };
+    let st = env.ok(&["pool", "status", "tank"]);
+    let b = reason(&st, "b");
+    assert!(
+        b.contains("UNAVAIL") && b.contains("corrupted data"),
+        "{st}"
+    );
+    assert!(b.contains("missing or invalid label"), "{st}");
+    assert!(!b.contains("cannot open"), "{st}");
+    let c = reason(&st, "c");
+    assert!(c.contains("UNAVAIL") && c.contains("cannot open"), "{st}");
+    assert!(st.contains("label is missing or invalid"), "{st}");
+
+    // The import listing tells the two apart the same way.
+    env.ok(&["pool", "export", "tank"]);
+    let listing = env.importable(&[env.dir()]);
+    assert!(
+        reason(&listing, "b").contains("missing or invalid label"),
+        "{listing}"
+    );
+    assert!(reason(&listing, "c").contains("cannot open"), "{listing}");
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let env = Env::new();
