@@ -1084,12 +1084,22 @@ impl Pool {
     }
 
     pub fn status(&self) -> PoolStatus {
-        let g = self.lock();
+        let mut g = self.lock();
         // A device deleted or replaced since the last commit shows now, not at the next write.
         for (_, lv) in g.tree.leaves() {
             lv.check_device();
         }
-        g.status()
+        let mut st = g.status();
+        // Errors no replica could serve count up the tree, as zpool's: on the mirror or stripe
+        // holding the block (a single leaf counted it itself) and on the pool.
+        let per_top = g.unrecoverable_per_top();
+        for (t, row) in g.tree.tops.iter().zip(st.root.children.iter_mut()) {
+            if t.kind != TopKind::Single {
+                row.checksum_errors += per_top.get(&t.id).copied().unwrap_or(0);
+            }
+        }
+        st.root.checksum_errors += st.error_count;
+        st
     }
 
     pub fn state(&self) -> VdevState {
@@ -1868,6 +1878,37 @@ impl Inner {
         let oldest_reader = lock(&self.readers).keys().next().copied();
         self.alloc.txg_done(txg, oldest_reader);
         Ok(())
+    }
+
+    /// Permanent errors per top-level vdev id: the blocks of the error log with a copy on it
+    /// (blocks whose pointer cannot be read any more count on no vdev).
+    fn unrecoverable_per_top(&mut self) -> HashMap<u32, u64> {
+        let mut per_top: HashMap<u32, u64> = HashMap::new();
+        let list: Vec<(u64, u64)> = lock(&self.errlog).iter().copied().collect();
+        if list.is_empty() {
+            return per_top;
+        }
+        let vdevs = self.tree.tops.clone();
+        for (obj, blkid) in list {
+            let Ok(o) = self.mos.obj(&vdevs, obj) else {
+                continue;
+            };
+            let Ok(bp) = o.block_pointer(&vdevs, blkid) else {
+                continue;
+            };
+            let mut tops: Vec<u32> = bp
+                .dvas
+                .iter()
+                .filter(|d| !d.is_empty())
+                .map(|d| d.vdev)
+                .collect();
+            tops.sort_unstable();
+            tops.dedup();
+            for t in tops {
+                *per_top.entry(t).or_default() += 1;
+            }
+        }
+        per_top
     }
 
     fn status(&self) -> PoolStatus {
