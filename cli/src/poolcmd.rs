@@ -331,35 +331,43 @@ pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
         ),
         "canceled" => format!("{f} canceled on {}", format_time(s.end_time)),
         st => {
-            let secs = (s.active_ms / 1000).max(1);
-            let rate = s.examined / secs;
+            // Bytes per second of scanning time (pauses excluded, rate-limit waits included).
+            let per_sec = |v: u64| (v as u128 * 1000 / s.active_ms.max(1) as u128) as u64;
+            let rate = per_sec(s.examined);
             let pct = if s.to_examine > 0 {
                 (s.examined as f64 * 100.0 / s.to_examine as f64).min(100.0)
             } else {
                 0.0
             };
             let left = s.to_examine.saturating_sub(s.examined);
-            let eta = if rate >= 1 << 20 {
+            if st == "paused" {
+                // As zpool: no rate and no time to go while nothing runs.
+                return format!(
+                    "{f} paused since {}\n\t{f} started on {}\n\t{} / {} scanned, {} issued \
+                     (every copy)\n\t{} {}, {:.2}% done",
+                    format_time(s.paused_at),
+                    format_time(s.start_time),
+                    format_compact(s.examined),
+                    format_compact(s.to_examine),
+                    format_compact(s.issued),
+                    format_bytes_b(s.repaired),
+                    done_word,
+                    pct
+                );
+            }
+            let eta = if s.active_ms >= 1000 && rate > 0 {
                 format!("{} to go", duration(left / rate))
             } else {
                 "no estimated completion time".to_string()
             };
-            let head = if st == "paused" {
-                format!(
-                    "{f} paused since {}\n\t{f} started on {}",
-                    format_time(s.paused_at),
-                    format_time(s.start_time)
-                )
-            } else {
-                format!("{f} in progress since {}", format_time(s.start_time))
-            };
             format!(
-                "{head}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
+                "{f} in progress since {}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
+                format_time(s.start_time),
                 format_compact(s.examined),
                 format_compact(s.to_examine),
                 format_compact(rate),
                 format_compact(s.issued),
-                format_compact(s.issued / secs),
+                format_compact(per_sec(s.issued)),
                 format_bytes_b(s.repaired),
                 done_word,
                 pct,
