@@ -25,6 +25,8 @@ pub trait Pools: Send + Sync {
         verb: &str,
         force: bool,
     ) -> Result<Arc<Pool>, CmdError>;
+    /// An unavailable pool was exported or destroyed: stop remembering it.
+    fn forget(&self, _name: &str) {}
     /// True inside the daemon.
     fn is_daemon(&self) -> bool {
         false
@@ -97,12 +99,18 @@ pub fn open_from_cache(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, Cm
     let paths: Vec<PathBuf> = entry.leaves.iter().map(PathBuf::from).collect();
     let pool =
         Pool::open(&paths, Guid(entry.guid), &OpenOptions::default()).map_err(|e| match e {
-            PoolError::NotFound(_) => err(format!(
-                "no device of the pool was found at its recorded paths ({}); if the leaves moved, \
-                 import the pool again with 'cairn pool import -d DIR {name}'",
-                entry.leaves.join(", ")
-            )),
-            e => err(e.to_string()),
+            PoolError::NotFound(_) => CmdError::unavailable(
+                verb,
+                name,
+                format!(
+                    "no device of the pool was found at its recorded paths ({}); if the leaves \
+                     moved, import the pool again with 'cairn pool import -d DIR {name}'",
+                    entry.leaves.join(", ")
+                ),
+            ),
+            // Another process has it open: busy, not unavailable.
+            e @ PoolError::InUse(_) => err(e.to_string()),
+            e => CmdError::unavailable(verb, name, e),
         })?;
     let cfg = pool.config();
     let me = sd.host_id().unwrap_or(0);

@@ -50,7 +50,7 @@ pub struct Daemon {
     root: PathBuf,
     pools: Mutex<HashMap<String, Arc<Pool>>>,
     /// Pools of the cache that could not be opened at start, with the reason.
-    failed: Mutex<HashMap<String, String>>,
+    failed: Mutex<HashMap<String, (String, bool)>>,
     /// NBD connections: id -> (export, stop signal).
     conns: Mutex<HashMap<u64, (String, watch::Sender<bool>)>>,
     next_conn: AtomicU64,
@@ -87,7 +87,8 @@ impl Pools for Daemon {
         if let Some(p) = lock(&self.pools).get(name) {
             return Ok(p.clone());
         }
-        if let Some(r) = lock(&self.failed).get(name) {
+        let failed = lock(&self.failed).get(name).cloned();
+        if let Some((r, unavailable)) = failed {
             // Perhaps the devices are back: try again.
             match open_from_cache(sd, name, verb) {
                 Ok(p) => {
@@ -95,7 +96,11 @@ impl Pools for Daemon {
                     self.keep(p.clone());
                     return Ok(p);
                 }
-                Err(_) => return Err(CmdError::new(verb, name, r)),
+                Err(_) => {
+                    let mut e = CmdError::new(verb, name, r);
+                    e.unavailable = unavailable;
+                    return Err(e);
+                }
             }
         }
         Err(CmdError::new(verb, name, "no such pool"))
@@ -156,6 +161,10 @@ impl Pools for Daemon {
 
     fn is_daemon(&self) -> bool {
         true
+    }
+
+    fn forget(&self, name: &str) {
+        lock(&self.failed).remove(name);
     }
 
     fn scans(&self) -> Option<&Arc<cairn_scrub::ScanManager>> {
@@ -371,7 +380,7 @@ pub fn serve(
             Ok(p) => d.keep(Arc::new(p)),
             Err(err) => {
                 eprintln!("cairn: cannot open '{}': {}", err.name, err.reason);
-                lock(&d.failed).insert(e.name.clone(), err.reason);
+                lock(&d.failed).insert(e.name.clone(), (err.reason, err.unavailable));
             }
         }
     }

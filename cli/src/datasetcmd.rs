@@ -1,7 +1,7 @@
 //! The `cairn dataset` commands: create, list, get, set, destroy (volumes).
 
 use crate::ctx::Ctx;
-use crate::names::validate_dataset_name;
+use crate::names::{validate_dataset_name, validate_pool_name};
 use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
@@ -46,7 +46,7 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
             names,
         } => get(ctx, &flags, fields.as_deref(), &props, &names),
         DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
-        DatasetCmd::Destroy { recursive: _, name } => destroy(ctx, &name, &cmdline),
+        DatasetCmd::Destroy { recursive, name } => destroy(ctx, &name, recursive, &cmdline),
     }
 }
 
@@ -62,6 +62,11 @@ const SIZE_PROPS: &[&str] = &[
 fn reason(e: DatasetError) -> String {
     match e {
         DatasetError::Pool(p) => p.to_string(),
+        DatasetError::TooBig { needed, available } => format!(
+            "size is greater than available space ({} needed, {} available)",
+            format_compact(needed),
+            format_compact(available)
+        ),
         e => e.to_string(),
     }
 }
@@ -155,8 +160,11 @@ fn prop_value(v: &VolumeInfo, prop: &str, parsable: bool) -> Option<(String, Str
     Some((shown, src))
 }
 
+/// Volumes named (or all volumes of all pools), and the errors of those that could not be read.
+type Collected = (Vec<VolumeInfo>, Vec<CmdError>);
+
 /// Volumes named (or all volumes of all pools).
-fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo>, Vec<CmdError>> {
+fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec<CmdError>> {
     let mut out = Vec::new();
     let mut errs = Vec::new();
     if names.is_empty() {
@@ -175,6 +183,17 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo
         }
     } else {
         for n in names {
+            // A pool name is the root of its datasets: list shows its volumes.
+            if verb == "list" && !n.contains('/') && validate_pool_name(n).is_ok() {
+                match ctx.pools.get(ctx.sd, n, verb) {
+                    Ok(pool) => match ds::list(&pool) {
+                        Ok(v) => out.extend(v),
+                        Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
+                    },
+                    Err(e) => errs.push(CmdError::new(verb, n, e.reason)),
+                }
+                continue;
+            }
             let pool_name = match pool_of(n, verb) {
                 Ok(p) => p,
                 Err(mut e) => {
@@ -191,13 +210,13 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Vec<VolumeInfo
             }
         }
     }
-    if errs.is_empty() || !out.is_empty() {
-        if !errs.is_empty() {
-            for e in errs {
-                crate::errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
-            }
-        }
-        Ok(out)
+    Ok((out, errs))
+}
+
+/// What was printed succeeded; any dataset or pool that could not be read makes the exit code 1.
+fn done(errs: Vec<CmdError>) -> CmdResult {
+    if errs.is_empty() {
+        Ok(())
     } else {
         Err(errs)
     }
@@ -236,10 +255,9 @@ fn list(
                     "volume" | "all" => v = true,
                     "snapshot" | "snap" | "filesystem" => {}
                     other => {
-                        return Err(one(CmdError::new(
+                        return Err(one(CmdError::usage(
                             "list",
-                            other,
-                            "invalid type (volume, snapshot or all)",
+                            format!("invalid type '{other}' for -t (volume, snapshot or all)"),
                         )))
                     }
                 }
@@ -268,11 +286,11 @@ fn list(
                 .unwrap_or("name,used,available,referenced,mountpoint"),
         ),
     )
-    .map_err(|r| one(CmdError::new("list", "", r)))?;
-    let vols = if want_volumes {
+    .map_err(|r| one(CmdError::usage("list", r)))?;
+    let (vols, errs) = if want_volumes {
         collect(ctx, names, "list")?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     if flags.json {
         let mut m = Map::new();
@@ -293,13 +311,13 @@ fn list(
             );
         }
         ctx.print_json("cairn dataset list", "datasets", Value::Object(m));
-        return Ok(());
+        return done(errs);
     }
     if vols.is_empty() {
-        if !flags.scripted {
+        if !flags.scripted && errs.is_empty() {
             outln!(ctx, "no datasets available");
         }
-        return Ok(());
+        return done(errs);
     }
     let headers: Vec<String> = sel
         .iter()
@@ -322,7 +340,7 @@ fn list(
         }));
     }
     out!(ctx, "{}", t.render(flags.scripted));
-    Ok(())
+    done(errs)
 }
 
 fn get(
@@ -335,7 +353,10 @@ fn get(
     if names.is_empty() {
         return Err(one(CmdError::new("get", props, "missing dataset name")));
     }
-    let vols = collect(ctx, names, "get")?;
+    let (vols, errs) = collect(ctx, names, "get")?;
+    if vols.is_empty() && !errs.is_empty() {
+        return Err(errs);
+    }
     let wanted: Vec<String> = props.split(',').map(|s| s.trim().to_string()).collect();
     let mut rows: Vec<[String; 4]> = Vec::new();
     let mut jm = Map::new();
@@ -366,16 +387,17 @@ fn get(
         ctx.print_json("cairn dataset get", "datasets", Value::Object(jm));
     } else {
         let text = render_get(&rows, fields, flags.scripted)
-            .map_err(|r| one(CmdError::new("get", props, r)))?;
+            .map_err(|r| one(CmdError::usage("get", r)))?;
         out!(ctx, "{}", text);
     }
-    Ok(())
+    done(errs)
 }
 
 fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
-    let err = |r: String| one(CmdError::new("set", name, r));
+    // zfs's wording: "cannot set property for 'tank/vol': ...".
+    let err = |r: String| one(CmdError::new("set property for", name, r));
     let (k, v) = split_assignment(assignment).map_err(err)?;
-    let pool_name = pool_of(name, "set")?;
+    let pool_name = pool_of(name, "set property for")?;
     let pool = ctx.pools.get(ctx.sd, &pool_name, "set").map_err(one)?;
     ds::set(&pool, name, &k, &v).map_err(|e| err(reason(e)))?;
     pool.log_history(cmdline, &ctx.sd.hostname())
@@ -384,8 +406,11 @@ fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult 
     Ok(())
 }
 
-fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
+fn destroy(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResult {
     let err = |r: String| one(CmdError::new("destroy", name, r));
+    if !name.contains('/') && validate_pool_name(name).is_ok() {
+        return destroy_children(ctx, name, recursive, cmdline);
+    }
     let pool_name = pool_of(name, "destroy")?;
     let pool = ctx.pools.get(ctx.sd, &pool_name, "destroy").map_err(one)?;
     if ctx.pools.in_use(name) {
@@ -398,4 +423,39 @@ fn destroy(ctx: &mut Ctx, name: &str, cmdline: &str) -> CmdResult {
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+/// `destroy -r POOL`: every volume of the pool (the pool itself is `pool destroy`'s), none if one is
+/// busy.
+fn destroy_children(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResult {
+    let err = |r: String| one(CmdError::new("destroy", name, r));
+    if !recursive {
+        return Err(err(format!(
+            "a pool's root dataset cannot be destroyed: use 'cairn dataset destroy -r {name}' to \
+             destroy its volumes, or 'cairn pool destroy {name}' to destroy the pool"
+        )));
+    }
+    let pool = ctx.pools.get(ctx.sd, name, "destroy").map_err(one)?;
+    let vols = ds::list(&pool).map_err(|e| err(reason(e)))?;
+    let busy: Vec<&str> = vols
+        .iter()
+        .map(|v| v.name.as_str())
+        .filter(|n| ctx.pools.in_use(n))
+        .collect();
+    if !busy.is_empty() {
+        return Err(err(format!(
+            "dataset is busy: an NBD client is connected to {}",
+            busy.join(", ")
+        )));
+    }
+    let mut errs = Vec::new();
+    for v in &vols {
+        if let Err(e) = ds::destroy(&pool, &v.name) {
+            errs.push(CmdError::new("destroy", &v.name, reason(e)));
+        }
+    }
+    pool.log_history(cmdline, &ctx.sd.hostname())
+        .and_then(|()| pool.sync())
+        .map_err(|e| err(e.to_string()))?;
+    done(errs)
 }

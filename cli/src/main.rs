@@ -315,6 +315,11 @@ pub struct CmdError {
     pub verb: String,
     pub name: String,
     pub reason: String,
+    /// An imported pool that cannot be opened (its devices are gone or unreadable): `pool list`
+    /// shows it as UNAVAIL and `pool export`/`pool destroy -f` forget it.
+    pub unavailable: bool,
+    /// A bad command line (a column, an interval): printed as a usage error, exit 2.
+    pub usage: bool,
 }
 
 impl CmdError {
@@ -323,6 +328,24 @@ impl CmdError {
             verb: verb.to_string(),
             name: name.to_string(),
             reason: reason.to_string(),
+            unavailable: false,
+            usage: false,
+        }
+    }
+
+    /// A usage error of `cairn <family> <verb>`: `error: <reason>`, exit 2.
+    pub fn usage(verb: &str, reason: impl std::fmt::Display) -> CmdError {
+        CmdError {
+            usage: true,
+            ..CmdError::new(verb, "", reason)
+        }
+    }
+
+    /// A pool of the cache that cannot be opened.
+    pub fn unavailable(verb: &str, name: &str, reason: impl std::fmt::Display) -> CmdError {
+        CmdError {
+            unavailable: true,
+            ..CmdError::new(verb, name, reason)
         }
     }
 }
@@ -399,10 +422,20 @@ pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
     match result {
         Ok(_) => 0,
         Err(errs) => {
+            let mut code = 1;
             for e in errs {
-                errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
+                if e.usage {
+                    errln!(
+                        ctx,
+                        "error: {}\n\nFor more information, try '--help'.",
+                        e.reason
+                    );
+                    code = 2;
+                } else {
+                    errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
+                }
             }
-            1
+            code
         }
     }
 }

@@ -126,7 +126,12 @@ pub fn select_columns(all: &[&str], requested: Option<&str>) -> Result<Vec<usize
         .map(|want| {
             all.iter()
                 .position(|have| have.eq_ignore_ascii_case(want))
-                .ok_or_else(|| format!("invalid property '{want}'"))
+                .ok_or_else(|| {
+                    format!(
+                        "invalid property '{want}' for -o (valid: {})",
+                        all.join(", ")
+                    )
+                })
         })
         .collect()
 }
@@ -234,17 +239,18 @@ backup-pool   100G  1.88G  98.1G  DEGRADED
         assert_eq!(select_columns(&all, None), Ok(vec![0, 1, 2, 3]));
         assert_eq!(select_columns(&all, Some("health,NAME")), Ok(vec![3, 0]));
         assert_eq!(select_columns(&all, Some("Size,size")), Ok(vec![1, 1]));
+        let valid = " for -o (valid: name, size, alloc, health)";
         assert_eq!(
             select_columns(&all, Some("name,bogus,size")),
-            Err("invalid property 'bogus'".to_string())
+            Err(format!("invalid property 'bogus'{valid}"))
         );
         assert_eq!(
             select_columns(&all, Some("")),
-            Err("invalid property ''".to_string())
+            Err(format!("invalid property ''{valid}"))
         );
         assert_eq!(
             select_columns(&all, Some("name,")),
-            Err("invalid property ''".to_string())
+            Err(format!("invalid property ''{valid}"))
         );
     }
 

@@ -96,6 +96,13 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => {
             let p = ctx.pools.get(ctx.sd, &pool, "attach").map_err(one)?;
             let new = ctx.abs(&new);
+            refuse_active_leaves(
+                ctx,
+                "attach",
+                &new.display().to_string(),
+                std::slice::from_ref(&new),
+                Some(p.guid().0),
+            )?;
             p.attach(&existing, &new, force)
                 .map_err(|e| one(CmdError::new("attach", &new.display().to_string(), e)))?;
             log(ctx, &p, cmdline);
@@ -120,6 +127,15 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => {
             let p = ctx.pools.get(ctx.sd, &pool, "replace").map_err(one)?;
             let new = new.map(|n| ctx.abs(&n));
+            if let Some(n) = &new {
+                refuse_active_leaves(
+                    ctx,
+                    "replace",
+                    &old,
+                    std::slice::from_ref(n),
+                    Some(p.guid().0),
+                )?;
+            }
             p.replace(&old, new.as_deref(), force)
                 .map_err(|e| one(CmdError::new("replace", &old, e)))?;
             log(ctx, &p, cmdline);
@@ -315,35 +331,43 @@ pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
         ),
         "canceled" => format!("{f} canceled on {}", format_time(s.end_time)),
         st => {
-            let secs = (s.active_ms / 1000).max(1);
-            let rate = s.examined / secs;
+            // Bytes per second of scanning time (pauses excluded, rate-limit waits included).
+            let per_sec = |v: u64| (v as u128 * 1000 / s.active_ms.max(1) as u128) as u64;
+            let rate = per_sec(s.examined);
             let pct = if s.to_examine > 0 {
                 (s.examined as f64 * 100.0 / s.to_examine as f64).min(100.0)
             } else {
                 0.0
             };
             let left = s.to_examine.saturating_sub(s.examined);
-            let eta = if rate >= 1 << 20 {
+            if st == "paused" {
+                // As zpool: no rate and no time to go while nothing runs.
+                return format!(
+                    "{f} paused since {}\n\t{f} started on {}\n\t{} / {} scanned, {} issued \
+                     (every copy)\n\t{} {}, {:.2}% done",
+                    format_time(s.paused_at),
+                    format_time(s.start_time),
+                    format_compact(s.examined),
+                    format_compact(s.to_examine),
+                    format_compact(s.issued),
+                    format_bytes_b(s.repaired),
+                    done_word,
+                    pct
+                );
+            }
+            let eta = if s.active_ms >= 1000 && rate > 0 {
                 format!("{} to go", duration(left / rate))
             } else {
                 "no estimated completion time".to_string()
             };
-            let head = if st == "paused" {
-                format!(
-                    "{f} paused since {}\n\t{f} started on {}",
-                    format_time(s.paused_at),
-                    format_time(s.start_time)
-                )
-            } else {
-                format!("{f} in progress since {}", format_time(s.start_time))
-            };
             format!(
-                "{head}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
+                "{f} in progress since {}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
+                format_time(s.start_time),
                 format_compact(s.examined),
                 format_compact(s.to_examine),
                 format_compact(rate),
                 format_compact(s.issued),
-                format_compact(s.issued / secs),
+                format_compact(per_sec(s.issued)),
                 format_bytes_b(s.repaired),
                 done_word,
                 pct,
@@ -430,20 +454,46 @@ fn iostat_rows(
 }
 
 fn iostat(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, args: &[String]) -> CmdResult {
-    let bad = |m: String| one(CmdError::new("iostat", "", m));
+    let bad = |m: String| {
+        one(CmdError::usage(
+            "iostat",
+            format!("{m}\nusage: cairn pool iostat [-v] [POOL...] [INTERVAL [COUNT]]"),
+        ))
+    };
     let mut pools: Vec<String> = Vec::new();
     let mut nums: Vec<u64> = Vec::new();
     for a in args {
+        // Numbers (or what looks like one: "-1", "0.5") end the pool names.
+        let numeric = a.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.');
         match a.parse::<u64>() {
             Ok(n) => nums.push(n),
-            Err(_) if nums.is_empty() => pools.push(a.clone()),
-            Err(_) => return Err(bad(format!("bad interval or count '{a}'"))),
+            Err(_) if nums.is_empty() && !numeric => pools.push(a.clone()),
+            Err(_) if nums.is_empty() => {
+                return Err(bad(format!(
+                    "invalid interval '{a}': interval must be a positive number of seconds"
+                )))
+            }
+            Err(_) => {
+                return Err(bad(format!(
+                    "invalid count '{a}': count must be a positive number"
+                )))
+            }
         }
     }
     let interval = nums.first().copied();
     let count = nums.get(1).copied();
-    if nums.len() > 2 || interval == Some(0) {
-        return Err(bad("usage: iostat [-v] [POOL...] [INTERVAL [COUNT]]".into()));
+    if interval == Some(0) {
+        return Err(bad(
+            "invalid interval '0': interval must be a positive number".into(),
+        ));
+    }
+    if count == Some(0) {
+        return Err(bad(
+            "invalid count '0': count must be a positive number".into()
+        ));
+    }
+    if nums.len() > 2 {
+        return Err(bad(format!("too many arguments: '{}'", nums[2])));
     }
     let names = targets(ctx, &pools, "iostat")?;
     let mut opened = Vec::new();
@@ -613,6 +663,48 @@ fn remove_entry(ctx: &mut Ctx, guid: u64) -> std::io::Result<()> {
     ctx.sd.update_cache(|v| v.retain(|x| x.guid != guid))
 }
 
+/// Refuse leaves that belong to a pool imported here (in this state directory's cache), whose label
+/// says it is active and whose recorded leaves include the very file: `-f` overrides the label of an
+/// exported, destroyed or foreign pool, never a leaf in use, as zpool refuses "part of active pool".
+/// `own` is the pool being changed (its own leaves get the pool layer's more precise message).
+fn refuse_active_leaves(
+    ctx: &Ctx,
+    verb: &str,
+    name: &str,
+    leaves: &[PathBuf],
+    own: Option<u64>,
+) -> Result<(), Vec<CmdError>> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |r: String| one(CmdError::new(verb, name, r));
+    let cache = ctx.sd.load_cache().map_err(|e| err(e.to_string()))?;
+    let ident = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    for leaf in leaves {
+        let abs = ctx.abs(leaf);
+        let Some(id) = ident(&abs) else { continue };
+        let Some(lbl) = cairn_pool::pool::read_leaf_label(&abs) else {
+            continue;
+        };
+        if lbl.config.state != PoolState::Active || Some(lbl.header.pool_guid.0) == own {
+            continue;
+        }
+        let Some(entry) = cache.iter().find(|e| e.guid == lbl.header.pool_guid.0) else {
+            continue;
+        };
+        if entry
+            .leaves
+            .iter()
+            .any(|l| ident(std::path::Path::new(l)) == Some(id))
+        {
+            return Err(err(format!(
+                "{} is part of active pool '{}'",
+                leaf.display(),
+                entry.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn create(
     ctx: &mut Ctx,
     force: bool,
@@ -625,10 +717,20 @@ fn create(
     let err = |r: String| one(CmdError::new("create", name, r));
     validate_pool_name(name).map_err(|r| err(format!("invalid pool name: {r}")))?;
     let specs = specs(ctx, vdevs).map_err(err)?;
+    let all: Vec<PathBuf> = specs.iter().flat_map(|s| s.leaves.clone()).collect();
+    refuse_active_leaves(ctx, "create", name, &all, None)?;
     let create_size = size
         .map(parse_size)
         .transpose()
         .map_err(|r| err(format!("invalid --size: {r}")))?;
+    // A file's length is a signed 64-bit number: 8E and more cannot be a file's size.
+    if let (Some(sz), Some(text)) = (create_size, size) {
+        if sz > i64::MAX as u64 {
+            return Err(err(format!(
+                "invalid --size '{text}': larger than the largest possible file (8E minus 1 byte)"
+            )));
+        }
+    }
     let props = props
         .iter()
         .map(|p| parse_assignment(p))
@@ -683,21 +785,37 @@ const LIST_DEFAULT: &str = "name,size,alloc,free,ckpoint,expandsz,frag,cap,dedup
 
 fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) -> CmdResult {
     let sel = select_columns(LIST_COLS, Some(cols.unwrap_or(LIST_DEFAULT)))
-        .map_err(|r| one(CmdError::new("list", "", r)))?;
+        .map_err(|r| one(CmdError::usage("list", r)))?;
     let names = targets(ctx, pools, "list")?;
     let mut errs = Vec::new();
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut json_pools = Map::new();
+    let cache = ctx.sd.load_cache().unwrap_or_default();
     for n in &names {
         let st = match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => p.status(),
+            // Imported but its devices cannot be opened: listed as UNAVAIL, as zpool does.
+            Err(e) if e.unavailable => {
+                let mut st = PoolStatus {
+                    name: n.clone(),
+                    state: "UNAVAIL".into(),
+                    ..PoolStatus::default()
+                };
+                if let Some(c) = cache.iter().find(|c| &c.name == n) {
+                    st.pool_guid = c.guid;
+                }
+                st
+            }
             Err(e) => {
                 errs.push(e);
                 continue;
             }
         };
+        let unavail = st.size == 0 && st.state == "UNAVAIL";
         let num = |v: u64| {
-            if flags.parsable {
+            if unavail {
+                "-".to_string()
+            } else if flags.parsable {
                 v.to_string()
             } else {
                 format_compact(v)
@@ -712,12 +830,21 @@ fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
             "-".into(),
             "-".into(),
             "-".into(),
-            if flags.parsable {
+            if unavail {
+                "-".to_string()
+            } else if flags.parsable {
                 cap.to_string()
             } else {
                 format!("{cap}%")
             },
-            if flags.parsable { "1.00" } else { "1.00x" }.into(),
+            if unavail {
+                "-"
+            } else if flags.parsable {
+                "1.00"
+            } else {
+                "1.00x"
+            }
+            .into(),
             st.state.clone(),
             "-".into(),
             st.pool_guid.to_string(),
@@ -1121,10 +1248,70 @@ fn import_cmd(
     Ok(ExitCode::SUCCESS)
 }
 
+/// No leaf at the recorded paths carries the pool's label any more (deleted, or overwritten).
+fn devices_gone(guid: u64, leaves: &[String]) -> bool {
+    let paths: Vec<PathBuf> = leaves.iter().map(PathBuf::from).collect();
+    !import::scan(&paths).iter().any(|c| c.guid().0 == guid)
+}
+
+/// Export or destroy -f of a pool whose devices are gone: nothing can be written, so the pool is
+/// only forgotten (taken from the daemon if it holds it, removed from the state directory).
+fn forget_unavailable(ctx: &mut Ctx, name: &str, verb: &str, guid: Option<u64>) -> CmdResult {
+    let err = |r: String| one(CmdError::new(verb, name, r));
+    let _ = ctx.pools.take(ctx.sd, name, verb, true);
+    if let Some(g) = guid {
+        remove_entry(ctx, g).map_err(|e| err(e.to_string()))?;
+    }
+    ctx.pools.forget(name);
+    if verb == "destroy" {
+        errln!(
+            ctx,
+            "warning: '{name}' is unavailable: it was removed from this system, but its devices \
+             (if they come back) were not marked destroyed"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn export(ctx: &mut Ctx, name: &str, cmdline: &str, destroy: bool, force: bool) -> CmdResult {
     let verb = if destroy { "destroy" } else { "export" };
-    let pool = ctx.pools.take(ctx.sd, name, verb, force).map_err(one)?;
     let err = |r: String| one(CmdError::new(verb, name, r));
+    let unavailable_hint = |reason: &str| {
+        format!(
+            "{reason}; the pool is unavailable: use 'cairn pool destroy -f {name}' or 'cairn pool \
+             export {name}' to remove it from this system"
+        )
+    };
+    let entry = ctx
+        .sd
+        .load_cache()
+        .map_err(|e| err(e.to_string()))?
+        .into_iter()
+        .find(|x| x.name == name);
+    // Devices deleted (with or without a daemon holding the pool open): export forgets the pool,
+    // destroy needs -f since it cannot mark the labels destroyed.
+    if let Some(e) = entry.as_ref().filter(|e| devices_gone(e.guid, &e.leaves)) {
+        if destroy && !force {
+            return Err(err(unavailable_hint(&format!(
+                "no device of the pool was found at its recorded paths ({})",
+                e.leaves.join(", ")
+            ))));
+        }
+        return forget_unavailable(ctx, name, verb, Some(e.guid));
+    }
+    let pool = match ctx.pools.take(ctx.sd, name, verb, force) {
+        Ok(p) => p,
+        // Devices there but the pool cannot be opened (a whole top-level vdev missing, damage).
+        Err(e) if e.unavailable && (!destroy || force) => {
+            return forget_unavailable(ctx, name, verb, entry.map(|e| e.guid));
+        }
+        Err(mut e) => {
+            if e.unavailable {
+                e.reason = unavailable_hint(&e.reason);
+            }
+            return Err(one(e));
+        }
+    };
     let guid = pool.guid().0;
     if !destroy {
         pool.log_history(cmdline, &ctx.sd.hostname())
@@ -1144,6 +1331,8 @@ fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) 
     let err = |r: String| one(CmdError::new("add", name, r));
     let specs = specs(ctx, vdevs).map_err(err)?;
     let pool = ctx.pools.get(ctx.sd, name, "add").map_err(one)?;
+    let all: Vec<PathBuf> = specs.iter().flat_map(|s| s.leaves.clone()).collect();
+    refuse_active_leaves(ctx, "add", name, &all, Some(pool.guid().0))?;
     let opts = CreateOptions {
         force,
         create_size: None,
@@ -1211,7 +1400,7 @@ fn get(
         ctx.print_json("cairn pool get", "pools", Value::Object(jp));
     } else if !rows.is_empty() {
         let text = render_get(&rows, fields, flags.scripted)
-            .map_err(|r| one(CmdError::new("get", props, r)))?;
+            .map_err(|r| one(CmdError::usage("get", r)))?;
         out!(ctx, "{}", text);
     }
     if errs.is_empty() {

@@ -41,6 +41,9 @@ pub enum DatasetError {
     ReadOnly,
     #[error("out of space")]
     NoSpace,
+    /// A reservation (refreservation, or volsize of a thick volume) larger than the pool can keep.
+    #[error("size is greater than available space ({needed} bytes needed, {available} available)")]
+    TooBig { needed: u64, available: u64 },
     #[error("request beyond the end of the volume ({end} > {size})")]
     OutOfRange { end: u64, size: u64 },
 }
@@ -400,9 +403,10 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
                 let (_, _, used, _) = pool.object_info(rec.object)?;
                 let free_now = size.saturating_sub(alloc + slop + others);
                 if newres > rec.refreservation && newres.saturating_sub(used) > free_now {
-                    return Err(DatasetError::Invalid(format!(
-                        "out of space: volsize {n} needs a reservation of {newres} bytes"
-                    )));
+                    return Err(DatasetError::TooBig {
+                        needed: newres.saturating_sub(used),
+                        available: free_now,
+                    });
                 }
                 rec.refreservation = newres;
             }
@@ -421,13 +425,26 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
         }
         "checksum" => check_checksum(value)?,
         "refreservation" => {
-            rec.refreservation = if value == "none" {
+            let r: u64 = if value == "none" {
                 0
             } else {
                 value.parse().map_err(|_| {
                     DatasetError::Invalid(format!("bad value '{value}' for refreservation"))
                 })?
             };
+            // Growing the reservation needs its unused part free beside the others' (as zfs).
+            if r > rec.refreservation {
+                let (size, alloc, slop) = pool.space();
+                let (_, _, used, _) = pool.object_info(rec.object)?;
+                let free_now = size.saturating_sub(alloc + slop + others);
+                if r.saturating_sub(used) > free_now {
+                    return Err(DatasetError::TooBig {
+                        needed: r.saturating_sub(used),
+                        available: free_now,
+                    });
+                }
+            }
+            rec.refreservation = r;
         }
         "type" | "creation" | "used" | "available" | "referenced" | "guid" => {
             return Err(DatasetError::Invalid(format!(

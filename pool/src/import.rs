@@ -68,7 +68,13 @@ impl ImportCandidate {
                         phys_path: Some(lc.identity.phys_path.clone()),
                         devid: Some(lc.identity.devid.clone()),
                         state: if f.is_some() { "ONLINE" } else { "UNAVAIL" }.into(),
-                        reason: f.is_none().then(|| "cannot open".into()),
+                        reason: f.is_none().then(|| {
+                            crate::pool::missing_leaf_reason(
+                                &lc.identity.path,
+                                self.guid(),
+                                lc.guid,
+                            )
+                        }),
                         ..VdevStatus::default()
                     }
                 })

@@ -140,7 +140,7 @@ impl VdevStatus {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct PoolStatus {
     pub name: String,
     pub pool_guid: u64,
@@ -800,7 +800,7 @@ impl Pool {
                     reasons
                         .get(&lc.guid)
                         .cloned()
-                        .unwrap_or_else(|| "cannot open".into()),
+                        .unwrap_or_else(|| missing_leaf_reason(&lc.identity.path, guid, lc.guid)),
                 ),
             ),
         });
@@ -1065,8 +1065,22 @@ impl Pool {
     }
 
     pub fn status(&self) -> PoolStatus {
-        let g = self.lock();
-        g.status()
+        let mut g = self.lock();
+        // A device deleted or replaced since the last commit shows now, not at the next write.
+        for (_, lv) in g.tree.leaves() {
+            lv.check_device();
+        }
+        let mut st = g.status();
+        // Errors no replica could serve count up the tree, as zpool's: on the mirror or stripe
+        // holding the block (a single leaf counted it itself) and on the pool.
+        let per_top = g.unrecoverable_per_top();
+        for (t, row) in g.tree.tops.iter().zip(st.root.children.iter_mut()) {
+            if t.kind != TopKind::Single {
+                row.checksum_errors += per_top.get(&t.id).copied().unwrap_or(0);
+            }
+        }
+        st.root.checksum_errors += st.error_count;
+        st
     }
 
     pub fn state(&self) -> VdevState {
@@ -1986,6 +2000,37 @@ impl Inner {
         Ok(())
     }
 
+    /// Permanent errors per top-level vdev id: the blocks of the error log with a copy on it
+    /// (blocks whose pointer cannot be read any more count on no vdev).
+    fn unrecoverable_per_top(&mut self) -> HashMap<u32, u64> {
+        let mut per_top: HashMap<u32, u64> = HashMap::new();
+        let list: Vec<(u64, u64)> = lock(&self.errlog).iter().copied().collect();
+        if list.is_empty() {
+            return per_top;
+        }
+        let vdevs = self.tree.tops.clone();
+        for (obj, blkid) in list {
+            let Ok(o) = self.mos.obj(&vdevs, obj) else {
+                continue;
+            };
+            let Ok(bp) = o.block_pointer(&vdevs, blkid) else {
+                continue;
+            };
+            let mut tops: Vec<u32> = bp
+                .dvas
+                .iter()
+                .filter(|d| !d.is_empty())
+                .map(|d| d.vdev)
+                .collect();
+            tops.sort_unstable();
+            tops.dedup();
+            for t in tops {
+                *per_top.entry(t).or_default() += 1;
+            }
+        }
+        per_top
+    }
+
     fn status(&self) -> PoolStatus {
         let mut tops = Vec::new();
         for t in &self.tree.tops {
@@ -2060,13 +2105,18 @@ impl Inner {
             .tree
             .leaves()
             .any(|(_, l)| l.state() == VdevState::Faulted);
+        let bad_label = self.tree.leaves().any(|(_, l)| {
+            lock(&l.reason)
+                .as_deref()
+                .is_some_and(|r| r.starts_with("corrupted data"))
+        });
         let s = |x: &str| Some(x.to_string());
         let (status, action) = if error_count > 0 {
             (
                 s("One or more devices has experienced an error resulting in data corruption. \
                    Applications may be affected."),
                 s("Restore the data in question if possible (rewriting a block clears its error), \
-                   or restore the pool from backup. Use '-v' for the list of errors."),
+                   or restore the pool from backup."),
             )
         } else {
             match st {
@@ -2090,6 +2140,12 @@ impl Inner {
                        degraded state."),
                     s("Online the device using 'cairn pool online' or replace the device with \
                        'cairn pool replace'."),
+                ),
+                VdevState::Degraded if bad_label => (
+                    s("One or more devices could not be used because the label is missing or \
+                       invalid. Sufficient replicas exist for the pool to continue functioning in \
+                       a degraded state."),
+                    s("Replace the device using 'cairn pool replace'."),
                 ),
                 VdevState::Degraded => (
                     s("One or more devices could not be opened or are not healthy. Sufficient \
@@ -2133,6 +2189,27 @@ impl Inner {
                 tops,
             ),
         }
+    }
+}
+
+/// Why a leaf of pool `pool` was not found at `path`: the file is missing ("cannot open"), or it is
+/// there without a label of this pool (zeroed, damaged or overwritten: "corrupted data").
+pub fn missing_leaf_reason(path: &str, pool: Guid, leaf: Guid) -> String {
+    let p = Path::new(path);
+    if std::fs::metadata(p).is_err() {
+        return "cannot open".into();
+    }
+    match read_leaf_label(p) {
+        None => "corrupted data: missing or invalid label".into(),
+        Some(l) if l.header.pool_guid != pool => format!(
+            "corrupted data: the device now carries a label of pool '{}'",
+            l.config.name
+        ),
+        Some(l) if l.header.leaf_guid != leaf => {
+            "corrupted data: the label is not this leaf's".into()
+        }
+        // Its label is fine: it was only not among the devices searched or given.
+        Some(_) => "cannot open".into(),
     }
 }
 

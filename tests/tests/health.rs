@@ -597,6 +597,12 @@ fn a_block_bad_on_both_copies_fails_alone_and_is_listed_until_rewritten() {
         stv.contains("errors: Permanent errors have been detected in the following datasets:"),
         "{stv}"
     );
+    // -v was given: no hint to use it.
+    assert!(!stv.contains("'-v'"), "{stv}");
+    assert!(
+        !st.contains("Use '-v'"),
+        "the hint is on the errors: line only:\n{st}"
+    );
     let entry = format!("tank/vol: offset {x} (16K block)");
     assert!(
         stv.lines().any(|l| l.trim() == entry),
@@ -618,6 +624,23 @@ fn a_block_bad_on_both_copies_fails_alone_and_is_listed_until_rewritten() {
             assert_eq!(c[n], (0, 0, 0, 0), "leaf {n} saw no error: {c:?}");
         }
     }
+    // The error no replica could serve counts up the tree (as zpool's): on its mirror and on the
+    // pool, not on the other mirror.
+    let (bad, good) = if sorted == ["a", "b"] {
+        ("mirror-0", "mirror-1")
+    } else {
+        ("mirror-1", "mirror-0")
+    };
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert_eq!(row(&st, "tank")[4], "1", "{st}");
+    assert_eq!(row(&st, bad)[4], "1", "{st}");
+    assert_eq!(row(&st, good)[4], "0", "{st}");
+    let j = env.status_json("tank");
+    assert_eq!(j["vdevs"]["tank"]["checksum_errors"], "1", "{j}");
+    assert_eq!(
+        j["vdevs"]["tank"]["vdevs"][bad]["checksum_errors"], "1",
+        "{j}"
+    );
 
     // The error list is kept in the pool: it survives a restart, and an export and import.
     d.stop();

@@ -618,8 +618,11 @@ fn leaves_moved_while_imported_are_found_again_by_import() {
     // The pool cannot be opened at its recorded paths; the message says what to do.
     let e = env.fail(&["pool", "status", "tank"]);
     assert_cannot(&e, "open", "tank", &[&env.p("a"), "import"]);
-    let e = env.fail(&["pool", "list"]);
-    assert_cannot(&e, "open", "tank", &[]);
+    // list shows it UNAVAIL (as zpool lists a pool it cannot open).
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,health"]),
+        "tank\tUNAVAIL\n"
+    );
     env.ok(&["pool", "import", "-d", new.to_str().unwrap(), "tank"]);
     assert_eq!(env.pool_names(), ["tank"]);
     assert_eq!(env.pool_health("tank"), "ONLINE");
@@ -1020,6 +1023,28 @@ fn create_refuses_a_missing_leaf_without_size() {
 }
 
 #[test]
+fn create_with_a_size_too_large_for_a_file_leaves_nothing_behind() {
+    let env = Env::new();
+    // The file system refuses a file of 1E: the files the command created are removed.
+    let e = try_create(&env, Some("1E"), false, "tank", &["mirror", "a", "b"]);
+    assert_cannot(
+        &e,
+        "create",
+        "tank",
+        &[&env.p("a"), "1152921504606846976 bytes"],
+    );
+    assert_nothing_created(&env, &["a", "b"]);
+    // 8E is no possible file size at all: said so, naming the size.
+    let e = try_create(&env, Some("8E"), false, "tank", &["mirror", "a", "b"]);
+    assert_cannot(&e, "create", "tank", &["'8E'", "largest possible file"]);
+    assert!(!e.contains("integral type"), "{e}");
+    assert_nothing_created(&env, &["a", "b"]);
+    // A retry with a sensible size works.
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    assert_eq!(env.pool_health("tank"), "ONLINE");
+}
+
+#[test]
 fn create_refuses_leaves_smaller_than_64m() {
     let env = Env::new();
     env.sparse("small", 32 * MIB);
@@ -1233,7 +1258,7 @@ fn create_refuses_a_leaf_of_an_imported_pool_without_f() {
     let before = label_area(&env.path("a"));
 
     let e = try_create(&env, Some("128M"), false, "new", &["mirror", "c", "a"]);
-    assert_cannot(&e, "create", "new", &[&env.p("a"), "pool 'old'", "-f"]);
+    assert_cannot(&e, "create", "new", &[&env.p("a"), "active pool 'old'"]);
     assert!(!env.path("c").exists(), "c must not have been created");
     assert_eq!(label_area(&env.path("a")), before);
     assert_eq!(env.pool_names(), ["old"], "the other pool is untouched");
@@ -1244,22 +1269,49 @@ fn create_refuses_a_leaf_of_an_imported_pool_without_f() {
     assert_cannot(&e, "create", "new", &["pool 'old'"]);
     assert_eq!(label_area(&env.path("a")), before);
 
-    // -f is allowed while the pool is not held open (there is no daemon).
+    // -f does not override a pool that is imported (active), even with no daemon holding it open.
     env.sparse("c", 128 * MIB);
-    env.ok(&[
-        "pool",
+    let e = try_create(&env, None, true, "new", &["mirror", "c", "a"]);
+    assert_cannot(
+        &e,
         "create",
-        "-f",
         "new",
-        "mirror",
-        &env.p("c"),
-        &env.p("a"),
-    ]);
-    assert!(env.pool_names().contains(&"new".to_string()));
-    assert_eq!(
-        env.ok(&["pool", "list", "-H", "-o", "name,health", "new"]),
-        "new\tONLINE\n"
+        &[&env.p("a"), "part of active pool 'old'"],
     );
+    assert_eq!(label_area(&env.path("a")), before);
+    assert_eq!(env.pool_names(), ["old"]);
+    assert_eq!(env.pool_health("old"), "ONLINE");
+}
+
+#[test]
+fn f_never_takes_a_leaf_of_an_active_pool() {
+    let env = Env::new();
+    create(&env, "128M", "p1", &["mirror", "a", "b"]);
+    create(&env, "128M", "p2", &["c"]);
+    let before = label_area(&env.path("a"));
+    let (a, c) = (env.p("a"), env.p("c"));
+
+    // create -f, add -f, attach -f, replace -f: all refused, nothing changed.
+    let e = try_create(&env, None, true, "p3", &["a"]);
+    assert_cannot(&e, "create", "p3", &[&a, "part of active pool 'p1'"]);
+    assert!(!env.pool_names().contains(&"p3".to_string()));
+    let e = env.fail(&["pool", "add", "-f", "p2", &a]);
+    assert_cannot(&e, "add", "p2", &[&a, "part of active pool 'p1'"]);
+    let e = env.fail(&["pool", "attach", "-f", "p2", &c, &a]);
+    assert_cannot(&e, "attach", &a, &["part of active pool 'p1'"]);
+    env.sparse("d", 128 * MIB);
+    env.ok(&["pool", "attach", "p2", &c, &env.p("d")]);
+    let e = env.fail(&["pool", "replace", "-f", "p2", &env.p("d"), &a]);
+    assert_cannot(&e, "replace", &env.p("d"), &["part of active pool 'p1'"]);
+    assert_eq!(label_area(&env.path("a")), before);
+    assert_eq!(env.pool_health("p1"), "ONLINE");
+    let st = env.ok(&["pool", "status", "p2"]);
+    assert!(!st.contains("\ta ") && !st.contains(" a "), "{st}");
+
+    // Once p1 is exported, -f may take its leaf (as zpool allows).
+    env.ok(&["pool", "export", "p1"]);
+    env.ok(&["pool", "create", "-f", "p3", &a]);
+    assert_eq!(env.pool_health("p3"), "ONLINE");
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1592,6 +1644,184 @@ fn import_errors() {
     env.ok(&["pool", "import", "-d", &d, "tank"]);
 }
 
+/// One property of a dataset, exact (`dataset get -H -p -o value`).
+fn ds_value(env: &Env, ds: &str, prop: &str) -> String {
+    env.ok(&["dataset", "get", "-H", "-p", "-o", "value", prop, ds])
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn reservations_larger_than_the_pool_are_refused() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    // A thick volume larger than the pool: refused, nothing created.
+    let e = env.fail(&["dataset", "create", "-V", "100G", "tank/big"]);
+    assert_cannot(&e, "create", "tank/big", &["out of space"]);
+    assert!(!env.ok(&["dataset", "list", "-H"]).contains("tank/big"));
+
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    env.ok(&["dataset", "create", "-s", "-V", "100G", "tank/thin"]);
+    let res = ds_value(&env, "tank/vol", "refreservation");
+    for (ds, assignment) in [
+        ("tank/vol", "refreservation=100G"),
+        ("tank/thin", "refreservation=100G"),
+        ("tank/vol", "volsize=100G"),
+        ("tank/vol", "volsize=1G"),
+    ] {
+        let e = env.fail(&["dataset", "set", assignment, ds]);
+        assert_cannot(
+            &e,
+            "set property for",
+            ds,
+            &["size is greater than available space"],
+        );
+    }
+    assert_eq!(ds_value(&env, "tank/vol", "refreservation"), res);
+    assert_eq!(
+        ds_value(&env, "tank/vol", "volsize"),
+        (16 * MIB).to_string()
+    );
+    assert_eq!(ds_value(&env, "tank/thin", "refreservation"), "none");
+    // What fits is accepted; lowering always is.
+    env.ok(&["dataset", "set", "refreservation=32M", "tank/thin"]);
+    assert_eq!(
+        ds_value(&env, "tank/thin", "refreservation"),
+        (32 * MIB).to_string()
+    );
+    env.ok(&["dataset", "set", "refreservation=none", "tank/thin"]);
+    env.ok(&["dataset", "set", "volsize=32M", "tank/vol"]);
+}
+
+#[test]
+fn a_pool_whose_leaves_were_deleted_is_unavail_and_can_be_forgotten() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    create(&env, "128M", "p2", &["c"]);
+    env.ok(&["dataset", "create", "-V", "16M", "p2/vol"]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    std::fs::remove_file(env.path("a")).unwrap();
+    std::fs::remove_file(env.path("b")).unwrap();
+
+    // Listed as UNAVAIL with exit 0, the healthy pool beside it.
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,size,health"]),
+        "p2\t124M\tONLINE\ntank\t-\tUNAVAIL\n"
+    );
+    assert_eq!(env.pool_health("tank"), "UNAVAIL");
+    // dataset list prints what it can read and says (exit 1) what it could not.
+    let o = env.run(&["dataset", "list", "-H", "-o", "name"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(o.stdout, "p2/vol\n");
+    assert!(o.stderr.contains("cannot list 'tank'"), "{}", o.stderr);
+
+    // destroy without -f cannot mark the labels destroyed: refused, with the way out.
+    let e = env.fail(&["pool", "destroy", "tank"]);
+    assert_cannot(&e, "destroy", "tank", &["unavailable", "-f"]);
+    assert_eq!(env.pool_names(), ["p2", "tank"]);
+    // export forgets it.
+    env.ok(&["pool", "export", "tank"]);
+    assert_eq!(env.pool_names(), ["p2"]);
+    assert_eq!(env.ok(&["dataset", "list", "-H", "-o", "name"]), "p2/vol\n");
+
+    // The same with a daemon holding the pool open when its leaves go; destroy -f forgets it.
+    let _d = env.serve();
+    std::fs::remove_file(env.path("c")).unwrap();
+    assert_eq!(
+        env.ok(&["pool", "list", "-H", "-o", "name,health"]),
+        "p2\tUNAVAIL\n"
+    );
+    let e = env.fail(&["pool", "destroy", "p2"]);
+    assert_cannot(&e, "destroy", "p2", &["unavailable", "-f"]);
+    env.ok(&["pool", "destroy", "-f", "p2"]);
+    assert!(env.pool_names().is_empty());
+    assert_eq!(env.ok(&["pool", "list"]).trim(), "no pools available");
+}
+
+#[test]
+fn a_pool_name_is_the_root_of_its_datasets() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b"]);
+    create(&env, "128M", "other", &["c"]);
+    for v in ["tank/v1", "tank/v2", "other/keep"] {
+        env.ok(&["dataset", "create", "-s", "-V", "16M", v]);
+    }
+    // list POOL and list -r POOL show the pool's volumes.
+    for args in [
+        &["dataset", "list", "-H", "-o", "name", "tank"][..],
+        &["dataset", "list", "-r", "-H", "-o", "name", "tank"],
+    ] {
+        assert_eq!(env.ok(args), "tank/v1\ntank/v2\n", "{args:?}");
+    }
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name", "other", "tank/v2"]),
+        "other/keep\ntank/v2\n"
+    );
+    let o = env.run(&["dataset", "list", "nopool"]);
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_cannot(&o.stderr, "list", "nopool", &["no such pool"]);
+
+    // destroy POOL without -r: the pool's root cannot go; nothing changes.
+    let e = env.fail(&["dataset", "destroy", "tank"]);
+    assert_cannot(&e, "destroy", "tank", &["destroy -r", "pool destroy"]);
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name", "tank"]),
+        "tank/v1\ntank/v2\n"
+    );
+    // destroy -r POOL destroys its volumes and leaves the pool and the other pools alone.
+    env.ok(&["dataset", "destroy", "-r", "tank"]);
+    assert_eq!(env.ok(&["dataset", "list", "-H", "-o", "name", "tank"]), "");
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name"]),
+        "other/keep\n"
+    );
+    assert_eq!(env.pool_names(), ["other", "tank"]);
+    env.ok(&["dataset", "destroy", "-r", "tank"]);
+}
+
+/// Zeroes the four labels of a leaf (what `labelclear` would do).
+fn zero_labels(path: &Path) {
+    let len = std::fs::metadata(path).unwrap().len() / LABEL * LABEL;
+    for off in [0, LABEL, len - 2 * LABEL, len - LABEL] {
+        scribble(path, off, LABEL, Some(0), 0);
+    }
+}
+
+#[test]
+fn a_leaf_without_labels_is_corrupted_data_not_cannot_open() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["mirror", "a", "b", "c"]);
+    zero_labels(&env.path("b"));
+    std::fs::remove_file(env.path("c")).unwrap();
+    let reason = |text: &str, leaf: &str| -> String {
+        let l = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(leaf))
+            .unwrap_or_else(|| panic!("no row {leaf}:\n{text}"));
+        l.to_string()
+    };
+    let st = env.ok(&["pool", "status", "tank"]);
+    let b = reason(&st, "b");
+    assert!(
+        b.contains("UNAVAIL") && b.contains("corrupted data"),
+        "{st}"
+    );
+    assert!(b.contains("missing or invalid label"), "{st}");
+    assert!(!b.contains("cannot open"), "{st}");
+    let c = reason(&st, "c");
+    assert!(c.contains("UNAVAIL") && c.contains("cannot open"), "{st}");
+    assert!(st.contains("label is missing or invalid"), "{st}");
+
+    // The import listing tells the two apart the same way.
+    env.ok(&["pool", "export", "tank"]);
+    let listing = env.importable(&[env.dir()]);
+    assert!(
+        reason(&listing, "b").contains("missing or invalid label"),
+        "{listing}"
+    );
+    assert!(reason(&listing, "c").contains("cannot open"), "{listing}");
+}
+
 #[test]
 fn usage_errors_exit_2() {
     let env = Env::new();
@@ -1607,6 +1837,53 @@ fn usage_errors_exit_2() {
         assert!(!o.stderr.is_empty());
     }
     assert!(env.pool_names().is_empty());
+}
+
+#[test]
+fn bad_columns_and_intervals_are_usage_errors() {
+    let env = Env::new();
+    create(&env, "128M", "tank", &["c"]);
+    for (args, needle) in [
+        (
+            &["pool", "list", "-o", "name,bogus"][..],
+            "invalid property 'bogus'",
+        ),
+        (
+            &["pool", "list", "-o", "name,", "tank"],
+            "invalid property ''",
+        ),
+        (
+            &["dataset", "list", "-o", "bogus"],
+            "invalid property 'bogus'",
+        ),
+        (&["dataset", "list", "-t", "bogus"], "invalid type 'bogus'"),
+        (
+            &["pool", "get", "-o", "bogus", "size", "tank"],
+            "invalid field 'bogus'",
+        ),
+        (
+            &["pool", "iostat", "tank", "0", "1"],
+            "interval must be a positive number",
+        ),
+        (
+            &["pool", "iostat", "0"],
+            "interval must be a positive number",
+        ),
+        (&["pool", "iostat", "tank", "1.5"], "invalid interval '1.5'"),
+        (
+            &["pool", "iostat", "tank", "1", "0"],
+            "count must be a positive number",
+        ),
+        (&["pool", "iostat", "tank", "1", "x"], "invalid count 'x'"),
+        (&["pool", "iostat", "tank", "1", "2", "3"], "too many"),
+    ] {
+        let o = env.run(args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(needle), "{args:?}: {}", o.stderr);
+        assert!(!o.stderr.contains("cannot"), "{args:?}: {}", o.stderr);
+        assert!(o.stdout.is_empty(), "{args:?}: {}", o.stdout);
+    }
+    env.ok(&["pool", "iostat", "tank", "1", "1"]);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1646,7 +1923,7 @@ fn a_pool_held_open_is_refused_even_with_f() {
     env.ok(&["pool", "import", "-d", &d, "tank"]);
     let lock = hold_open(&env.path("b"));
     let e = try_create(&env, Some("128M"), true, "new", &["mirror", "b", "c"]);
-    assert_cannot(&e, "create", "new", &["in use"]);
+    assert_cannot(&e, "create", "new", &["part of active pool 'tank'"]);
     assert!(!env.path("c").exists());
     let e = env.fail(&["pool", "export", "tank"]);
     assert_cannot(&e, "export", "tank", &["in use"]);

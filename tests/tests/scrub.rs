@@ -220,6 +220,26 @@ fn status(env: &Env, verbose: bool) -> String {
 }
 
 /// The `scan:` part of `pool status tank` (from `  scan:` up to `config:`).
+/// The issued rate of a running scan's text (`... issued (every copy) at 15.9M/s`), in bytes/s.
+fn issued_rate(text: &str) -> u64 {
+    let r = text
+        .split(" issued (every copy) at ")
+        .nth(1)
+        .and_then(|t| t.split("/s").next())
+        .unwrap_or_else(|| panic!("no issued rate in:\n{text}"));
+    let (num, mult) = match r.chars().last() {
+        Some(c @ ('K' | 'M' | 'G' | 'T')) => (
+            &r[..r.len() - 1],
+            1u64 << (10 * (1 + "KMGT".find(c).unwrap() as u32)),
+        ),
+        _ => (r, 1),
+    };
+    let v: f64 = num
+        .parse()
+        .unwrap_or_else(|_| panic!("bad rate {r:?}:\n{text}"));
+    (v * mult as f64) as u64
+}
+
 fn scan_text(env: &Env) -> String {
     let s = status(env, false);
     let start = s
@@ -615,6 +635,14 @@ fn a_paused_scrub_survives_sigkill_and_resumes_where_it_was() {
         Duration::from_secs(20),
         || scan_num(&env, "examined") >= 40 * MIB,
     );
+    // The rate shown is what the limit lets through (the waits count as scanning time), not the
+    // speed of the bursts between them.
+    let t = scan_text(&env);
+    let rate = issued_rate(&t);
+    assert!(
+        (4 * MIB..=32 * MIB).contains(&rate),
+        "issued at {rate} B/s under a 16M/s limit:\n{t}"
+    );
     env.ok(&["pool", "scrub", "-p", "tank"]);
     let s = scan(&env);
     assert_eq!(
@@ -630,6 +658,12 @@ fn a_paused_scrub_survives_sigkill_and_resumes_where_it_was() {
     let t = scan_text(&env);
     assert!(
         t.contains("scrub paused since ") && t.contains("scrub started on "),
+        "{t}"
+    );
+    // Nothing runs: no rate, no time to go (as zpool).
+    assert!(t.contains(" scanned, ") && t.contains("% done"), "{t}");
+    assert!(
+        !t.contains("/s") && !t.contains("to go") && !t.contains("estimated"),
         "{t}"
     );
     // Paused means paused.

@@ -379,7 +379,20 @@ impl FileLeaf {
             .create_new(true)
             .open(path)
             .map_err(open_err)?;
-        file.set_len(size).map_err(open_err)?;
+        // A file we created and could not size is removed: a failed create leaves nothing behind.
+        if let Err(e) = file.set_len(size) {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            let why = if e.raw_os_error() == Some(libc::EFBIG) {
+                "the file system does not allow a file that large".to_string()
+            } else {
+                e.to_string()
+            };
+            return Err(open_err(io::Error::new(
+                e.kind(),
+                format!("cannot create a sparse file of {size} bytes: {why}"),
+            )));
+        }
         Ok(())
     }
 
