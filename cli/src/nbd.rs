@@ -101,6 +101,10 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const INLINE_MAX: usize = 64 << 10;
 
 const META_ID: u32 = 1;
+/// A block status reply describes at most this many extents...
+const MAX_STATUS_EXTENTS: usize = 4096;
+/// ...and looks at most this many allocated blocks (its cost is bounded on any volume size).
+const MAX_STATUS_BLOCKS: usize = 4096;
 
 /// What the server needs from the daemon.
 pub trait Exports: Send + Sync + 'static {
@@ -552,12 +556,16 @@ fn execute(vol: &Volume, r: &Req, data: &[u8]) -> Result<Out, (u32, String)> {
             Ok(Out::Done)
         }
         CMD_BLOCK_STATUS => {
-            let ext = vol.map(r.offset, r.len as u64).map_err(rd)?;
+            // A prefix of the range is a valid answer: the client asks again from where it ends.
+            let ext = vol
+                .map(r.offset, r.len as u64, MAX_STATUS_BLOCKS)
+                .map_err(rd)?;
             let mut p = META_ID.to_be_bytes().to_vec();
-            for e in ext
-                .iter()
-                .take(if r.flags & CMDF_REQ_ONE != 0 { 1 } else { 4096 })
-            {
+            for e in ext.iter().take(if r.flags & CMDF_REQ_ONE != 0 {
+                1
+            } else {
+                MAX_STATUS_EXTENTS
+            }) {
                 let flags = if e.allocated {
                     0
                 } else {
@@ -629,8 +637,6 @@ pub async fn serve_conn<S>(
         let _ = wr.shutdown().await;
     });
     let sem = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let size = neg.vol.size();
-    let readonly = neg.vol.readonly();
     loop {
         let mut hdr = [0u8; 28];
         let got = tokio::select! {
@@ -675,7 +681,9 @@ pub async fn serve_conn<S>(
                 break;
             }
         }
-        if let Err(e) = validate(&r, size, readonly, neg.meta) {
+        // Size and read-only are read per request: `dataset set` changes them for connected clients
+        // (the volume checks them again, under its lock, when it does the I/O).
+        if let Err(e) = validate(&r, neg.vol.size(), neg.vol.readonly(), neg.meta) {
             payload.give();
             let _ = tx
                 .send(reply(neg.structured, r.cookie, Err(e), r.offset))

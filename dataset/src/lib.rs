@@ -9,8 +9,14 @@
 //! the pool keeps that space for it: other writers get ENOSPC before they can take it.
 //! Sparse volumes reserve nothing. A write that does not fit gets `NoSpace` and changes nothing.
 //!
-//! Invariants: every request is bounds-checked against `volsize` before it reaches the pool; names are
-//! `POOL/NAME` (one level; Cairn has no filesystems to nest under).
+//! Live properties: every open [`Volume`] of a pool shares one [`LiveState`] per volume (kept with the
+//! open pool), so `set volsize` and `set readonly` apply to connected clients at their next request.
+//! I/O holds the state's read lock from its bounds check until the pool has the data; a change takes
+//! the write lock, so a shrink waits for writes in flight and then frees the tail: nothing is left past
+//! the new end.
+//!
+//! Invariants: every request is bounds-checked against the live `volsize` before it reaches the pool;
+//! names are `POOL/NAME` (one level; Cairn has no filesystems to nest under).
 
 use bincode::Options;
 use cairn_pool::lock;
@@ -18,7 +24,8 @@ use cairn_pool::object::ObjType;
 use cairn_pool::{Pool, PoolError, SpaceRule};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 const REGISTRY: &str = "datasets";
@@ -76,6 +83,50 @@ pub struct VolumeRecord {
 }
 
 type Registry = BTreeMap<String, VolumeRecord>;
+
+/// The properties of a volume that its I/O checks, shared by every open handle of it.
+#[derive(Clone, Copy, Debug)]
+struct LiveState {
+    volsize: u64,
+    readonly: bool,
+    reserved: bool,
+}
+
+impl LiveState {
+    fn of(rec: &VolumeRecord) -> LiveState {
+        LiveState {
+            volsize: rec.volsize,
+            readonly: rec.readonly,
+            reserved: rec.refreservation > 0,
+        }
+    }
+}
+
+/// The live states of a pool's volumes, by object id (a [`Pool::extension`]).
+#[derive(Default)]
+struct LiveVolumes(Mutex<HashMap<u64, Arc<RwLock<LiveState>>>>);
+
+/// The live state of a volume, made from its record on first use.
+fn live(pool: &Pool, rec: &VolumeRecord) -> Arc<RwLock<LiveState>> {
+    let all = pool.extension::<LiveVolumes>();
+    let mut m = lock(&all.0);
+    m.entry(rec.object)
+        .or_insert_with(|| Arc::new(RwLock::new(LiveState::of(rec))))
+        .clone()
+}
+
+/// Forget the live state of an object (the volume is gone, its id may be reused).
+fn forget_live(pool: &Pool, object: u64) {
+    lock(&pool.extension::<LiveVolumes>().0).remove(&object);
+}
+
+fn read_live(l: &RwLock<LiveState>) -> RwLockReadGuard<'_, LiveState> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_live(l: &RwLock<LiveState>) -> RwLockWriteGuard<'_, LiveState> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
 
 fn opts() -> impl bincode::Options {
     bincode::DefaultOptions::new()
@@ -296,6 +347,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
     let shift = c.volblocksize.trailing_zeros() as u8;
     let obj = pool.create_object(ObjType::Volume, shift, rec.copies)?;
     pool.set_object_size(obj, c.volsize)?;
+    forget_live(pool, obj);
     rec.object = obj;
     reg.insert(name, rec);
     save(pool, &reg)?;
@@ -309,6 +361,7 @@ pub fn destroy(pool: &Pool, full: &str) -> Result<()> {
     let rec = reg.remove(&name).ok_or(DatasetError::NotFound)?;
     pool.destroy_object(rec.object)?;
     save(pool, &reg)?;
+    forget_live(pool, rec.object);
     Ok(())
 }
 
@@ -391,6 +444,10 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
     let mut reg = load(pool)?;
     let others = reserved_by_others(pool, &reg, Some(&name))?;
     let rec = reg.get_mut(&name).ok_or(DatasetError::NotFound)?;
+    // Open handles wait here: writes in flight finish before a shrink frees the tail, and no request
+    // is checked against the old values once the new ones are saved.
+    let live = live(pool, rec);
+    let mut state = write_live(&live);
     match prop {
         "volsize" => {
             let n: u64 = value
@@ -456,7 +513,9 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
         }
         p => return Err(DatasetError::Invalid(format!("invalid property '{p}'"))),
     }
+    let now = LiveState::of(rec);
     save(pool, &reg)?;
+    *state = now;
     Ok(())
 }
 
@@ -464,7 +523,10 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
 pub struct Volume {
     pool: Arc<Pool>,
     name: String,
-    rec: VolumeRecord,
+    object: u64,
+    volblocksize: u64,
+    /// Size and read-only flag, shared with every other handle of this volume and with `set`.
+    live: Arc<RwLock<LiveState>>,
     /// Space other volumes' reservations hold, refreshed at most every second (writes are hot).
     headroom: Mutex<(Instant, u64)>,
 }
@@ -483,40 +545,54 @@ impl Volume {
         let reg = load(&pool)?;
         let rec = reg.get(&name).cloned().ok_or(DatasetError::NotFound)?;
         let h = reserved_by_others(&pool, &reg, Some(&name))?;
+        let live = live(&pool, &rec);
         Ok(Volume {
             pool,
             name,
-            rec,
+            object: rec.object,
+            volblocksize: rec.volblocksize,
+            live,
             headroom: Mutex::new((Instant::now(), h)),
         })
     }
 
+    /// The volume's size now (`set volsize` changes it for every handle).
     pub fn size(&self) -> u64 {
-        self.rec.volsize
+        read_live(&self.live).volsize
     }
     pub fn block_size(&self) -> u64 {
-        self.rec.volblocksize
+        self.volblocksize
     }
+    /// Whether the volume refuses writes now (`set readonly` changes it for every handle).
     pub fn readonly(&self) -> bool {
-        self.rec.readonly
+        read_live(&self.live).readonly
     }
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    fn bounds(&self, off: u64, len: u64) -> Result<()> {
+    /// The live state, checked: `[off, off+len)` lies inside the volume (and it takes writes, for a
+    /// change). The guard is held until the request is done with the pool.
+    fn check(&self, off: u64, len: u64, change: bool) -> Result<RwLockReadGuard<'_, LiveState>> {
+        let st = read_live(&self.live);
         match off.checked_add(len) {
-            Some(end) if end <= self.rec.volsize => Ok(()),
-            _ => Err(DatasetError::OutOfRange {
-                end: off.saturating_add(len),
-                size: self.rec.volsize,
-            }),
+            Some(end) if end <= st.volsize => {}
+            _ => {
+                return Err(DatasetError::OutOfRange {
+                    end: off.saturating_add(len),
+                    size: st.volsize,
+                })
+            }
         }
+        if change && st.readonly {
+            return Err(DatasetError::ReadOnly);
+        }
+        Ok(st)
     }
 
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        self.bounds(off, buf.len() as u64)?;
-        self.pool.read_object(self.rec.object, off, buf)?;
+        let _st = self.check(off, buf.len() as u64, false)?;
+        self.pool.read_object(self.object, off, buf)?;
         Ok(())
     }
 
@@ -533,18 +609,15 @@ impl Volume {
     }
 
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
-        self.bounds(off, data.len() as u64)?;
-        if self.rec.readonly {
-            return Err(DatasetError::ReadOnly);
-        }
+        let st = self.check(off, data.len() as u64, true)?;
         // Other volumes' unused reservations must stay free; our own covers us.
         let rule = SpaceRule {
             headroom: self.headroom()?,
-            reserved: self.rec.refreservation > 0,
+            reserved: st.reserved,
         };
         match self
             .pool
-            .write_object_reserved(self.rec.object, off, data, rule)
+            .write_object_reserved(self.object, off, data, rule)
         {
             // A volume rewriting its reserved space on a full pool: the new blocks need room before
             // the old ones are freed, so go in pieces, each freeing what the last one replaced.
@@ -552,7 +625,7 @@ impl Volume {
                 let mut at = 0u64;
                 for piece in data.chunks(RESERVED_PIECE as usize) {
                     self.pool
-                        .write_object_reserved(self.rec.object, off + at, piece, rule)
+                        .write_object_reserved(self.object, off + at, piece, rule)
                         .map_err(DatasetError::from_pool)?;
                     at += piece.len() as u64;
                 }
@@ -564,11 +637,8 @@ impl Volume {
 
     /// Free the range (TRIM); partial blocks are zeroed.
     pub fn trim(&self, off: u64, len: u64) -> Result<()> {
-        self.bounds(off, len)?;
-        if self.rec.readonly {
-            return Err(DatasetError::ReadOnly);
-        }
-        self.pool.free_object_range(self.rec.object, off, len)?;
+        let _st = self.check(off, len, true)?;
+        self.pool.free_object_range(self.object, off, len)?;
         Ok(())
     }
 
@@ -583,11 +653,13 @@ impl Volume {
         Ok(())
     }
 
-    pub fn map(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
-        self.bounds(off, len)?;
+    /// Allocation of `[off, off+len)`, in order from `off`; it may cover only a prefix of the range
+    /// (it stops after `max_blocks` allocated blocks), never less than one extent.
+    pub fn map(&self, off: u64, len: u64, max_blocks: usize) -> Result<Vec<Extent>> {
+        let _st = self.check(off, len, false)?;
         Ok(self
             .pool
-            .object_map(self.rec.object, off, len)?
+            .object_map(self.object, off, len, max_blocks)?
             .into_iter()
             .map(|(offset, length, allocated)| Extent {
                 offset,

@@ -29,6 +29,7 @@ use cairn_vdev::tree::{TopVdev, VdevState, VdevTree};
 use cairn_vdev::units::{lock, now_secs};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use serde::{Deserialize, Serialize};
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -259,6 +260,8 @@ impl Drop for ReaderGuard {
 pub struct Pool {
     pub(crate) inner: Mutex<Inner>,
     stop_sync: Mutex<bool>,
+    /// In-memory state upper layers keep per open pool (see [`Pool::extension`]).
+    extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
 }
 
 pub(crate) fn blob_opts() -> impl bincode::Options {
@@ -628,6 +631,7 @@ impl Pool {
                 marked_in_use: false,
             }),
             stop_sync: Mutex::new(false),
+            extensions: Mutex::new(HashMap::new()),
         };
         {
             let mut g = pool.lock();
@@ -887,6 +891,7 @@ impl Pool {
         Ok(Pool {
             inner: Mutex::new(inner),
             stop_sync: Mutex::new(false),
+            extensions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -1487,23 +1492,64 @@ impl Pool {
         Ok(())
     }
 
+    /// The one value of type `T` kept with this open pool, made with `Default` on first use. Upper
+    /// layers keep in-memory state here that must be shared by every user of the pool in this
+    /// process (the dataset layer keeps each volume's live size and read-only flag) and that goes
+    /// away with the pool.
+    pub fn extension<T: Any + Send + Sync + Default>(&self) -> Arc<T> {
+        let mut m = lock(&self.extensions);
+        let e = m
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()));
+        match Arc::clone(e).downcast::<T>() {
+            Ok(t) => t,
+            // Cannot happen (entries are keyed by their type); start afresh rather than panic.
+            Err(_) => {
+                let t = Arc::new(T::default());
+                *e = t.clone();
+                t
+            }
+        }
+    }
+
     /// Allocation map of `[off, off+len)` of an object: `(offset, length, allocated)` extents at block
-    /// granularity, merged.
-    pub fn object_map(&self, id: u64, off: u64, len: u64) -> Result<Vec<(u64, u64, bool)>> {
+    /// granularity, merged, in order from `off`. The answer stops early (it covers a prefix of the
+    /// range) once `max_blocks` allocated blocks are in it, so its cost is bounded whatever the range;
+    /// hole subtrees are skipped at every level of the tree.
+    pub fn object_map(
+        &self,
+        id: u64,
+        off: u64,
+        len: u64,
+        max_blocks: usize,
+    ) -> Result<Vec<(u64, u64, bool)>> {
         check_range(off, len)?;
         let mut g = self.lock();
         let inner = &mut *g;
         let vdevs = inner.tree.tops.clone();
         let o = inner.mos.obj(&vdevs, id)?;
         let bs = o.dnode.block_size() as u64;
+        let end = off + len;
+        let (blocks, done) = o.allocated_blocks(&vdevs, off / bs, end.div_ceil(bs), max_blocks)?;
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
-        // `check_range` keeps `len` below 2^60, so it fits a (64-bit) usize.
-        for (blkid, _, at, take) in object::block_pieces(off, len as usize, bs) {
-            let a = o.block_allocated(&vdevs, blkid)?;
-            match out.last_mut() {
-                Some(last) if last.2 == a => last.1 += take as u64,
-                _ => out.push((off + at as u64, take as u64, a)),
+        let push = |out: &mut Vec<(u64, u64, bool)>, at: u64, n: u64, a: bool| match out.last_mut()
+        {
+            Some(last) if last.2 == a => last.1 += n,
+            _ => out.push((at, n, a)),
+        };
+        let mut cursor = off;
+        for b in blocks {
+            let start = (b * bs).max(off);
+            let stop = ((b + 1) * bs).min(end);
+            if start > cursor {
+                push(&mut out, cursor, start - cursor, false);
             }
+            push(&mut out, start, stop - start, true);
+            cursor = stop;
+        }
+        let limit = done.saturating_mul(bs).min(end);
+        if limit > cursor {
+            push(&mut out, cursor, limit - cursor, false);
         }
         Ok(out)
     }

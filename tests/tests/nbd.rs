@@ -1175,14 +1175,155 @@ fn readonly_volumes_refuse_writes() {
     assert_eq!(c.read(2, 0, 4096).expect("read"), vec![0; 4096]);
     drop(c);
 
-    // readonly set on a live volume applies to new connections, and can be unset.
+    // readonly set on a live volume applies to new connections and to connected clients at their
+    // next request, and can be unset.
     let rw = env.nbd_uri("tank/rw");
+    let (mut live, _, flags) = Nbd::open(&env, "tank/rw");
+    assert_eq!(flags & TF_READ_ONLY, 0);
+    assert_eq!(live.write(1, 4096, &[7; 4096]), 0);
     qio_ok(&env, &rw, &["write -P 0x02 0 4k", "flush"]);
     env.ok(&["dataset", "set", "readonly=on", "tank/rw"]);
     let out = qio_fails(&env, &rw, &["write -P 0x03 0 4k"]);
     assert!(out.contains("Permission denied"), "{out}");
+    assert_eq!(
+        live.write(2, 4096, &[8; 4096]),
+        EPERM,
+        "a client connected before readonly=on is refused too"
+    );
+    assert_eq!(live.read(3, 4096, 4096).expect("read"), vec![7; 4096]);
     env.ok(&["dataset", "set", "readonly=off", "tank/rw"]);
-    qio_ok(&env, &rw, &["write -P 0x04 0 4k", "read -P 0x04 0 4k"]);
+    assert_eq!(live.write(4, 4096, &[9; 4096]), 0);
+    qio_ok(
+        &env,
+        &rw,
+        &[
+            "write -P 0x04 0 4k",
+            "read -P 0x04 0 4k",
+            "read -P 0x09 4k 4k",
+        ],
+    );
+    d.assert_alive();
+}
+
+#[test]
+fn volsize_shrink_applies_to_connected_clients_and_frees_the_tail() {
+    let (env, mut d) = setup(&[("tank/vol", "32M")]);
+    let (mut c, size, _) = Nbd::open(&env, "tank/vol");
+    assert_eq!(size, 32 * MIB);
+    assert_eq!(c.write(1, 0, &vec![0x11; MIB as usize]), 0);
+    assert_eq!(c.write(2, 24 * MIB, &vec![0x22; 4 * MIB as usize]), 0);
+    assert_eq!(c.flush(3), 0);
+    let before = pool_alloc(&env, "tank");
+
+    env.ok(&["dataset", "set", "volsize=16M", "tank/vol"]);
+    // The connected client sees the new end at once: past it, a write gets ENOSPC and a read EINVAL,
+    // as for any request beyond the end; below it everything is as it was.
+    assert_eq!(c.write(4, 24 * MIB, &[0x33; 4096]), ENOSPC);
+    assert_eq!(c.read(5, 24 * MIB, 4096), Err(EINVAL));
+    assert_eq!(c.read(6, 16 * MIB - 4096, 8192), Err(EINVAL));
+    assert_eq!(c.read(7, 0, 4096).expect("read"), vec![0x11; 4096]);
+    assert_eq!(c.flush(8), 0);
+    let after = pool_alloc(&env, "tank");
+    assert!(
+        after + 3 * MIB < before,
+        "the 4M written past the new end are freed: alloc {before} -> {after}"
+    );
+    // Grown again, the old tail reads as zeros: nothing of it survived the shrink.
+    env.ok(&["dataset", "set", "volsize=32M", "tank/vol"]);
+    assert_eq!(
+        c.read(9, 24 * MIB, 4096).expect("read"),
+        vec![0; 4096],
+        "the tail freed by the shrink reads as zeros"
+    );
+    drop(c);
+    qio_ok(
+        &env,
+        &env.nbd_uri("tank/vol"),
+        &["read -P 0x11 0 1M", "read -P 0 1M 31M"],
+    );
+    d.assert_alive();
+}
+
+#[test]
+fn volsize_shrink_during_writes_in_flight_leaves_nothing_past_the_end() {
+    let (env, mut d) = setup(&[("tank/vol", "64M")]);
+    let (mut c, _, _) = Nbd::open(&env, "tank/vol");
+    // 48 pipelined 1M writes over [16M, 64M) while the volume shrinks to 16M: each one lands before
+    // the shrink (and is freed by it) or is refused after it; none leaves data past the new end.
+    let n = 48u64;
+    let mut batch = Vec::new();
+    for i in 0..n {
+        batch.extend_from_slice(&Nbd::request_bytes(
+            0,
+            CMD_WRITE,
+            100 + i,
+            (16 + i) * MIB,
+            MIB as u32,
+        ));
+        batch.extend_from_slice(&vec![0x5a; MIB as usize]);
+    }
+    let sender = {
+        let mut s = c.s.try_clone().expect("clone the socket");
+        std::thread::spawn(move || s.write_all(&batch).expect("send the writes"))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    env.ok(&["dataset", "set", "volsize=16M", "tank/vol"]);
+    sender.join().expect("sender");
+    let mut refused = 0;
+    for _ in 0..n {
+        let (err, cookie, _) = c.reply(0);
+        assert!((100..100 + n).contains(&cookie), "cookie {cookie}");
+        match err {
+            0 => {}
+            ENOSPC => refused += 1,
+            e => panic!("write {cookie}: error {e}, want 0 or ENOSPC"),
+        }
+    }
+    assert_eq!(c.flush(1), 0);
+    env.ok(&["dataset", "set", "volsize=64M", "tank/vol"]);
+    assert_eq!(
+        c.read(2, 16 * MIB, MIB as u32).expect("read"),
+        vec![0; MIB as usize]
+    );
+    drop(c);
+    qio_ok(&env, &env.nbd_uri("tank/vol"), &["read -P 0 0 64M"]);
+    let map = nbd_map(&env, &env.nbd_uri("tank/vol"));
+    assert_eq!(
+        map,
+        extents(&[(0, 64 * MIB, "hole,zero")]),
+        "{refused} writes refused"
+    );
+    d.assert_alive();
+}
+
+#[test]
+fn block_status_of_a_huge_sparse_volume_costs_what_is_allocated() {
+    let env = Env::new();
+    raid10(&env);
+    volume(&env, "tank/huge", "16T", &["-s", "-b", "16K"]);
+    let mut d = env.serve();
+    let uri = env.nbd_uri("tank/huge");
+    let t = 1u64 << 40;
+    let bs = 16 * 1024;
+    let cmds = [
+        "write -P 0x61 0 16k".to_string(),
+        format!("write -P 0x62 {} 16k", 8 * t),
+        format!("write -P 0x63 {} 16k", 16 * t - bs),
+    ];
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qio_ok(&env, &uri, &cmds);
+    // 2^30 blocks: looking at each one for every request would take hours; the map follows the
+    // tree and skips its holes (nbdinfo asks in requests of at most 4 GiB, 4096 of them here).
+    assert_eq!(
+        nbd_map(&env, &uri),
+        extents(&[
+            (0, bs, "data"),
+            (bs, 8 * t - bs, "hole,zero"),
+            (8 * t, bs, "data"),
+            (8 * t + bs, 8 * t - 2 * bs, "hole,zero"),
+            (16 * t - bs, bs, "data"),
+        ])
+    );
     d.assert_alive();
 }
 
