@@ -232,6 +232,20 @@ fn parse_bool(prop: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// A refreservation value: bytes, `none` (0), or `auto` (what a non-sparse volume of this size,
+/// copies and block size reserves, as zfs's `refreservation=auto`).
+fn parse_refreservation(v: &str, volsize: u64, copies: u8, volblocksize: u64) -> Result<u64> {
+    match v {
+        "none" => Ok(0),
+        "auto" => Ok(reservation_for(volsize, copies, volblocksize)),
+        _ => v.parse().map_err(|_| {
+            DatasetError::Invalid(format!(
+                "bad value '{v}' for refreservation: a size, 'none' or 'auto'"
+            ))
+        }),
+    }
+}
+
 fn parse_copies(v: &str) -> Result<u8> {
     match v {
         "1" => Ok(1),
@@ -303,21 +317,13 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
         creation: cairn_pool::now_secs(),
         user: BTreeMap::new(),
     };
-    let mut refres: Option<u64> = None;
+    let mut refres: Option<String> = None;
     for (k, v) in &c.props {
         match k.as_str() {
             "readonly" => rec.readonly = parse_bool(k, v)?,
             "copies" => rec.copies = parse_copies(v)?,
             "checksum" => check_checksum(v)?,
-            "refreservation" => {
-                refres = Some(if v == "none" {
-                    0
-                } else {
-                    v.parse::<u64>().map_err(|_| {
-                        DatasetError::Invalid(format!("bad value '{v}' for refreservation"))
-                    })?
-                })
-            }
+            "refreservation" => refres = Some(v.clone()),
             "volsize" | "volblocksize" => {
                 return Err(DatasetError::Invalid(format!(
                     "use -V/-b to set {k} at creation"
@@ -330,7 +336,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
         }
     }
     rec.refreservation = match refres {
-        Some(r) => r,
+        Some(r) => parse_refreservation(&r, c.volsize, rec.copies, c.volblocksize)?,
         None if c.sparse => 0,
         None => reservation_for(c.volsize, rec.copies, c.volblocksize),
     };
@@ -482,13 +488,7 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
         }
         "checksum" => check_checksum(value)?,
         "refreservation" => {
-            let r: u64 = if value == "none" {
-                0
-            } else {
-                value.parse().map_err(|_| {
-                    DatasetError::Invalid(format!("bad value '{value}' for refreservation"))
-                })?
-            };
+            let r = parse_refreservation(value, rec.volsize, rec.copies, rec.volblocksize)?;
             // Growing the reservation needs its unused part free beside the others' (as zfs).
             if r > rec.refreservation {
                 let (size, alloc, slop) = pool.space();

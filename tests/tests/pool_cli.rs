@@ -1691,6 +1691,41 @@ fn reservations_larger_than_the_pool_are_refused() {
     );
     env.ok(&["dataset", "set", "refreservation=none", "tank/thin"]);
     env.ok(&["dataset", "set", "volsize=32M", "tank/vol"]);
+    // `auto` reserves what a non-sparse volume of that size reserves, as zfs: refused where that
+    // does not fit (a 100G volume), granted at creation and by `set` where it does.
+    let e = env.fail(&["dataset", "set", "refreservation=auto", "tank/thin"]);
+    assert_cannot(
+        &e,
+        "set property for",
+        "tank/thin",
+        &["size is greater than available space"],
+    );
+    env.ok(&[
+        "dataset",
+        "create",
+        "-s",
+        "-V",
+        "8M",
+        "-o",
+        "refreservation=auto",
+        "tank/auto",
+    ]);
+    let r: u64 = ds_value(&env, "tank/auto", "refreservation")
+        .parse()
+        .unwrap();
+    assert!(
+        (8 * MIB..9 * MIB).contains(&r),
+        "auto at creation reserved {r}"
+    );
+    env.ok(&["dataset", "create", "-s", "-V", "4M", "tank/small"]);
+    assert_eq!(ds_value(&env, "tank/small", "refreservation"), "none");
+    env.ok(&["dataset", "set", "refreservation=auto", "tank/small"]);
+    let r: u64 = ds_value(&env, "tank/small", "refreservation")
+        .parse()
+        .unwrap();
+    assert!((4 * MIB..5 * MIB).contains(&r), "auto by set reserved {r}");
+    let e = env.fail(&["dataset", "set", "refreservation=lots", "tank/thin"]);
+    assert!(e.contains("lots"), "{e}");
 }
 
 #[test]
