@@ -15,7 +15,7 @@ use cairn_pool::{
 };
 use cairn_vdev::units::now_secs;
 use serde_json::{json, Map, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -1021,6 +1021,55 @@ fn data_error_list(p: &Pool) -> Vec<String> {
         .collect()
 }
 
+/// The status of an imported pool none of whose devices can be opened: every leaf the state dir
+/// recorded for it, UNAVAIL, and why the pool could not be opened as the action.
+fn unavailable_status(name: &str, entry: Option<&CacheEntry>, why: &str) -> PoolStatus {
+    let leaves = entry.map(|e| e.leaves.clone()).unwrap_or_default();
+    let children = leaves
+        .iter()
+        .map(|l| VdevStatus {
+            name: cairn_pool::pool::leaf_name(l),
+            vdev_type: "file".into(),
+            path: Some(l.clone()),
+            state: "UNAVAIL".into(),
+            reason: Some(if Path::new(l).exists() {
+                "corrupted data: missing or invalid label".into()
+            } else {
+                "cannot open".into()
+            }),
+            ..VdevStatus::default()
+        })
+        .collect();
+    PoolStatus {
+        name: name.to_string(),
+        pool_guid: entry.map(|e| e.guid).unwrap_or(0),
+        state: "UNAVAIL".into(),
+        status: Some(
+            "One or more devices could not be opened. There are insufficient replicas for the \
+             pool to continue functioning."
+                .into(),
+        ),
+        action: Some({
+            let mut c = why.chars();
+            let why: String = c
+                .next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or_default();
+            format!("{why}. Or forget the pool with 'cairn pool export {name}'.")
+        }),
+        root: VdevStatus {
+            name: name.to_string(),
+            vdev_type: "root".into(),
+            guid: entry.map(|e| e.guid).unwrap_or(0),
+            state: "UNAVAIL".into(),
+            reason: Some("insufficient replicas".into()),
+            children,
+            ..VdevStatus::default()
+        },
+        ..PoolStatus::default()
+    }
+}
+
 fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
     let names = targets(ctx, pools, "status")?;
     let mut errs = Vec::new();
@@ -1074,6 +1123,24 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                            "errlist": errors,
                            "size": st.size.to_string(), "allocated": st.allocated.to_string(),
                            "free": st.free.to_string()}),
+                );
+            }
+            // Imported but its devices cannot be opened: shown UNAVAIL with its leaves (from the
+            // state dir's cache; the tree's shape is in the labels, which cannot be read), exit 0,
+            // as zpool.
+            Err(e) if e.unavailable => {
+                let cache = ctx.sd.load_cache().unwrap_or_default();
+                let entry = cache.iter().find(|c| &c.name == n);
+                let st = unavailable_status(n, entry, &e.reason);
+                texts.push(status_text(&st, full, verbose, &[], "none requested"));
+                let mut vdevs = Map::new();
+                vdevs.insert(st.name.clone(), vdev_json(&st.root));
+                jp.insert(
+                    st.name.clone(),
+                    json!({"name": st.name, "state": st.state,
+                           "pool_guid": st.pool_guid.to_string(),
+                           "status": st.status, "action": st.action,
+                           "vdevs": vdevs, "error_count": "0"}),
                 );
             }
             Err(e) => errs.push(e),

@@ -615,9 +615,28 @@ fn leaves_moved_while_imported_are_found_again_by_import() {
     for l in ["a", "b"] {
         std::fs::rename(env.path(l), new.join(l)).unwrap();
     }
-    // The pool cannot be opened at its recorded paths; the message says what to do.
-    let e = env.fail(&["pool", "status", "tank"]);
-    assert_cannot(&e, "open", "tank", &[&env.p("a"), "import"]);
+    // The pool cannot be opened at its recorded paths: status shows it UNAVAIL with the leaves it
+    // looked for (exit 0, as zpool), and the action says what to do.
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(st.starts_with("  pool: tank\n state: UNAVAIL\n"), "{st}");
+    assert!(st.contains(&env.p("a")) && st.contains("import -d"), "{st}");
+    let rows = tree(&st);
+    assert_eq!(
+        rows.iter().map(|r| r.1.as_str()).collect::<Vec<_>>(),
+        ["tank", "a", "b"],
+        "{st}"
+    );
+    for l in ["a", "b"] {
+        let line = st
+            .lines()
+            .find(|x| x.trim_start().starts_with(&format!("{l} ")))
+            .unwrap();
+        assert!(
+            line.contains("UNAVAIL") && line.ends_with("cannot open"),
+            "{line}"
+        );
+    }
+    assert_eq!(env.status_json("tank")["state"], "UNAVAIL");
     // list shows it UNAVAIL (as zpool lists a pool it cannot open).
     assert_eq!(
         env.ok(&["pool", "list", "-H", "-o", "name,health"]),
