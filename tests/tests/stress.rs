@@ -429,7 +429,8 @@ impl<'e> Stress<'e> {
             660..=709 => self.op_offline_online(),
             710..=779 => self.op_inject(),
             780..=814 => self.op_clear(),
-            815..=844 => self.op_status(),
+            815..=834 => self.op_status(),
+            835..=844 => self.op_map(),
             845..=864 => self.op_export_import(),
             865..=909 => self.op_kill(),
             910..=929 => self.op_restart(),
@@ -933,6 +934,52 @@ impl<'e> Stress<'e> {
 
     /// `pool status -j`: no permanent error ever, no error on the leaves that are never disturbed, the
     /// victims' states as the run left them.
+    /// `nbdinfo --map` of the volume (NBD block status): a block is data exactly when the model holds
+    /// non-zero bytes in it (zero writes and trims make holes), committed or not, whatever faults,
+    /// restarts and resilvers happened. Blocks whose content is uncertain after a kill are skipped.
+    fn op_map(&mut self) {
+        self.note("map".into());
+        self.count("map");
+        let uri = self.env.nbd_uri(VOL);
+        let out = self.env.tool("nbdinfo", &["--map", &uri]);
+        if out.code != 0 {
+            self.fail(format!("nbdinfo --map failed: {}", out.stderr));
+        }
+        let mut at = 0u64;
+        for line in out.stdout.lines().filter(|l| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let parsed = (f.len() >= 4)
+                .then(|| Some((f[0].parse::<u64>().ok()?, f[1].parse::<u64>().ok()?)))
+                .flatten();
+            let Some((off, len)) = parsed else {
+                self.fail(format!("bad nbdinfo --map line {line:?}"));
+            };
+            let data = f[3..].join(" ") == "data";
+            if off != at || off % BS != 0 || len % BS != 0 {
+                self.fail(format!(
+                    "map extent {off} +{len} is not block-aligned or leaves a gap after {at}"
+                ));
+            }
+            for b in off / BS..(off + len) / BS {
+                if self.pending.contains_key(&b) {
+                    continue;
+                }
+                let holds = self.block(b).iter().any(|&x| x != 0);
+                if holds != data {
+                    self.fail(format!(
+                        "block status says block {b} is {} but it holds {}",
+                        if data { "data" } else { "a hole" },
+                        if holds { "data" } else { "only zeros" }
+                    ));
+                }
+            }
+            at = off + len;
+        }
+        if at != VOL_SIZE {
+            self.fail(format!("block status covers {at} of {VOL_SIZE} bytes"));
+        }
+    }
+
     fn op_status(&mut self) {
         self.count("status");
         let st = self.status();
