@@ -279,14 +279,22 @@ fn list(
             .collect::<Vec<_>>()
             .join(",")
     });
-    let sel = select_columns(
-        LIST_COLS,
-        Some(
-            cols.as_deref()
-                .unwrap_or("name,used,available,referenced,mountpoint"),
-        ),
-    )
-    .map_err(|r| one(CmdError::usage("list", r)))?;
+    // Columns: the native properties, and user properties (`module:property`), as zfs list -o.
+    let requested = cols
+        .as_deref()
+        .unwrap_or("name,used,available,referenced,mountpoint");
+    let native: Vec<&str> = requested.split(',').filter(|c| !c.contains(':')).collect();
+    select_columns(LIST_COLS, Some(&native.join(",")))
+        .map_err(|r| one(CmdError::usage("list", r)))?;
+    let sel: Vec<String> = requested
+        .split(',')
+        .map(|c| {
+            LIST_COLS
+                .iter()
+                .find(|n| n.eq_ignore_ascii_case(c))
+                .map_or_else(|| c.to_string(), |n| n.to_string())
+        })
+        .collect();
     let (vols, errs) = if want_volumes {
         collect(ctx, names, "list")?
     } else {
@@ -296,10 +304,10 @@ fn list(
         let mut m = Map::new();
         for v in &vols {
             let mut props = Map::new();
-            for &i in &sel {
-                if let Some((val, src)) = prop_value(v, LIST_COLS[i], flags.parsable) {
+            for c in &sel {
+                if let Some((val, src)) = prop_value(v, c, flags.parsable) {
                     props.insert(
-                        LIST_COLS[i].into(),
+                        c.clone(),
                         json!({"value": val, "source": {"type": src.to_uppercase(), "data": "-"}}),
                     );
                 }
@@ -321,20 +329,22 @@ fn list(
     }
     let headers: Vec<String> = sel
         .iter()
-        .map(|&i| match LIST_COLS[i] {
+        .map(|c| match c.as_str() {
             "available" => "AVAIL".to_string(),
             "referenced" => "REFER".to_string(),
+            // zfs shows user properties' names as they are.
+            c if c.contains(':') => c.to_string(),
             c => c.to_uppercase(),
         })
         .collect();
     let right: Vec<bool> = sel
         .iter()
-        .map(|&i| SIZE_PROPS.contains(&LIST_COLS[i]) || LIST_COLS[i] == "copies")
+        .map(|c| SIZE_PROPS.contains(&c.as_str()) || c == "copies")
         .collect();
     let mut t = Table::new(headers, right);
     for v in &vols {
-        t.push(sel.iter().map(|&i| {
-            prop_value(v, LIST_COLS[i], flags.parsable)
+        t.push(sel.iter().map(|c| {
+            prop_value(v, c, flags.parsable)
                 .map(|x| x.0)
                 .unwrap_or_else(|| "-".into())
         }));

@@ -102,6 +102,12 @@ impl LiveState {
     }
 }
 
+/// Serializes the changes of a pool's registry (load, change, save): without it, two volumes created
+/// at once through the daemon each saved a registry without the other (one volume lost, its object
+/// leaked). A [`Pool::extension`]; taken before any volume's live-state lock.
+#[derive(Default)]
+struct RegistryLock(Mutex<()>);
+
 /// The live states of a pool's volumes, by object id (a [`Pool::extension`]).
 #[derive(Default)]
 struct LiveVolumes(Mutex<HashMap<u64, Arc<RwLock<LiveState>>>>);
@@ -302,6 +308,8 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
     let name = short(pool, full)?;
     check_blocksize(c.volblocksize)?;
     check_volsize(c.volsize, c.volblocksize)?;
+    let rl = pool.extension::<RegistryLock>();
+    let _changing = lock(&rl.0);
     let mut reg = load(pool)?;
     if reg.contains_key(&name) {
         return Err(DatasetError::Exists);
@@ -363,6 +371,8 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
 /// Destroy a volume and free its blocks.
 pub fn destroy(pool: &Pool, full: &str) -> Result<()> {
     let name = short(pool, full)?;
+    let rl = pool.extension::<RegistryLock>();
+    let _changing = lock(&rl.0);
     let mut reg = load(pool)?;
     let rec = reg.remove(&name).ok_or(DatasetError::NotFound)?;
     pool.destroy_object(rec.object)?;
@@ -447,6 +457,8 @@ pub fn get(pool: &Pool, full: &str) -> Result<VolumeInfo> {
 /// Set a property. Sizes arrive as bytes.
 pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
     let name = short(pool, full)?;
+    let rl = pool.extension::<RegistryLock>();
+    let _changing = lock(&rl.0);
     let mut reg = load(pool)?;
     let others = reserved_by_others(pool, &reg, Some(&name))?;
     let rec = reg.get_mut(&name).ok_or(DatasetError::NotFound)?;

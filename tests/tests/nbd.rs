@@ -1019,6 +1019,62 @@ fn raw_option_of_length_0xffffffff_does_not_hurt() {
 // ---------------------------------------------------------------------------------------------------
 
 #[test]
+fn datasets_created_and_changed_at_once_through_the_daemon_are_all_kept() {
+    let env = Env::new();
+    raid10(&env);
+    let mut d = env.serve();
+    let n = 12;
+    // Twelve `dataset create` at once: each one's registry change must survive the others'.
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let env = &env;
+            s.spawn(move || {
+                let name = format!("tank/v{i:02}");
+                let o = env.run(&["dataset", "create", "-s", "-V", "16M", &name]);
+                assert_eq!(o.code, 0, "create {name}: {}", o.stderr);
+            });
+        }
+    });
+    let names = env.ok(&["dataset", "list", "-H", "-o", "name"]);
+    let want: Vec<String> = (0..n).map(|i| format!("tank/v{i:02}")).collect();
+    assert_eq!(
+        names.lines().collect::<Vec<_>>(),
+        want,
+        "every volume created at once is there"
+    );
+    // Two properties of each volume set at once, all kept.
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let env = &env;
+            s.spawn(move || {
+                let name = format!("tank/v{i:02}");
+                env.ok(&["dataset", "set", "volsize=32M", &name]);
+            });
+            s.spawn(move || {
+                let name = format!("tank/v{i:02}");
+                env.ok(&["dataset", "set", &format!("org:tag=t{i}"), &name]);
+            });
+        }
+    });
+    let table = env.ok(&["dataset", "list", "-Hp", "-o", "name,volsize,org:tag"]);
+    let want: Vec<String> = (0..n)
+        .map(|i| format!("tank/v{i:02}\t{}\tt{i}", 32 * MIB))
+        .collect();
+    assert_eq!(table.lines().collect::<Vec<_>>(), want);
+    // Volumes destroyed at once are all gone; the rest stay.
+    std::thread::scope(|s| {
+        for i in (0..n).step_by(2) {
+            let env = &env;
+            s.spawn(move || env.ok(&["dataset", "destroy", &format!("tank/v{i:02}")]));
+        }
+    });
+    let left = env.ok(&["dataset", "list", "-H", "-o", "name"]);
+    let want: Vec<String> = (1..n).step_by(2).map(|i| format!("tank/v{i:02}")).collect();
+    assert_eq!(left.lines().collect::<Vec<_>>(), want);
+    d.assert_alive();
+}
+
+#[test]
 fn commands_go_through_the_daemon() {
     let (env, mut d) = setup(&[("tank/vol", "16M")]);
     let uri = env.nbd_uri("tank/vol");
