@@ -18,6 +18,7 @@ use cairn_pool::Pool;
 use cairn_vdev::units::lock;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -379,7 +380,12 @@ pub fn serve(
         match open_from_cache(sd, &e.name, "open") {
             Ok(p) => d.keep(Arc::new(p)),
             Err(err) => {
-                eprintln!("cairn: cannot open '{}': {}", err.name, err.reason);
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "cairn: cannot open '{}': {}",
+                    err.name,
+                    err.reason
+                );
                 lock(&d.failed).insert(e.name.clone(), (err.reason, err.unavailable));
             }
         }
@@ -483,7 +489,8 @@ pub fn serve(
                 }
             });
         }
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "cairn: serving {} pool(s); NBD on {}{}; control on {}",
             lock(&d.pools).len(),
             nbd_path.display(),
@@ -499,7 +506,7 @@ pub fn serve(
             _ = term.recv() => {},
             _ = tokio::signal::ctrl_c() => {},
         }
-        eprintln!("cairn: shutting down");
+        let _ = writeln!(std::io::stderr(), "cairn: shutting down");
         let _ = shut_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(30), async {
             while tasks.join_next().await.is_some() {}

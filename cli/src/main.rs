@@ -359,6 +359,10 @@ fn main() -> ExitCode {
         )
         .without_time()
         .with_target(false)
+        // A log line that cannot be written (stderr on a full disk, a closed pipe) is dropped: the
+        // default reports it with eprintln!, which panics when stderr fails, in whatever thread was
+        // logging (a write in flight, wedging every later commit).
+        .log_internal_errors(false)
         .init();
     let cli = Cli::parse();
     let state_dir = statedir::resolve_state_dir(cli.state_dir.as_deref());
@@ -374,7 +378,11 @@ fn main() -> ExitCode {
     let sd = match statedir::StateDir::open(&state_dir) {
         Ok(sd) => sd,
         Err(e) => {
-            eprintln!("cannot open state directory '{}': {e}", state_dir.display());
+            let _ = writeln!(
+                std::io::stderr(),
+                "cannot open state directory '{}': {e}",
+                state_dir.display()
+            );
             return ExitCode::from(1);
         }
     };
@@ -391,7 +399,7 @@ fn main() -> ExitCode {
         return match daemon::serve(&sd, nbd_socket, nbd_listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("cannot serve: {e}");
+                let _ = writeln!(std::io::stderr(), "cannot serve: {e}");
                 ExitCode::from(1)
             }
         };

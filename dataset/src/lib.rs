@@ -9,7 +9,7 @@
 //! the pool keeps that space for it: other writers get ENOSPC before they can take it.
 //! Sparse volumes reserve nothing. A write that does not fit gets `NoSpace` and changes nothing.
 //!
-//! Live properties: every open [`Volume`] of a pool shares one [`LiveState`] per volume (kept with the
+//! Live properties: every open [`Volume`] of a pool shares one `LiveState` per volume (kept with the
 //! open pool), so `set volsize` and `set readonly` apply to connected clients at their next request.
 //! I/O holds the state's read lock from its bounds check until the pool has the data; a change takes
 //! the write lock, so a shrink waits for writes in flight and then frees the tail: nothing is left past

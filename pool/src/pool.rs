@@ -202,9 +202,47 @@ pub(crate) struct InFlight {
     idle: std::sync::Condvar,
 }
 
+/// One early write counted in flight until it reports, or until it is dropped: a write whose thread
+/// unwinds before reporting (a panic below it) counts as failed on every copy, so the commit writes
+/// its blocks itself instead of waiting for it forever with the pool lock held.
+pub(crate) struct InFlightWrite {
+    inflight: Arc<InFlight>,
+    /// The blocks being written, reported failed unless the write says it landed.
+    blocks: Vec<FailedWrite>,
+    reported: bool,
+}
+
+impl InFlightWrite {
+    /// The write is over: `landed` (every block on at least one copy) or failed (the commit rewrites).
+    fn finish(mut self, landed: bool) {
+        let failed = std::mem::take(&mut self.blocks);
+        self.inflight
+            .finish(if landed { Vec::new() } else { failed });
+        self.reported = true;
+    }
+}
+
+impl Drop for InFlightWrite {
+    fn drop(&mut self) {
+        if !self.reported {
+            tracing::error!(
+                "an early write of {} block(s) ended without reporting; the commit writes them",
+                self.blocks.len()
+            );
+            self.inflight.finish(std::mem::take(&mut self.blocks));
+        }
+    }
+}
+
 impl InFlight {
-    fn start(&self) {
+    /// Count a write of `blocks` in flight (see [`InFlightWrite`]).
+    fn begin(self: &Arc<Self>, blocks: Vec<FailedWrite>) -> InFlightWrite {
         lock(&self.state).0 += 1;
+        InFlightWrite {
+            inflight: self.clone(),
+            blocks,
+            reported: false,
+        }
     }
 
     fn finish(&self, failed: Vec<FailedWrite>) {
@@ -1413,23 +1451,23 @@ impl Pool {
         for ((b, d, _), bp) in whole.iter().zip(&bps) {
             o.put_written(*b, *bp, d.clone())?;
         }
-        let inflight = inner.inflight.clone();
-        inflight.start();
+        let write = inner.inflight.begin(
+            whole
+                .iter()
+                .zip(&bps)
+                .map(|((b, _, _), bp)| (id, *b, *bp))
+                .collect(),
+        );
         drop(g);
         let datas: Vec<&[u8]> = whole.iter().map(|(_, d, _)| d.as_slice()).collect();
-        let failed = match object::write_copies(&vdevs, &bps, &datas) {
-            Ok(()) => Vec::new(),
+        let ok = match object::write_copies(&vdevs, &bps, &datas) {
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!("writing object {id} at {off}: {e}; the commit retries");
-                whole
-                    .iter()
-                    .zip(&bps)
-                    .map(|((b, _, _), bp)| (id, *b, *bp))
-                    .collect()
+                false
             }
         };
-        let ok = failed.is_empty();
-        inflight.finish(failed);
+        write.finish(ok);
         let mut g = self.lock();
         let inner = &mut *g;
         inner.absorb_failed_writes();

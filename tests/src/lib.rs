@@ -329,9 +329,21 @@ impl Env {
     /// `--nbd-socket` is given) accepts connections. Panics with the daemon's log when it exits or does
     /// not answer within [`DAEMON_START_TIMEOUT`].
     pub fn serve_with(&self, args: &[&str]) -> Daemon {
+        self.serve_logging_to(args, None)
+    }
+
+    /// [`Env::serve_with`] with the daemon's stderr opened on `stderr` (say `/dev/full`, where every
+    /// write fails) instead of a log file; the returned daemon has no log to show.
+    pub fn serve_logging_to(&self, args: &[&str], stderr: Option<&Path>) -> Daemon {
         let n = self.daemons.fetch_add(1, Ordering::Relaxed) + 1;
         let log = self.dir.path().join(format!("serve-{n}.log"));
-        let logf = File::create(&log).expect("cannot create the daemon log");
+        let logf = match stderr {
+            None => File::create(&log).expect("cannot create the daemon log"),
+            Some(p) => std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .unwrap_or_else(|e| panic!("cannot open {}: {e}", p.display())),
+        };
         let child = Command::new(cairn_bin())
             .arg("--state-dir")
             .arg(&self.state)

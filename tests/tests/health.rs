@@ -914,3 +914,44 @@ fn a_suspended_pool_resumes_with_clear_and_keeps_every_flushed_byte() {
     assert!(st.contains("errors: No known data errors"), "{st}");
     d.assert_alive();
 }
+
+/// The daemon's stderr fails every write (a full disk under its log, here /dev/full) while the writes
+/// of every copy fail too: the warnings it cannot log must not take it down, nor leave a write
+/// counted in flight forever (a panic from logging did, and every later commit waited for it with
+/// the pool lock held). It starts, fails the write with an error, resumes after `clear`, serves
+/// again, and stops cleanly.
+#[test]
+fn a_daemon_whose_log_cannot_be_written_keeps_serving_through_write_errors() {
+    let env = Env::new();
+    let l = env.leaves(&["a", "b"]);
+    env.ok(&[
+        "pool", "create", "--size", "128M", "tank", "mirror", &l[0], &l[1],
+    ]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    let mut d = env.serve_logging_to(&[], Some(std::path::Path::new("/dev/full")));
+    qio_ok(&env, &["write -P 0x11 0 1M", "flush"]);
+    for leaf in ["a", "b"] {
+        env.ok(&["inject", "-d", leaf, "-e", "io", "-T", "write", "tank"]);
+    }
+    let o = qemu_io(&env, &["write -P 0x22 1M 1M", "flush"]);
+    assert!(
+        o.stdout.contains("error") || o.stderr.contains("error") || o.code != 0,
+        "the write (or its flush) should fail while every copy fails: {o:?}"
+    );
+    env.ok(&["inject", "-c", "all", "tank"]);
+    // The daemon answers (a wedged commit held the pool lock: status would hang here).
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(st.contains("pool: tank"), "{st}");
+    env.ok(&["pool", "clear", "tank"]);
+    qio_ok(
+        &env,
+        &[
+            "write -P 0x33 2M 1M",
+            "flush",
+            "read -P 0x11 0 1M",
+            "read -P 0x33 2M 1M",
+        ],
+    );
+    d.assert_alive();
+    assert!(d.terminate().success(), "SIGTERM: a clean exit");
+}
