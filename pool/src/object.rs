@@ -292,6 +292,14 @@ pub fn alloc_bp(
             }
         };
         let Some((vdev, offset)) = got else {
+            if !ctx.usable.iter().any(|&u| u) {
+                // Not a full pool: nothing can take a write at all.
+                return Err(PoolError::Unavailable(
+                    "no top-level vdev can take writes (their devices are missing, removed or \
+                     faulted)"
+                        .into(),
+                ));
+            }
             return Err(PoolError::NoSpace);
         };
         avoid.push(vdev);
