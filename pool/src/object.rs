@@ -294,11 +294,12 @@ pub fn alloc_bp(
         let Some((vdev, offset)) = got else {
             if !ctx.usable.iter().any(|&u| u) {
                 // Not a full pool: nothing can take a write at all.
-                return Err(PoolError::Unavailable(
-                    "no top-level vdev can take writes (their devices are missing, removed or \
-                     faulted)"
+                return Err(PoolError::Vdev(cairn_vdev::VdevError::Invalid {
+                    path: "pool".into(),
+                    reason: "cannot write: no top-level vdev can take writes (their devices are \
+                             missing, removed or faulted)"
                         .into(),
-                ));
+                }));
             }
             return Err(PoolError::NoSpace);
         };
