@@ -351,6 +351,22 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// The file a path names now (device and inode), to remove at shutdown only the sockets this daemon
+/// made: if its state directory was removed and another daemon started in a new one at the same
+/// path, the new daemon's sockets stay.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn remove_own(path: &Path, id: Option<(u64, u64)>) {
+    if id.is_some() && file_id(path) == id {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Run the daemon until SIGTERM/SIGINT.
 pub fn serve(
     sd: &StateDir,
@@ -397,11 +413,14 @@ pub fn serve(
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let ctl_path = sd.path(CONTROL_SOCKET);
     let nbd_path = nbd_socket.unwrap_or_else(|| sd.path(NBD_SOCKET));
+    let sockets: Mutex<Vec<(PathBuf, Option<(u64, u64)>)>> = Mutex::new(Vec::new());
     let result = rt.block_on(async {
         let ctl = bind_unix(&ctl_path)
             .map_err(|e| format!("cannot listen on {}: {e}", ctl_path.display()))?;
+        lock(&sockets).push((ctl_path.clone(), file_id(&ctl_path)));
         let nbd_unix = bind_unix(&nbd_path)
             .map_err(|e| format!("cannot listen on {}: {e}", nbd_path.display()))?;
+        lock(&sockets).push((nbd_path.clone(), file_id(&nbd_path)));
         let tcp = match &nbd_listen {
             Some(addr) => {
                 let addr = if addr.starts_with(':') {
@@ -514,8 +533,9 @@ pub fn serve(
         .await;
         Ok::<(), String>(())
     });
-    let _ = std::fs::remove_file(&ctl_path);
-    let _ = std::fs::remove_file(&nbd_path);
+    for (path, id) in lock(&sockets).drain(..) {
+        remove_own(&path, id);
+    }
     let pools: Vec<Arc<Pool>> = lock(&d.pools).drain().map(|(_, p)| p).collect();
     let mut err = None;
     for p in pools {

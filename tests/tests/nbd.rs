@@ -683,6 +683,33 @@ fn flushed_writes_survive_sigkill() {
     d.stop();
 }
 
+/// A daemon whose state directory was moved away (or removed) while it ran, and a second daemon
+/// started in a new directory at the same path: stopping the first leaves the second's sockets.
+#[test]
+fn stopping_a_daemon_leaves_the_sockets_of_another_at_the_same_path() {
+    let env = Env::new();
+    env.ok(&["pool", "list"]);
+    let mut first = env.serve();
+    let old = env.dir().join("state.old");
+    std::fs::rename(env.state_dir(), &old).expect("move the state directory away");
+    std::fs::create_dir(env.state_dir()).expect("a new state directory");
+    let mut second = env.serve();
+    assert!(first.terminate().success());
+    for s in ["cairn.sock", "nbd.sock"] {
+        assert!(
+            env.state_dir().join(s).exists(),
+            "{s} of the second daemon was removed by the first one's shutdown"
+        );
+    }
+    // The second daemon still answers on its control socket.
+    assert_eq!(env.ok(&["pool", "list"]).trim(), "no pools available");
+    second.assert_alive();
+    assert!(second.terminate().success());
+    for s in ["cairn.sock", "nbd.sock"] {
+        assert!(!env.state_dir().join(s).exists(), "{s} left behind");
+    }
+}
+
 #[test]
 fn sigkill_without_flush_leaves_a_pool_that_opens() {
     let (env, mut d) = setup(&[("tank/vol", "16M")]);
