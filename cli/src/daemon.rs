@@ -351,17 +351,20 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
+/// A file's device and inode.
+type FileId = (u64, u64);
+
 /// The file a path names now (device and inode), to remove at shutdown only the sockets this daemon
 /// made: if its state directory was removed and another daemon started in a new one at the same
 /// path, the new daemon's sockets stay.
-fn file_id(path: &Path) -> Option<(u64, u64)> {
+fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path)
         .ok()
         .map(|m| (m.dev(), m.ino()))
 }
 
-fn remove_own(path: &Path, id: Option<(u64, u64)>) {
+fn remove_own(path: &Path, id: Option<FileId>) {
     if id.is_some() && file_id(path) == id {
         let _ = std::fs::remove_file(path);
     }
@@ -413,7 +416,7 @@ pub fn serve(
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let ctl_path = sd.path(CONTROL_SOCKET);
     let nbd_path = nbd_socket.unwrap_or_else(|| sd.path(NBD_SOCKET));
-    let sockets: Mutex<Vec<(PathBuf, Option<(u64, u64)>)>> = Mutex::new(Vec::new());
+    let sockets: Mutex<Vec<(PathBuf, Option<FileId>)>> = Mutex::new(Vec::new());
     let result = rt.block_on(async {
         let ctl = bind_unix(&ctl_path)
             .map_err(|e| format!("cannot listen on {}: {e}", ctl_path.display()))?;
