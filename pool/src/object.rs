@@ -737,7 +737,9 @@ impl Obj {
                 (None, Some(_)) => false,
             };
             let (b, allocated) = if take_changed {
-                let (&c, state) = changed.next().expect("peeked");
+                let Some((&c, state)) = changed.next() else {
+                    break;
+                };
                 if next_disk == Some(c) {
                     on_disk.next();
                 }
@@ -748,7 +750,9 @@ impl Obj {
                 };
                 (c, a)
             } else {
-                let d = on_disk.next().expect("peeked");
+                let Some(d) = on_disk.next() else {
+                    break;
+                };
                 (d, !self.freed_or_past_end(d))
             };
             if !allocated {
