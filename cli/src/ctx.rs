@@ -25,8 +25,11 @@ pub trait Pools: Send + Sync {
         verb: &str,
         force: bool,
     ) -> Result<Arc<Pool>, CmdError>;
-    /// An unavailable pool was exported or destroyed: stop remembering it.
+    /// A pool was exported or destroyed (or an unavailable one forgotten): stop remembering it.
     fn forget(&self, _name: &str) {}
+    /// An export or destroy of a pool taken with [`Pools::take`] failed: the pool stays imported, so
+    /// the daemon serves it again (or, if it could not be kept open, opens it again on next use).
+    fn give_back(&self, _pool: Arc<Pool>, _why: &str) {}
     /// True inside the daemon.
     fn is_daemon(&self) -> bool {
         false

@@ -140,7 +140,6 @@ impl Pools for Daemon {
             }
         }
         lock(&self.pools).remove(name);
-        self.injections.drop_pool(name);
         // A running scan pauses; it resumes when the pool is imported again.
         if self.scans.signal(name, cairn_scrub::PAUSE) {
             for _ in 0..100 {
@@ -166,6 +165,16 @@ impl Pools for Daemon {
 
     fn forget(&self, name: &str) {
         lock(&self.failed).remove(name);
+        self.injections.drop_pool(name);
+    }
+
+    fn give_back(&self, pool: Arc<Pool>, why: &str) {
+        if pool.resume_use() {
+            self.keep(pool);
+        } else {
+            // Closed by its failed last commit: opened again from the cache on next use.
+            lock(&self.failed).insert(pool.name(), (why.to_string(), false));
+        }
     }
 
     fn scans(&self) -> Option<&Arc<cairn_scrub::ScanManager>> {

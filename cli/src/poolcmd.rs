@@ -1380,16 +1380,19 @@ fn export(ctx: &mut Ctx, name: &str, cmdline: &str, destroy: bool, force: bool) 
         }
     };
     let guid = pool.guid().0;
-    if !destroy {
-        pool.log_history(cmdline, &ctx.sd.hostname())
-            .map_err(|e| err(e.to_string()))?;
-    }
     let r = if destroy {
         pool.destroy()
     } else {
-        pool.export()
+        pool.log_history(cmdline, &ctx.sd.hostname())
+            .and_then(|()| pool.export())
     };
-    r.map_err(|e| err(e.to_string()))?;
+    if let Err(e) = r {
+        // Still imported: the daemon goes on serving it (as zpool leaves a pool it failed to export).
+        let why = e.to_string();
+        ctx.pools.give_back(pool, &why);
+        return Err(err(why));
+    }
+    ctx.pools.forget(name);
     remove_entry(ctx, guid).map_err(|e| err(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }

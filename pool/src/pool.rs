@@ -300,6 +300,8 @@ pub struct Pool {
     stop_sync: Mutex<bool>,
     /// In-memory state upper layers keep per open pool (see [`Pool::extension`]).
     extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
+    /// Which sync thread is the current one: an older one still asleep exits when it wakes.
+    sync_gen: std::sync::atomic::AtomicU64,
 }
 
 pub(crate) fn blob_opts() -> impl bincode::Options {
@@ -670,6 +672,7 @@ impl Pool {
             }),
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
+            sync_gen: Default::default(),
         };
         {
             let mut g = pool.lock();
@@ -930,6 +933,7 @@ impl Pool {
             inner: Mutex::new(inner),
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
+            sync_gen: Default::default(),
         })
     }
 
@@ -975,13 +979,15 @@ impl Pool {
 
     /// Start a thread that commits every `interval` while the pool is open.
     pub fn start_sync_thread(self: &Arc<Self>, interval: Duration) {
+        use std::sync::atomic::Ordering;
         let weak: Weak<Pool> = Arc::downgrade(self);
+        let me = self.sync_gen.fetch_add(1, Ordering::SeqCst) + 1;
         std::thread::Builder::new()
             .name("cairn-txg-sync".into())
             .spawn(move || loop {
                 std::thread::sleep(interval);
                 let Some(p) = weak.upgrade() else { return };
-                if *lock(&p.stop_sync) {
+                if *lock(&p.stop_sync) || p.sync_gen.load(Ordering::SeqCst) != me {
                     return;
                 }
                 if let Err(e) = p.sync() {
@@ -989,6 +995,17 @@ impl Pool {
                 }
             })
             .ok();
+    }
+
+    /// After an export or destroy that failed before the pool was closed: take it back into use (the
+    /// timed commits stopped by the attempt may be started again). False if the pool is closed.
+    pub fn resume_use(&self) -> bool {
+        let g = self.lock();
+        if g.closed.is_some() {
+            return false;
+        }
+        *lock(&self.stop_sync) = false;
+        true
     }
 
     /// Commit and mark the pool exported. The pool takes no more requests; its leaves are released

@@ -955,3 +955,41 @@ fn a_daemon_whose_log_cannot_be_written_keeps_serving_through_write_errors() {
     d.assert_alive();
     assert!(d.terminate().success(), "SIGTERM: a clean exit");
 }
+
+/// An export that fails (every write fails, so its last commit cannot be made) leaves the pool
+/// imported and served by the daemon, as zpool leaves a pool it could not export: status and the
+/// injected faults are still there, `clear` resumes it, and a later export and import keep the data.
+/// (The daemon dropped the pool: everything said "no such pool" until it was restarted.)
+#[test]
+fn a_failed_export_leaves_the_pool_imported_and_served() {
+    let env = Env::new();
+    let l = env.leaves(&["a", "b"]);
+    env.ok(&[
+        "pool", "create", "--size", "128M", "tank", "mirror", &l[0], &l[1],
+    ]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    let mut d = env.serve();
+    qio_ok(&env, &["write -P 0x11 0 1M", "flush"]);
+    for leaf in ["a", "b"] {
+        env.ok(&["inject", "-d", leaf, "-e", "io", "-T", "write", "tank"]);
+    }
+    let e = env.fail(&["pool", "export", "tank"]);
+    assert!(e.starts_with("cannot export 'tank': "), "{e}");
+    assert_eq!(env.pool_names(), ["tank"], "still imported");
+    assert_eq!(env.pool_health("tank"), "ONLINE");
+    let faults = env.ok(&["inject", "-l", "tank"]);
+    assert_eq!(
+        faults.lines().count(),
+        3,
+        "both faults still listed:\n{faults}"
+    );
+    env.ok(&["inject", "-c", "all", "tank"]);
+    env.ok(&["pool", "clear", "tank"]);
+    qio_ok(&env, &["read -P 0x11 0 1M", "write -P 0x22 1M 1M", "flush"]);
+    env.ok(&["pool", "export", "tank"]);
+    assert!(env.pool_names().is_empty());
+    d.assert_alive();
+    env.ok(&["pool", "import", "-d", &env.p(""), "tank"]);
+    qio_ok(&env, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
+    d.assert_alive();
+}
