@@ -124,6 +124,11 @@ pub fn select_columns(all: &[&str], requested: Option<&str>) -> Result<Vec<usize
     requested
         .split(',')
         .map(|want| {
+            if want.is_empty() {
+                return Err(format!(
+                    "empty property name in -o '{requested}' (names are separated by single commas)"
+                ));
+            }
             all.iter()
                 .position(|have| have.eq_ignore_ascii_case(want))
                 .ok_or_else(|| {

@@ -1904,7 +1904,11 @@ fn bad_columns_and_intervals_are_usage_errors() {
         ),
         (
             &["pool", "list", "-o", "name,", "tank"],
-            "invalid property ''",
+            "empty property name in -o 'name,'",
+        ),
+        (
+            &["dataset", "list", "-o", ",name"],
+            "empty property name in -o ',name'",
         ),
         (
             &["dataset", "list", "-o", "bogus"],
