@@ -283,9 +283,15 @@ fn list(
     let requested = cols
         .as_deref()
         .unwrap_or("name,used,available,referenced,mountpoint");
+    // Native names are checked, and empty ones refused; user properties are whatever volumes hold.
+    let usage = |r: String| one(CmdError::usage("list", r));
+    if requested.split(',').any(str::is_empty) {
+        select_columns(LIST_COLS, Some(requested)).map_err(usage)?;
+    }
     let native: Vec<&str> = requested.split(',').filter(|c| !c.contains(':')).collect();
-    select_columns(LIST_COLS, Some(&native.join(",")))
-        .map_err(|r| one(CmdError::usage("list", r)))?;
+    if !native.is_empty() {
+        select_columns(LIST_COLS, Some(&native.join(","))).map_err(usage)?;
+    }
     let sel: Vec<String> = requested
         .split(',')
         .map(|c| {

@@ -249,13 +249,16 @@ backup-pool   100G  1.88G  98.1G  DEGRADED
             select_columns(&all, Some("name,bogus,size")),
             Err(format!("invalid property 'bogus'{valid}"))
         );
+        let empty = |l: &str| {
+            Err(format!(
+                "empty property name in -o '{l}' (names are separated by single commas)"
+            ))
+        };
+        assert_eq!(select_columns(&all, Some("")), empty(""));
+        assert_eq!(select_columns(&all, Some("name,")), empty("name,"));
         assert_eq!(
-            select_columns(&all, Some("")),
-            Err(format!("invalid property ''{valid}"))
-        );
-        assert_eq!(
-            select_columns(&all, Some("name,")),
-            Err(format!("invalid property ''{valid}"))
+            select_columns(&all, Some("name,,size")),
+            empty("name,,size")
         );
     }
 
