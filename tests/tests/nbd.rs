@@ -1088,6 +1088,11 @@ fn datasets_created_and_changed_at_once_through_the_daemon_are_all_kept() {
         .map(|i| format!("tank/v{i:02}\t{}\tt{i}", 32 * MIB))
         .collect();
     assert_eq!(table.lines().collect::<Vec<_>>(), want);
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "org:tag", "tank/v03"]),
+        "t3\n",
+        "a user property alone as the column"
+    );
     // Volumes destroyed at once are all gone; the rest stay.
     std::thread::scope(|s| {
         for i in (0..n).step_by(2) {
