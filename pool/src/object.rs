@@ -444,6 +444,17 @@ pub enum Dirty {
     },
 }
 
+impl Dirty {
+    /// Whether the block holds data after the next sync (an all-zero block becomes a hole).
+    pub fn holds_data(&self) -> bool {
+        match self {
+            Dirty::Data(b) => b.iter().any(|&x| x != 0),
+            Dirty::Hole => false,
+            Dirty::Written { .. } => true,
+        }
+    }
+}
+
 /// An object loaded in memory.
 pub struct Obj {
     pub id: u64,
@@ -677,24 +688,12 @@ impl Obj {
         read_bp(vdevs, &bp)
     }
 
-    /// Whether level-0 block `blkid` holds data (false for holes and blocks that will become holes).
-    pub fn block_allocated(&mut self, vdevs: &[Arc<TopVdev>], blkid: u64) -> Result<bool> {
-        match self.dirty.get(&blkid) {
-            Some(Dirty::Data(b)) => return Ok(b.iter().any(|&x| x != 0)),
-            Some(Dirty::Hole) => return Ok(false),
-            Some(Dirty::Written { .. }) => return Ok(true),
-            None => {}
-        }
-        if self.freed_or_past_end(blkid) {
-            return Ok(false);
-        }
-        Ok(!self.get_bp(vdevs, 0, blkid)?.is_hole())
-    }
-
-    /// The level-0 blocks in `[from, to)` that hold data (as [`Obj::block_allocated`] says), in
-    /// order, at most `max` of them, and the block up to which that list is complete: `to`, or less
-    /// when `max` was reached. Hole subtrees are skipped at every level, so the cost follows what is
-    /// allocated, not the size of the range (a 1 PiB volume with a few blocks answers at once).
+    /// The level-0 blocks in `[from, to)` that hold data, in order, at most `max` of them, and the
+    /// block up to which that list is complete: `to`, or less when `max` was reached. A block changed
+    /// in the open txg holds data as [`Dirty::holds_data`] says; any other, if the tree points at it
+    /// and the open txg did not free it. Hole subtrees are skipped at every level, so the cost
+    /// follows what is allocated, not the size of the range (a 1 PiB volume with a few blocks
+    /// answers at once).
     pub fn allocated_blocks(
         &mut self,
         vdevs: &[Arc<TopVdev>],
@@ -743,12 +742,7 @@ impl Obj {
                 if next_disk == Some(c) {
                     on_disk.next();
                 }
-                let a = match state {
-                    Dirty::Data(b) => b.iter().any(|&x| x != 0),
-                    Dirty::Hole => false,
-                    Dirty::Written { .. } => true,
-                };
-                (c, a)
+                (c, state.holds_data())
             } else {
                 let Some(d) = on_disk.next() else {
                     break;

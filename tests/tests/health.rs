@@ -915,6 +915,17 @@ fn a_suspended_pool_resumes_with_clear_and_keeps_every_flushed_byte() {
     d.assert_alive();
 }
 
+/// A pool `tank` of one mirror of two 128M leaves `a` and `b`, with a 16M volume `tank/vol`.
+fn mirror_with_a_volume() -> Env {
+    let env = Env::new();
+    let l = env.leaves(&["a", "b"]);
+    env.ok(&[
+        "pool", "create", "--size", "128M", "tank", "mirror", &l[0], &l[1],
+    ]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    env
+}
+
 /// The daemon's stderr fails every write (a full disk under its log, here /dev/full) while the writes
 /// of every copy fail too: the warnings it cannot log must not take it down, nor leave a write
 /// counted in flight forever (a panic from logging did, and every later commit waited for it with
@@ -922,12 +933,7 @@ fn a_suspended_pool_resumes_with_clear_and_keeps_every_flushed_byte() {
 /// again, and stops cleanly.
 #[test]
 fn a_daemon_whose_log_cannot_be_written_keeps_serving_through_write_errors() {
-    let env = Env::new();
-    let l = env.leaves(&["a", "b"]);
-    env.ok(&[
-        "pool", "create", "--size", "128M", "tank", "mirror", &l[0], &l[1],
-    ]);
-    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    let env = mirror_with_a_volume();
     let mut d = env.serve_logging_to(&[], Some(std::path::Path::new("/dev/full")));
     qio_ok(&env, &["write -P 0x11 0 1M", "flush"]);
     for leaf in ["a", "b"] {
@@ -962,12 +968,7 @@ fn a_daemon_whose_log_cannot_be_written_keeps_serving_through_write_errors() {
 /// (The daemon dropped the pool: everything said "no such pool" until it was restarted.)
 #[test]
 fn a_failed_export_leaves_the_pool_imported_and_served() {
-    let env = Env::new();
-    let l = env.leaves(&["a", "b"]);
-    env.ok(&[
-        "pool", "create", "--size", "128M", "tank", "mirror", &l[0], &l[1],
-    ]);
-    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    let env = mirror_with_a_volume();
     let mut d = env.serve();
     qio_ok(&env, &["write -P 0x11 0 1M", "flush"]);
     for leaf in ["a", "b"] {
