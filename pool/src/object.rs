@@ -17,7 +17,7 @@ use crate::alloc::Allocator;
 use crate::blkptr::{checksum, BlockKind, BlockPtr, Dva, BP_SIZE, CKSUM_BLAKE3, MAX_DVAS};
 use crate::error::{PoolError, Result};
 use cairn_vdev::codec::{get_u32, get_u64, put_u32, put_u64};
-use cairn_vdev::tree::TopVdev;
+use cairn_vdev::tree::{ReadHow, TopVdev};
 use cairn_vdev::{Txg, SECTOR};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
@@ -184,6 +184,12 @@ pub struct TxgCtx<'a> {
 
 /// Read and verify a block: every DVA in turn until one verifies.
 pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
+    read_bp_how(vdevs, bp, ReadHow::Cached)
+}
+
+/// [`read_bp`], choosing whether the leaves may cache the data (`Uncached` for the old contents of
+/// a block about to be rewritten).
+pub fn read_bp_how(vdevs: &[Arc<TopVdev>], bp: &BlockPtr, how: ReadHow) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; bp.psize as usize];
     let mut last: Option<PoolError> = None;
     let mut failed: Vec<&Dva> = Vec::new();
@@ -196,9 +202,13 @@ pub fn read_bp(vdevs: &[Arc<TopVdev>], bp: &BlockPtr) -> Result<Vec<u8>> {
             continue;
         };
         let want = bp.checksum;
-        match v.read(d.offset, &mut buf, bp.birth, &|b: &[u8]| {
-            checksum(b) == want
-        }) {
+        match v.read_how(
+            d.offset,
+            &mut buf,
+            bp.birth,
+            &|b: &[u8]| checksum(b) == want,
+            how,
+        ) {
             Ok(()) => {
                 // Self-heal: copies that returned bad data or an I/O error are rewritten from
                 // this one (a copy on a vdev that cannot be written to stays as it is).

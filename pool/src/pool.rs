@@ -25,7 +25,7 @@ use cairn_vdev::config::{
 use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::identity::identify;
 use cairn_vdev::label::{self, LabelRead, Uberblock, MIN_LEAF_SIZE};
-use cairn_vdev::tree::{TopVdev, VdevState, VdevTree};
+use cairn_vdev::tree::{ReadHow, TopVdev, VdevState, VdevTree};
 use cairn_vdev::units::{lock, now_secs};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use serde::{Deserialize, Serialize};
@@ -1399,7 +1399,11 @@ impl Pool {
             };
             let preread: Vec<(u64, BlockPtr, Vec<u8>)> = partial
                 .into_iter()
-                .filter_map(|(b, bp)| object::read_bp(&vdevs, &bp).ok().map(|d| (b, bp, d)))
+                .filter_map(|(b, bp)| {
+                    object::read_bp_how(&vdevs, &bp, ReadHow::Uncached)
+                        .ok()
+                        .map(|d| (b, bp, d))
+                })
                 .collect();
             (bs, preread)
         };

@@ -27,6 +27,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Device states, computed bottom-up as zpool does.
+/// Whether a read may leave its data in the leaves' cache (the page cache for file leaves).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadHow {
+    /// An application read: the data may well be read again, keep it (see `Leaf::read_at`).
+    Cached,
+    /// The data is read once: the old contents of a block about to be rewritten (copy-on-write moves
+    /// it, so a cached copy would only push out useful pages, and the kernel's readahead around
+    /// such scattered reads read three times the bytes asked for), or a scan.
+    Uncached,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VdevState {
     Online,
@@ -291,14 +302,17 @@ impl LeafVdev {
     }
 
     /// One read from the device, with the accounting read selection needs.
-    fn timed_read(&self, dev: &dyn Leaf, buf: &mut [u8], off: u64) -> io::Result<()> {
+    fn timed_read(&self, dev: &dyn Leaf, buf: &mut [u8], off: u64, how: ReadHow) -> io::Result<()> {
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let t = Instant::now();
-        let r = dev.read_at(buf, off);
+        let r = match how {
+            ReadHow::Cached => dev.read_at(buf, off),
+            ReadHow::Uncached => dev.read_at_uncached(buf, off),
+        };
         self.record_latency(t.elapsed().as_nanos() as u64);
         self.stats
             .last_end
@@ -632,9 +646,21 @@ impl TopVdev {
         birth: Txg,
         verify: &dyn Fn(&[u8]) -> bool,
     ) -> Result<()> {
+        self.read_how(off, buf, birth, verify, ReadHow::Cached)
+    }
+
+    /// [`TopVdev::read`], choosing whether the leaves may keep the data in a cache (see [`ReadHow`]).
+    pub fn read_how(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        birth: Txg,
+        verify: &dyn Fn(&[u8]) -> bool,
+        how: ReadHow,
+    ) -> Result<()> {
         self.check_bounds(off, buf.len())?;
         match self.kind {
-            TopKind::Mirror => self.read_mirror(off, buf, birth, verify),
+            TopKind::Mirror => self.read_mirror(off, buf, birth, verify, how),
             TopKind::Single | TopKind::Stripe { .. } => {
                 for s in self.segments(off, buf.len()) {
                     let c = &self.children[s.child];
@@ -643,6 +669,7 @@ impl TopVdev {
                         dev.as_ref(),
                         &mut buf[s.buf_off..s.buf_off + s.len],
                         s.leaf_off,
+                        how,
                     )
                     .map_err(|e| {
                         c.io_error("read", s.leaf_off, &e, true);
@@ -676,6 +703,7 @@ impl TopVdev {
         buf: &mut [u8],
         birth: Txg,
         verify: &dyn Fn(&[u8]) -> bool,
+        how: ReadHow,
     ) -> Result<()> {
         let leaf_off = DATA_START + off;
         let mut bad: Vec<usize> = Vec::new();
@@ -684,7 +712,7 @@ impl TopVdev {
         for ci in self.read_order(off, birth) {
             let c = &self.children[ci];
             let Some(dev) = c.usable_dev() else { continue };
-            match c.timed_read(dev.as_ref(), buf, leaf_off) {
+            match c.timed_read(dev.as_ref(), buf, leaf_off, how) {
                 Err(e) => {
                     c.io_error("read", leaf_off, &e, self.last_replica(ci));
                     last_err = Some(VdevError::io(dev.path(), "read", leaf_off, e));
@@ -750,7 +778,7 @@ impl TopVdev {
                 .filter_map(|(ci, c)| {
                     let dev = c.usable_dev()?;
                     let mut b = vec![0u8; len];
-                    match c.timed_read(dev.as_ref(), &mut b, DATA_START + off) {
+                    match c.timed_read(dev.as_ref(), &mut b, DATA_START + off, ReadHow::Cached) {
                         Ok(()) => Some(b),
                         Err(e) => {
                             c.io_error("read", DATA_START + off, &e, self.last_replica(ci));
