@@ -71,10 +71,7 @@ fn partial_writes_read_old_blocks_uncached_and_application_reads_cached() {
         host_id: 1,
         hostname: "test".into(),
     };
-    let dyn_leaves = leaves
-        .iter()
-        .map(|l| l.clone() as Arc<dyn Leaf>)
-        .collect();
+    let dyn_leaves = leaves.iter().map(|l| l.clone() as Arc<dyn Leaf>).collect();
     let pool = Pool::create_on("rc", vec![(TopKind::Mirror, dyn_leaves)], &host).unwrap();
     let obj = pool.create_object(ObjType::Volume, 14, 1).unwrap();
     pool.set_object_size(obj, 4 * MIB).unwrap();
@@ -95,7 +92,8 @@ fn partial_writes_read_old_blocks_uncached_and_application_reads_cached() {
     // 4 KiB into each of 8 committed 16 KiB blocks: each block's old contents are read once,
     // around the cache.
     for b in 0..8u64 {
-        pool.write_object(obj, b * BS + 4096, &[0xabu8; 4096]).unwrap();
+        pool.write_object(obj, b * BS + 4096, &[0xabu8; 4096])
+            .unwrap();
     }
     let (cached, uncached) = count(&leaves);
     assert_eq!(

@@ -42,12 +42,18 @@ thread_local! {
         const { std::cell::RefCell::new(AlignedBuf { v: Vec::new(), skip: 0 }) };
 }
 
+/// The smallest bounce buffer a thread keeps.
+const BOUNCE_MIN: usize = 64 << 10;
+
 /// Runs `f` on an aligned scratch slice of `len` bytes (`len <= BOUNCE_MAX`) owned by this thread.
+/// The buffer grows to the largest transfer the thread has made (in powers of two), so the many
+/// threads that only move single blocks keep small ones: at 1 MiB each, the daemon's blocking
+/// threads doing 16 KiB read-modify-writes held over 100 MiB.
 fn with_bounce<R>(len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
     BOUNCE.with(|b| {
         let mut b = b.borrow_mut();
-        if b.len() < BOUNCE_MAX {
-            *b = AlignedBuf::zeroed(BOUNCE_MAX);
+        if b.len() < len {
+            *b = AlignedBuf::zeroed(len.next_power_of_two().clamp(BOUNCE_MIN, BOUNCE_MAX));
         }
         f(&mut b.as_mut_slice()[..len])
     })
@@ -590,6 +596,31 @@ mod tests {
         leaf.read_at(&mut page, 8192).unwrap();
         assert_eq!(page, vec![0xEE; 4096]);
         leaf.flush().unwrap();
+    }
+
+    #[test]
+    fn a_thread_bouncing_single_blocks_keeps_a_small_bounce_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leaf");
+        FileLeaf::create_sparse(&path, 8 << 20).unwrap();
+        let leaf = FileLeaf::open(&path, RW).unwrap();
+        let bounce_len = || BOUNCE.with(|b| b.borrow().len());
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let data = vec![0x5au8; 16385];
+                leaf.write_at(&data[1..], 4 << 20).unwrap();
+                let mut back = vec![0u8; 16385];
+                leaf.read_at_uncached(&mut back[1..], 4 << 20).unwrap();
+                assert_eq!(back[1..], data[1..]);
+                if leaf.is_direct() {
+                    assert_eq!(bounce_len(), BOUNCE_MIN, "16 KiB transfers keep 64 KiB");
+                    // A larger transfer grows it, to at most BOUNCE_MAX.
+                    let big = vec![0x33u8; (3 << 20) + 1];
+                    leaf.write_at(&big[1..], 0).unwrap();
+                    assert_eq!(bounce_len(), BOUNCE_MAX);
+                }
+            });
+        });
     }
 
     #[test]
