@@ -18,7 +18,7 @@
 use crate::error::{PoolError, Result};
 use cairn_vdev::codec::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use cairn_vdev::tree::TopVdev;
-use cairn_vdev::{Guid, Txg, SECTOR};
+use cairn_vdev::{Guid, Txg, VdevError, SECTOR};
 use std::collections::{BTreeSet, HashMap};
 
 pub const PAGE_SIZE: usize = 4096;
@@ -157,6 +157,9 @@ pub struct TopAlloc {
     /// Bytes freed but not yet allocatable (deferred).
     deferred_bytes: u64,
     dirty: BTreeSet<u64>,
+    /// Blocks were allocated since the pages were last written: the map on the vdev does not record
+    /// them yet.
+    unsynced_allocs: bool,
 }
 
 impl TopAlloc {
@@ -183,6 +186,7 @@ impl TopAlloc {
             alloc_bytes,
             deferred_bytes: 0,
             dirty: BTreeSet::new(),
+            unsynced_allocs: false,
         }
     }
 
@@ -313,6 +317,7 @@ impl TopAlloc {
                 page.free -= n;
                 self.page_free[p as usize] = page.free as u32;
                 self.dirty.insert(p);
+                self.unsynced_allocs = true;
                 self.alloc_bytes += n * SECTOR;
                 let blk = p * BITS_PER_PAGE + bit;
                 if from.is_none() {
@@ -396,6 +401,7 @@ impl TopAlloc {
             vdev.write((2 * p + slot as u64) * PAGE_SIZE as u64, &image)?;
             page.cur_slot = Some(slot);
         }
+        self.unsynced_allocs = false;
         Ok(())
     }
 
@@ -548,11 +554,26 @@ impl Allocator {
     }
 
     /// Write the changed pages of every top-level vdev that takes I/O. Pages of an unavailable vdev
-    /// stay dirty in memory until it is back (nothing is allocated there meanwhile).
+    /// that only record frees stay dirty in memory until it is back (space freed there stays in use
+    /// on disk meanwhile: a leak at worst). But blocks allocated there before it became unavailable
+    /// (writes already under way when its devices went) are recorded only in memory: a txg linking
+    /// them must not commit, or after a restart the vdev's map would hand their space out again
+    /// and the next writes there would overwrite them. The commit fails and the pool suspends
+    /// (`pool clear` resumes it from the last txg once the devices are back).
     pub fn sync(&mut self, vdevs: &[std::sync::Arc<TopVdev>], txg: Txg) -> Result<()> {
         for (i, t) in self.tops.iter_mut().enumerate() {
             if vdevs[i].state().usable() {
                 t.sync(&vdevs[i], txg)?;
+            } else if t.unsynced_allocs {
+                return Err(PoolError::Vdev(VdevError::Invalid {
+                    path: format!("vdev {}", t.id),
+                    reason: format!(
+                        "cannot commit txg {txg}: blocks were written to top-level vdev {} \
+                         before it became unavailable, and its allocation map cannot be \
+                         updated",
+                        t.id
+                    ),
+                }));
             }
         }
         Ok(())
