@@ -173,10 +173,35 @@ impl Pool {
     }
 
     /// Detach a mirror child. Refused when no other child holds everything.
+    /// Detaching a replacement (the leaf right after one being replaced) cancels the replacement,
+    /// as zpool's: the leaf it was replacing stays.
     pub fn detach(&self, name: &str) -> Result<()> {
         let mut g = self.lock();
         g.check_writable()?;
-        self.detach_locked(&mut g, name)?;
+        let cancels = {
+            let (_, t, lv) = self.top_of(&g, name)?;
+            let i = t.children.iter().position(|c| c.guid == lv.guid);
+            i.and_then(|i| i.checked_sub(1))
+                .and_then(|p| t.children.get(p))
+                .filter(|prev| lock(&prev.config).flags.replacing)
+                .cloned()
+        };
+        // Changed before the detach rebuilds the vdev's configuration from its children.
+        let saved = cancels.as_ref().map(|prev| {
+            let mut pc = lock(&prev.config);
+            let saved = pc.clone();
+            pc.flags.replacing = false;
+            if let Some(path) = pc.identity.path.strip_suffix(" (old)") {
+                pc.identity.path = path.to_string();
+            }
+            saved
+        });
+        if let Err(e) = self.detach_locked(&mut g, name) {
+            if let (Some(prev), Some(saved)) = (cancels, saved) {
+                *lock(&prev.config) = saved;
+            }
+            return Err(e);
+        }
         g.commit(false)
     }
 
@@ -314,29 +339,43 @@ impl Pool {
     }
 
     /// After a resilver: detach leaves marked as being replaced whose replacement is complete.
+    ///
+    /// A leaf's replacement is the child right after it (`replace` puts it there). Only that one
+    /// counts: another child that completed its own resilver (an `attach` running at the same time)
+    /// does not make the old leaf redundant, and detaching it then would leave the mirror with one
+    /// complete copy while the new leaf still copies (OpenZFS keeps the old device until the new one
+    /// is complete, too). A replacement that is itself being replaced hands this on: the old leaf
+    /// waits for the last in the chain.
     pub fn finish_replacements(&self) -> Result<()> {
         let mut g = self.lock();
-        let mut done = Vec::new();
-        for t in &g.tree.tops {
-            for c in &t.children {
-                if lock(&c.config).flags.replacing {
-                    let ready = t
-                        .children
-                        .iter()
-                        .any(|o| o.guid != c.guid && o.state().usable() && lock(&o.dtl).is_empty());
-                    if ready {
-                        done.push(c.guid.0.to_string());
+        let mut changed = false;
+        loop {
+            let mut done = None;
+            'tops: for t in &g.tree.tops {
+                for (i, c) in t.children.iter().enumerate() {
+                    if !lock(&c.config).flags.replacing {
+                        continue;
+                    }
+                    let Some(new) = t.children.get(i + 1) else {
+                        continue;
+                    };
+                    if !lock(&new.config).flags.replacing
+                        && new.state().usable()
+                        && lock(&new.dtl).is_empty()
+                    {
+                        done = Some(c.guid.0.to_string());
+                        break 'tops;
                     }
                 }
             }
-        }
-        if done.is_empty() {
-            return Ok(());
-        }
-        for name in done {
+            let Some(name) = done else { break };
             self.detach_locked(&mut g, &name)?;
+            changed = true;
         }
-        g.commit(false)
+        if changed {
+            g.commit(false)?;
+        }
+        Ok(())
     }
 
     /// Is any leaf of this pool waiting for a resilver to finish a replacement?

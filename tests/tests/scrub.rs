@@ -1018,6 +1018,73 @@ fn a_replace_whose_resilver_is_canceled_keeps_the_old_leaf_until_one_completes()
     d.assert_alive();
 }
 
+/// A replace issued while another leaf's attach resilver runs: when that first resilver completes,
+/// the old leaf must stay (the other leaf's completion does not make it redundant); it leaves once
+/// its own replacement has been resilvered. Detaching it early left the mirror with one complete
+/// copy while the replacement still copied.
+#[test]
+fn a_replaced_leaf_waits_for_its_own_replacement_not_for_another_attach() {
+    let (env, mut d, model) = setup_with_data(32 * MIB, 0x56);
+    env.sparse("x", 256 * MIB);
+    env.sparse("e", 256 * MIB);
+    env.ok(&["pool", "set", "scrub_rate_limit=4M", "tank"]);
+    env.ok(&["pool", "attach", "tank", "a", &env.p("x")]);
+    env.ok(&["pool", "replace", "tank", "b", &env.p("e")]);
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    wait_resilvered(&env, Duration::from_secs(30));
+    wait_for(&env, "b is detached", Duration::from_secs(5), || {
+        children(&env, "mirror-0") == ["a", "e", "x"]
+    });
+    let j = env.json(&["pool", "events", "-j", "tank"]);
+    let ev: Vec<(String, String, String)> = j["events"]
+        .as_array()
+        .expect("events array")
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("class"), s("vdev"), s("detail"))
+        })
+        .collect();
+    let done: Vec<usize> = (0..ev.len())
+        .filter(|&i| ev[i].0 == "resilver_done")
+        .collect();
+    let b_left = ev
+        .iter()
+        .position(|e| e.1 == env.p("b") && e.2 == "detached")
+        .unwrap_or_else(|| panic!("no detach event for b: {ev:?}"));
+    assert!(
+        done.len() >= 2 && done.iter().all(|&i| i < b_left),
+        "b left before the last resilver (its replacement's) completed: {ev:?}"
+    );
+    assert_clean_scrub(&env);
+    env.ok(&["pool", "offline", "tank", "a"]);
+    env.ok(&["pool", "offline", "tank", "x"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
+/// Detaching the new leaf of a replacement cancels it (as zpool): the old leaf stays, and is no
+/// longer marked as being replaced, so a later resilver does not take it away.
+#[test]
+fn detaching_a_replacement_cancels_the_replace() {
+    let (env, mut d, model) = setup_with_data(16 * MIB, 0x57);
+    env.sparse("e", 256 * MIB);
+    env.sparse("f", 256 * MIB);
+    env.ok(&["pool", "set", "scrub_rate_limit=1M", "tank"]);
+    env.ok(&["pool", "replace", "tank", "b", &env.p("e")]);
+    env.ok(&["pool", "detach", "tank", "e"]);
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    assert_eq!(children(&env, "mirror-0"), ["a", "b"]);
+    env.ok(&["pool", "attach", "tank", "a", &env.p("f")]);
+    wait_resilvered(&env, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(children(&env, "mirror-0"), ["a", "b", "f"]);
+    env.ok(&["pool", "offline", "tank", "a"]);
+    env.ok(&["pool", "offline", "tank", "f"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
 // ---------------------------------------------------------------------------------------------------
 // 6. Attach, detach, attach again
 // ---------------------------------------------------------------------------------------------------
