@@ -75,6 +75,10 @@ const CMDF_DF: u16 = 4;
 const CMDF_REQ_ONE: u16 = 8;
 const CMDF_FAST_ZERO: u16 = 16;
 
+/// How long a closing connection may take to send the replies of requests in flight while the daemon
+/// stops (or the connection is told to stop).
+const DRAIN_AT_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 const REPLY_FLAG_DONE: u16 = 1;
 const REPLY_TYPE_NONE: u16 = 0;
 const REPLY_TYPE_OFFSET_DATA: u16 = 1;
@@ -677,7 +681,14 @@ pub async fn serve_conn<S>(
                 break;
             }
             payload = AlignedBuf::take(r.len as usize);
-            if rd.read_exact(payload.as_mut_slice()).await.is_err() {
+            // A client that sent part of a payload and stalls must not hold up a shutdown.
+            let got = tokio::select! {
+                r = rd.read_exact(payload.as_mut_slice()) => r.is_ok(),
+                _ = shutdown.changed() => false,
+                _ = stop_rx.changed() => false,
+            };
+            if !got {
+                payload.give();
                 break;
             }
         }
@@ -709,10 +720,25 @@ pub async fn serve_conn<S>(
             drop(permit);
         });
     }
-    // Let requests in flight finish and their replies go out.
-    let _ = sem.acquire_many(MAX_INFLIGHT as u32).await;
-    drop(tx);
-    let _ = writer.await;
+    // Let requests in flight finish and their replies go out; when the daemon is stopping, a client
+    // that does not read its replies gets a few seconds, not forever.
+    let drain = async {
+        let _ = sem.acquire_many(MAX_INFLIGHT as u32).await;
+        drop(tx);
+        let _ = writer.await;
+    };
+    tokio::pin!(drain);
+    let stopping = *shutdown.borrow() || *stop_rx.borrow();
+    if stopping {
+        let _ = tokio::time::timeout(DRAIN_AT_STOP, drain).await;
+    } else {
+        tokio::select! {
+            _ = &mut drain => {},
+            _ = shutdown.changed() => {
+                let _ = tokio::time::timeout(DRAIN_AT_STOP, drain).await;
+            }
+        }
+    }
     exports.detach(conn);
 }
 

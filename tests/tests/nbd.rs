@@ -1010,6 +1010,31 @@ fn raw_write_cut_short_by_a_disconnect_changes_nothing() {
     qio_ok(&env, &env.nbd_uri("tank/vol"), &["read -P 0 1M 1M"]);
 }
 
+/// A client that sent a write's header and part of its payload, then stalls while connected, does
+/// not hold up SIGTERM: the daemon stops promptly (it used to wait for the rest of the payload until
+/// its 30 s limit for connections), and what was flushed before is intact.
+#[test]
+fn sigterm_does_not_wait_for_a_client_stalled_mid_payload() {
+    let (env, mut d) = raw_setup();
+    let (mut c, _, _) = Nbd::open(&env, "tank/vol");
+    let mut b = Nbd::request_bytes(0, CMD_WRITE, 1, 0, MIB as u32);
+    b.extend_from_slice(&[0xee; 1000]);
+    c.send(&b);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let st = d.terminate();
+    let took = t.elapsed();
+    assert_eq!(st.code(), Some(0), "{st}; log:\n{}", d.log());
+    assert!(
+        took < Duration::from_secs(15),
+        "the daemon took {took:?} to stop with a client stalled mid-payload"
+    );
+    drop(c);
+    let mut d = env.serve();
+    assert_serving(&env, &mut d, "tank/vol", 0x77, MIB);
+    qio_ok(&env, &env.nbd_uri("tank/vol"), &["read -P 0 1M 1M"]);
+}
+
 #[test]
 fn raw_option_of_length_0xffffffff_does_not_hurt() {
     let (env, mut d) = raw_setup();
