@@ -6,7 +6,9 @@ use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
 use cairn_dataset::{self as ds, CreateVolume, DatasetError, VolumeInfo};
+use cairn_pool::Pool;
 use serde_json::{json, Map, Value};
+use std::sync::Arc;
 
 type CmdResult = Result<(), Vec<CmdError>>;
 
@@ -87,6 +89,23 @@ fn split_assignment(a: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), normalise(k, v)?))
 }
 
+/// The pool of dataset `name`; an error names the dataset, as zfs's ("cannot create 'nopool/v':
+/// no such pool 'nopool'").
+fn dataset_pool(
+    ctx: &mut Ctx,
+    pool_name: &str,
+    name: &str,
+    verb: &str,
+) -> Result<Arc<Pool>, Vec<CmdError>> {
+    ctx.pools.get(ctx.sd, pool_name, verb).map_err(|mut e| {
+        if e.reason == "no such pool" {
+            e.reason = format!("no such pool '{pool_name}'");
+            e.name = name.to_string();
+        }
+        one(e)
+    })
+}
+
 /// Validate a dataset name and return its pool.
 fn pool_of(name: &str, verb: &str) -> Result<String, Vec<CmdError>> {
     validate_dataset_name(name).map(|(p, _)| p).map_err(|r| {
@@ -122,7 +141,7 @@ fn create(
         }
         pv.push((k, v));
     }
-    let pool = ctx.pools.get(ctx.sd, &pool_name, "create").map_err(one)?;
+    let pool = dataset_pool(ctx, &pool_name, name, "create")?;
     ds::create_volume(
         &pool,
         name,
@@ -412,9 +431,16 @@ fn get(
 fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult {
     // zfs's wording: "cannot set property for 'tank/vol': ...".
     let err = |r: String| one(CmdError::new("set property for", name, r));
+    if !assignment.contains('=') {
+        // As zfs: a usage error, exit 2.
+        return Err(one(CmdError::usage(
+            "set",
+            format!("missing '=' for property=value argument '{assignment}'"),
+        )));
+    }
     let (k, v) = split_assignment(assignment).map_err(err)?;
     let pool_name = pool_of(name, "set property for")?;
-    let pool = ctx.pools.get(ctx.sd, &pool_name, "set").map_err(one)?;
+    let pool = dataset_pool(ctx, &pool_name, name, "set property for")?;
     ds::set(&pool, name, &k, &v).map_err(|e| err(reason(e)))?;
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
@@ -428,7 +454,7 @@ fn destroy(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResu
         return destroy_children(ctx, name, recursive, cmdline);
     }
     let pool_name = pool_of(name, "destroy")?;
-    let pool = ctx.pools.get(ctx.sd, &pool_name, "destroy").map_err(one)?;
+    let pool = dataset_pool(ctx, &pool_name, name, "destroy")?;
     if ctx.pools.in_use(name) {
         return Err(err(
             "dataset is busy: an NBD client is connected to it".into()

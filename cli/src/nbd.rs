@@ -163,20 +163,15 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// The transmission flags of an export.
+/// The transmission flags of an export. A read-only one offers no writing commands (TRIM,
+/// WRITE_ZEROES, FUA), as nbdkit's; they would only get EPERM.
 fn tflags(v: &Volume) -> u16 {
-    let mut f = TF_HAS_FLAGS
-        | TF_SEND_FLUSH
-        | TF_SEND_FUA
-        | TF_SEND_TRIM
-        | TF_SEND_WRITE_ZEROES
-        | TF_SEND_DF
-        | TF_CAN_MULTI_CONN
-        | TF_SEND_FAST_ZERO;
+    let base = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_DF | TF_CAN_MULTI_CONN;
     if v.readonly() {
-        f |= TF_READ_ONLY;
+        base | TF_READ_ONLY
+    } else {
+        base | TF_SEND_FUA | TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO
     }
-    f
 }
 
 /// Parse `u32 len, name, ...rest` and return (name, rest offset).

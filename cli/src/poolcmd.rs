@@ -1021,25 +1021,23 @@ fn data_error_list(p: &Pool) -> Vec<String> {
         .collect()
 }
 
-/// The status of an imported pool none of whose devices can be opened: every leaf the state dir
-/// recorded for it, UNAVAIL, and why the pool could not be opened as the action.
+/// The status of an imported pool that cannot be opened: its leaves (from the state dir's record,
+/// placed in their mirrors by the labels still on them), and why the pool could not be opened as
+/// the action.
 fn unavailable_status(name: &str, entry: Option<&CacheEntry>, why: &str) -> PoolStatus {
     let leaves = entry.map(|e| e.leaves.clone()).unwrap_or_default();
-    let children = leaves
-        .iter()
-        .map(|l| VdevStatus {
-            name: cairn_pool::pool::leaf_name(l),
-            vdev_type: "file".into(),
-            path: Some(l.clone()),
-            state: "UNAVAIL".into(),
-            reason: Some(if Path::new(l).exists() {
-                "corrupted data: missing or invalid label".into()
-            } else {
-                "cannot open".into()
-            }),
-            ..VdevStatus::default()
-        })
-        .collect();
+    // The vdev tree as the labels still on the recorded devices describe it: leaves that carry the
+    // pool's label are there (ONLINE), the others are missing, each with why.
+    let paths: Vec<PathBuf> = leaves.iter().map(PathBuf::from).collect();
+    let found = entry.and_then(|e| {
+        import::scan(&paths)
+            .into_iter()
+            .find(|c| c.guid().0 == e.guid)
+    });
+    let children = match found {
+        Some(c) => c.vdev_status().children,
+        None => flat_unavailable(&leaves),
+    };
     PoolStatus {
         name: name.to_string(),
         pool_guid: entry.map(|e| e.guid).unwrap_or(0),
@@ -1068,6 +1066,25 @@ fn unavailable_status(name: &str, entry: Option<&CacheEntry>, why: &str) -> Pool
         },
         ..PoolStatus::default()
     }
+}
+
+/// Every recorded leaf UNAVAIL: when none of them carries the pool's label any more.
+fn flat_unavailable(leaves: &[String]) -> Vec<VdevStatus> {
+    leaves
+        .iter()
+        .map(|l| VdevStatus {
+            name: cairn_pool::pool::leaf_name(l),
+            vdev_type: "file".into(),
+            path: Some(l.clone()),
+            state: "UNAVAIL".into(),
+            reason: Some(if Path::new(l).exists() {
+                "corrupted data: missing or invalid label".into()
+            } else {
+                "cannot open".into()
+            }),
+            ..VdevStatus::default()
+        })
+        .collect()
 }
 
 fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {

@@ -9,14 +9,14 @@
 
 use crate::error::{PoolError, Result};
 use crate::object::ObjType;
-use crate::pool::{blob_opts, read_blob, write_blob, Inner, Pool, MOS_COPIES};
+use crate::pool::{blob_opts, read_blob, write_blob, Behind, Inner, Pool, MOS_COPIES};
 use bincode::Options;
 use cairn_vdev::config::TopKind;
 use cairn_vdev::label;
 use cairn_vdev::testleaf::FaultSet;
 use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
 use cairn_vdev::units::{lock, now_secs as now};
-use cairn_vdev::{Leaf, Txg};
+use cairn_vdev::{Guid, Leaf, Txg};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -52,8 +52,13 @@ impl Inner {
     }
 
     /// Restore counters, dirty time logs, events and the error log at open.
+    /// Every leaf's dirty time log becomes the recorded one (empty if none is recorded); whatever
+    /// was set before only steered the reads of the record.
     pub(crate) fn load_health(&mut self) -> Result<()> {
         let Some(&id) = self.dir.get(HEALTH) else {
+            for (_, lv) in self.tree.leaves() {
+                lock(&lv.dtl).clear();
+            }
             return Ok(());
         };
         let vdevs = self.tree.tops.clone();
@@ -65,13 +70,68 @@ impl Inner {
             if let Some(s) = h.stats.get(&lv.guid.0) {
                 lv.stats.restore(*s);
             }
-            if let Some(d) = h.dtl.get(&lv.guid.0) {
-                *lock(&lv.dtl) = d.iter().map(|&(a, b)| (Txg(a), Txg(b))).collect();
-            }
+            *lock(&lv.dtl) = h
+                .dtl
+                .get(&lv.guid.0)
+                .map(|d| d.iter().map(|&(a, b)| (Txg(a), Txg(b))).collect())
+                .unwrap_or_default();
         }
         self.tree.events.restore(h.events);
         *lock(&self.errlog) = h.errlog;
         self.health_written = b;
+        Ok(())
+    }
+
+    /// After [`Inner::load_health`], at open: devices whose labels stop before the pool's newest txg
+    /// (`behind`: the leaf and the txgs `[from, to]` it has no uberblock of) either missed those
+    /// txgs while the pool knew it (the recorded dirty time log covers them: nothing to do) or are
+    /// older copies of the device (a backup, a disk image restored) that the pool never knew as
+    /// missing. A mirror child of that kind lacks those txgs: they go into its dirty time log, so
+    /// reads avoid it and a resilver brings it up to date. A top-level vdev whose every usable
+    /// device is such a copy cannot be used at all (its allocation map is as old as its data, and
+    /// new writes would land on blocks the pool still uses): the open is refused.
+    pub(crate) fn check_behind(&mut self, behind: &[Behind], pool_txg: Txg) -> Result<()> {
+        let stale: Vec<&Behind> = behind
+            .iter()
+            .filter(|b| !covers(&lock(&b.leaf.dtl), b.from, b.to))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let is_stale = |g: Guid| stale.iter().any(|b| b.leaf.guid == g);
+        for t in &self.tree.tops {
+            let usable: Vec<&Arc<LeafVdev>> =
+                t.children.iter().filter(|c| c.state().usable()).collect();
+            if !usable.is_empty() && usable.iter().all(|c| is_stale(c.guid)) {
+                let what: Vec<String> = stale
+                    .iter()
+                    .filter(|b| usable.iter().any(|c| c.guid == b.leaf.guid))
+                    .map(|b| format!("{} (txg {})", b.path, b.from.0 - 1))
+                    .collect();
+                let name = crate::pool::top_name(t.kind, t.id, &t.children[0].path());
+                return Err(PoolError::Unavailable(format!(
+                    "{name} has only older copies of its devices: {} were last written before \
+                     the pool's txg {}, and the pool does not record them as missing; give \
+                     import the current devices",
+                    what.join(", "),
+                    pool_txg.0
+                )));
+            }
+        }
+        for b in stale {
+            b.leaf.dtl_add_range(b.from, b.to);
+            b.leaf.note(
+                "stale",
+                None,
+                format!(
+                    "{} is an older copy: last written in txg {}, the pool is at txg {}; \
+                     resilver needed",
+                    b.path,
+                    b.from.0 - 1,
+                    pool_txg.0
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -373,4 +433,16 @@ impl Pool {
         }
         Ok(out)
     }
+}
+
+/// Does the dirty time log `dtl` (inclusive ranges, in any order) hold every txg of `[from, to]`?
+fn covers(dtl: &[(Txg, Txg)], from: Txg, to: Txg) -> bool {
+    let mut t = from.0;
+    while t <= to.0 {
+        match dtl.iter().find(|(a, b)| a.0 <= t && t <= b.0) {
+            Some((_, b)) => t = b.0 + 1,
+            None => return false,
+        }
+    }
+    true
 }

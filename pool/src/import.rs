@@ -17,6 +17,8 @@ pub struct FoundLeaf {
     pub path: PathBuf,
     pub leaf_guid: Guid,
     pub valid_labels: usize,
+    /// The newest txg whose uberblock it holds (the last it took part in).
+    pub txg: Txg,
 }
 
 /// A pool seen on the scanned devices.
@@ -162,6 +164,13 @@ pub fn scan(paths: &[PathBuf]) -> Vec<ImportCandidate> {
             path: p.clone(),
             leaf_guid: best.header.leaf_guid,
             valid_labels: s.valid_count(),
+            txg: s
+                .uberblocks
+                .iter()
+                .filter(|u| u.pool_guid == best.header.pool_guid)
+                .map(|u| u.txg)
+                .max()
+                .unwrap_or(Txg(0)),
         };
         let e = pools
             .entry(best.header.pool_guid.0)
@@ -174,9 +183,10 @@ pub fn scan(paths: &[PathBuf]) -> Vec<ImportCandidate> {
             e.config = best.config.clone();
         }
         e.best_txg = e.best_txg.max(ub_txg);
-        // The same leaf seen twice (a copy of a file): keep the one with more valid labels.
+        // The same leaf seen twice (a copy of a file): keep the one that took part in the newer
+        // txg, then the one with more valid labels (as `Pool::open` chooses).
         match e.leaves.iter_mut().find(|l| l.leaf_guid == found.leaf_guid) {
-            Some(l) if l.valid_labels < found.valid_labels => *l = found,
+            Some(l) if (l.txg, l.valid_labels) < (found.txg, found.valid_labels) => *l = found,
             Some(_) => {}
             None => e.leaves.push(found),
         }

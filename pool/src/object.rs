@@ -193,7 +193,17 @@ pub fn read_bp_how(vdevs: &[Arc<TopVdev>], bp: &BlockPtr, how: ReadHow) -> Resul
     let mut buf = vec![0u8; bp.psize as usize];
     let mut last: Option<PoolError> = None;
     let mut failed: Vec<&Dva> = Vec::new();
-    for d in bp.dvas.iter().filter(|d| !d.is_empty()) {
+    let mut dvas: Vec<&Dva> = bp.dvas.iter().filter(|d| !d.is_empty()).collect();
+    if dvas.len() > 1 {
+        // Copies on vdevs known to lack the block's txg (their devices' dirty time logs) go last,
+        // so a good copy is found first and nothing is "healed" onto a device that is behind.
+        dvas.sort_by_key(|d| {
+            !vdevs
+                .get(d.vdev as usize)
+                .is_some_and(|v| v.holds(bp.birth))
+        });
+    }
+    for d in dvas {
         let Some(v) = vdevs.get(d.vdev as usize) else {
             last = Some(PoolError::corrupt(
                 "block pointer",

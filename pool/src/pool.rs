@@ -25,7 +25,7 @@ use cairn_vdev::config::{
 use cairn_vdev::file::{FileLeaf, OpenOptions as LeafOpen};
 use cairn_vdev::identity::identify;
 use cairn_vdev::label::{self, LabelRead, Uberblock, MIN_LEAF_SIZE};
-use cairn_vdev::tree::{ReadHow, TopVdev, VdevState, VdevTree};
+use cairn_vdev::tree::{LeafVdev, ReadHow, TopVdev, VdevState, VdevTree};
 use cairn_vdev::units::{lock, now_secs};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use serde::{Deserialize, Serialize};
@@ -753,6 +753,8 @@ impl Pool {
             dev: Arc<dyn Leaf>,
             scan: label::LeafScan,
             leaf_guid: Guid,
+            /// The newest txg whose uberblock this device holds (the last it took part in).
+            txg: Txg,
         }
         let mut found: Vec<Found> = Vec::new();
         for (path, dev) in devs {
@@ -764,11 +766,13 @@ impl Pool {
                 continue;
             }
             let leaf_guid = best.header.leaf_guid;
+            let txg = newest_txg(&scan, guid);
             found.push(Found {
                 path,
                 dev,
                 scan,
                 leaf_guid,
+                txg,
             });
         }
         if found.is_empty() {
@@ -803,15 +807,18 @@ impl Pool {
             .ok_or_else(|| {
                 PoolError::corrupt("pool", "no configuration matches the newest uberblock")
             })?;
-        // Match devices to leaves by GUID; prefer the stored path, then more valid labels.
+        // Match devices to leaves by GUID. Two devices with the same GUID are copies of one leaf
+        // (a backup next to the live file): the one that took part in the newest txg wins, then the
+        // one at the stored path, then the one with more valid labels.
         let mut devmap: HashMap<Guid, (Arc<dyn Leaf>, PathBuf)> = HashMap::new();
-        let mut scores: HashMap<Guid, (bool, usize)> = HashMap::new();
+        let mut scores: HashMap<Guid, (Txg, bool, usize)> = HashMap::new();
         for f in &found {
             let Some((ti, ci)) = config.find_leaf(f.leaf_guid) else {
                 continue;
             };
             let lc = &config.tops[ti].children[ci];
             let score = (
+                f.txg,
                 absolute(&f.path).to_string_lossy() == lc.identity.path,
                 f.scan.valid_count(),
             );
@@ -865,6 +872,28 @@ impl Pool {
                 )));
             }
         }
+        // Devices whose labels stop more than one txg before the pool's newest (a crash can leave
+        // the last uberblock on some devices only): they missed those txgs, or are older copies.
+        // Until the pool's own record says which (below), reads prefer the other copies.
+        let behind: Vec<Behind> = tree
+            .leaves()
+            .filter_map(|(_, lv)| {
+                let (t, _, _) = scores.get(&lv.guid)?;
+                let (_, path) = devmap.get(&lv.guid)?;
+                (t.0 + 1 < ub.txg.0).then(|| Behind {
+                    leaf: lv.clone(),
+                    from: Txg(t.0 + 1),
+                    to: Txg(ub.txg.0 - 1),
+                    path: path.display().to_string(),
+                })
+            })
+            .collect();
+        for Behind {
+            leaf: lv, from, to, ..
+        } in &behind
+        {
+            *lock(&lv.dtl) = vec![(*from, *to)];
+        }
         // The object set.
         let root = BlockPtr::decode(&ub.root)?;
         if root.is_hole() || root.kind != BlockKind::Objset || root.psize as usize != OBJSET_SIZE {
@@ -902,6 +931,7 @@ impl Pool {
             .deserialize(&dirblob)
             .map_err(|e| PoolError::corrupt("pool directory", e.to_string()))?;
         inner.load_health()?;
+        inner.check_behind(&behind, ub.txg)?;
         if opts.import {
             inner.config.state = PoolState::Active;
             inner.config.host_id = opts.host.host_id;
@@ -1125,6 +1155,13 @@ impl Pool {
     }
 
     pub fn status(&self) -> PoolStatus {
+        // Leaves a running resilver is copying to say so, as zpool's "(resilvering)".
+        let copying: Vec<u64> = self
+            .scan_state()
+            .ok()
+            .filter(|s| s.function == "resilver" && s.state == "scanning")
+            .map(|s| s.targets)
+            .unwrap_or_default();
         let mut g = self.lock();
         // A device deleted or replaced since the last commit shows now, not at the next write.
         for (_, lv) in g.tree.leaves() {
@@ -1140,6 +1177,15 @@ impl Pool {
             }
         }
         st.root.checksum_errors += st.error_count;
+        fn mark(v: &mut VdevStatus, copying: &[u64]) {
+            if v.reason.as_deref() == Some("(resilver needed)") && copying.contains(&v.guid) {
+                v.reason = Some("(resilvering)".into());
+            }
+            for c in &mut v.children {
+                mark(c, copying);
+            }
+        }
+        mark(&mut st.root, &copying);
         st
     }
 
@@ -1726,6 +1772,26 @@ fn load_objset(
     Ok((os, alloc))
 }
 
+/// A device found at open whose labels stop before the pool's newest txg: it has no uberblock of the
+/// txgs `[from, to]` (see `Inner::check_behind`).
+pub(crate) struct Behind {
+    pub leaf: Arc<LeafVdev>,
+    pub from: Txg,
+    pub to: Txg,
+    /// The device's path as found (the configuration may still name another).
+    pub path: String,
+}
+
+/// The newest txg of pool `guid` whose uberblock a device holds (0 if none).
+fn newest_txg(scan: &label::LeafScan, guid: Guid) -> Txg {
+    scan.uberblocks
+        .iter()
+        .filter(|u| u.pool_guid == guid)
+        .map(|u| u.txg)
+        .max()
+        .unwrap_or(Txg(0))
+}
+
 /// Space kept back for metadata so commits never run out: 1/32 of the pool, at least 4 MiB and at most
 /// 128 MiB (never more than half), as OpenZFS's slop space.
 fn slop_for(size: u64) -> u64 {
@@ -2267,10 +2333,21 @@ impl Inner {
         };
         let size = self.alloc.size();
         let allocated = self.alloc.alloc_bytes();
+        // A suspended pool says so where zpool does: the state line and the health column.
+        let (state, action) = match &self.suspended {
+            Some(_) => (
+                "SUSPENDED",
+                s(
+                    "Make sure the affected devices are connected and work, then run \
+                   'cairn pool clear'.",
+                ),
+            ),
+            None => (st.as_str(), action),
+        };
         PoolStatus {
             name: self.config.name.clone(),
             pool_guid: self.config.pool_guid.0,
-            state: st.as_str().into(),
+            state: state.into(),
             txg: self.committed.0,
             size,
             allocated,

@@ -209,7 +209,7 @@ impl Pool {
         let (ti, t, lv) = self.top_of(g, name)?;
         if t.kind != TopKind::Mirror {
             return Err(PoolError::Invalid(format!(
-                "cannot detach {}: only mirror children can be detached",
+                "only mirror children can be detached ({} is not in a mirror)",
                 lv.path()
             )));
         }
@@ -219,7 +219,7 @@ impl Pool {
             .any(|c| c.guid != lv.guid && c.state().usable() && lock(&c.dtl).is_empty());
         if !complete {
             return Err(PoolError::Invalid(format!(
-                "cannot detach {}: no valid replicas (no other child holds all the data)",
+                "no valid replicas (no child but {} holds all the data)",
                 lv.path()
             )));
         }

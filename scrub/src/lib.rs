@@ -246,14 +246,11 @@ pub fn set_control(pool: &Pool, what: u8) -> Result<ScanState> {
             s.end_time = now();
         }
         _ => {
+            // zpool: "cannot pause scrubbing tank: there is no active scrub".
             return Err(ScrubError::Invalid(format!(
-                "there is no {} in progress",
-                if what == PAUSE {
-                    "scan to pause"
-                } else {
-                    "scan to stop"
-                }
-            )))
+                "there is no active scrub or resilver to {}",
+                if what == PAUSE { "pause" } else { "stop" }
+            )));
         }
     }
     pool.set_scan_state(&s)?;
@@ -785,11 +782,16 @@ pub fn run(
     let mut window_bytes = 0u64;
     // Scanning time for the rate, counted from here: batches and the waits of the rate limit alike
     // (a scan held to its limit runs at the limit), carrying the sub-millisecond rest over.
+    // A wait of the rate limit is counted when the batch before it is recorded (so the rate shown
+    // is the limited one, not the burst of the batch), and not again when it has passed.
     let mut tick = Instant::now();
-    let mut active_ms = move || {
+    let mut prepaid = 0u64;
+    let mut active_ms = move |prepay: u64| {
         let ms = tick.elapsed().as_millis() as u64;
         tick += Duration::from_millis(ms);
-        ms
+        let paid = ms.min(prepaid);
+        prepaid = prepaid - paid + prepay;
+        ms - paid + prepay
     };
     loop {
         match control.load(Ordering::Relaxed) {
@@ -814,7 +816,7 @@ pub fn run(
             s.examined += examined;
             s.issued += examined;
             s.repaired += copied;
-            s.active_ms += active_ms();
+            s.active_ms += active_ms(0);
             match next {
                 Some(b) => s.bookmark = b,
                 None => {
@@ -889,7 +891,15 @@ pub fn run(
         s.issued += r.issued;
         s.repaired += r.repaired;
         s.errors += r.errors;
-        s.active_ms += active_ms();
+        // The wait that scrub_rate_limit will impose after this batch (below).
+        let wait = if limit > 0 {
+            window_bytes += r.issued;
+            Duration::from_secs_f64(window_bytes as f64 / limit as f64)
+                .saturating_sub(window_start.elapsed())
+        } else {
+            Duration::ZERO
+        };
+        s.active_ms += active_ms(wait.as_millis() as u64);
         match next {
             Some(b) => s.bookmark = b,
             None => {
@@ -925,7 +935,6 @@ pub fn run(
         }
         progress(&s);
         if limit > 0 {
-            window_bytes += r.issued;
             let should = Duration::from_secs_f64(window_bytes as f64 / limit as f64);
             // Sleep in small steps so pause and stop take effect at once.
             while window_start.elapsed() < should {

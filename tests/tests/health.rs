@@ -892,9 +892,10 @@ fn a_suspended_pool_resumes_with_clear_and_keeps_every_flushed_byte() {
     );
     let st = env.ok(&["pool", "status", "tank"]);
     assert!(
-        st.contains("suspended"),
+        st.contains("suspended") && st.contains("state: SUSPENDED"),
         "the pool says it is suspended:\n{st}"
     );
+    assert_eq!(env.pool_health("tank"), "SUSPENDED");
     // Clearing while the devices still fail does not resume it.
     env.fail(&["pool", "clear", "tank"]);
     env.ok(&["inject", "-c", "all", "tank"]);
@@ -977,7 +978,8 @@ fn a_failed_export_leaves_the_pool_imported_and_served() {
     let e = env.fail(&["pool", "export", "tank"]);
     assert!(e.starts_with("cannot export 'tank': "), "{e}");
     assert_eq!(env.pool_names(), ["tank"], "still imported");
-    assert_eq!(env.pool_health("tank"), "ONLINE");
+    // Its final commit failed: the pool is suspended until `clear`, and says so.
+    assert_eq!(env.pool_health("tank"), "SUSPENDED");
     let faults = env.ok(&["inject", "-l", "tank"]);
     assert_eq!(
         faults.lines().count(),
@@ -993,4 +995,106 @@ fn a_failed_export_leaves_the_pool_imported_and_served() {
     env.ok(&["pool", "import", "-d", &env.p(""), "tank"]);
     qio_ok(&env, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
     d.assert_alive();
+}
+
+/// Waits up to 20 s for `f` to hold.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Older copies of leaves (a backup copied aside) given to import next to the current ones, or
+/// instead of them. Import took whichever copy it found first: with a stale mirror-0 the pool came
+/// up ONLINE and every read failed, and writing to it then broke the current copies too. Now the copy
+/// that took part in the newest txg wins; a mirror with only older copies is refused, naming them,
+/// and the copies are left as they were; a single older copy next to a current one joins as a
+/// device that missed those txgs, and is resilvered.
+#[test]
+fn import_takes_the_current_copy_of_a_leaf_and_refuses_a_vdev_of_older_copies() {
+    let env = Env::new();
+    for dir in ["cur", "old", "aside"] {
+        env.mkdir(dir);
+    }
+    let p = |n: &str| env.p(n);
+    env.ok(&[
+        "pool",
+        "create",
+        "--size",
+        "128M",
+        "tank",
+        "mirror",
+        &p("cur/a"),
+        &p("cur/b"),
+        "mirror",
+        &p("cur/c"),
+        &p("cur/d"),
+    ]);
+    env.ok(&["dataset", "create", "-V", "16M", "tank/vol"]);
+    let mut d = env.serve();
+    qio_ok(&env, &["write -P 0x11 0 16M", "flush"]);
+    d.stop();
+    env.ok(&["pool", "export", "tank"]);
+    for n in ["a", "b"] {
+        std::fs::copy(env.path(&format!("cur/{n}")), env.path(&format!("old/{n}"))).unwrap();
+    }
+    env.ok(&["pool", "import", "-d", &p("cur"), "tank"]);
+    let mut d = env.serve();
+    qio_ok(&env, &["write -P 0x22 0 16M", "flush"]);
+    d.stop();
+    env.ok(&["pool", "export", "tank"]);
+    let old_image = |n: &str| std::fs::read(env.path(&format!("old/{n}"))).unwrap();
+    let (old_a, old_b) = (old_image("a"), old_image("b"));
+
+    // Both copies visible, the old ones first: the current ones are taken.
+    env.ok(&["pool", "import", "-d", &p("old"), "-d", &p("cur"), "tank"]);
+    let st = env.ok(&["pool", "status", "-P", "tank"]);
+    assert!(
+        st.contains(&p("cur/a")) && st.contains(&p("cur/b")) && !st.contains(&p("old/")),
+        "{st}"
+    );
+    let mut d = env.serve();
+    qio_ok(&env, &["read -P 0x22 0 16M"]);
+    d.stop();
+    env.ok(&["pool", "export", "tank"]);
+
+    // Only the old copies of mirror-0: refused, naming them; they are left as they were.
+    for n in ["a", "b"] {
+        std::fs::rename(
+            env.path(&format!("cur/{n}")),
+            env.path(&format!("aside/{n}")),
+        )
+        .unwrap();
+    }
+    let e = env.fail(&["pool", "import", "-d", &p("old"), "-d", &p("cur"), "tank"]);
+    assert!(
+        e.contains("cannot import 'tank'") && e.contains("older copies") && e.contains(&p("old/a")),
+        "{e}"
+    );
+    assert!(old_image("a") == old_a && old_image("b") == old_b);
+    assert!(env.pool_names().is_empty());
+
+    // One old copy next to a current one: imported; the old copy is resilvered.
+    std::fs::rename(env.path("aside/a"), env.path("cur/a")).unwrap();
+    env.ok(&["pool", "import", "-d", &p("old"), "-d", &p("cur"), "tank"]);
+    let mut d = env.serve();
+    eventually("the older copy is resilvered", || {
+        let st = env.ok(&["pool", "status", "tank"]);
+        st.contains("resilvered") && !st.contains("(resilver")
+    });
+    assert!(
+        events(&env)
+            .iter()
+            .any(|e| e.0 == "stale" && e.3.contains(&p("old/b"))),
+        "{:?}",
+        events(&env)
+    );
+    env.ok(&["pool", "offline", "tank", &p("cur/a")]);
+    qio_ok(&env, &["read -P 0x22 0 16M"]);
+    d.stop();
 }

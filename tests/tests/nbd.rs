@@ -1284,6 +1284,8 @@ fn readonly_volumes_refuse_writes() {
     // The server refuses a write itself, with EPERM, and stays in step.
     let (mut c, _, flags) = Nbd::open(&env, "tank/ro");
     assert!(flags & TF_READ_ONLY != 0, "the export is flagged read-only");
+    // No writing commands are offered (FUA 8, TRIM 32, WRITE_ZEROES 64, FAST_ZERO 2048).
+    assert_eq!(flags & (8 | 32 | 64 | 2048), 0, "flags {flags:#x}");
     assert_eq!(c.write(1, 0, &[1; 4096]), EPERM);
     assert_eq!(c.read(2, 0, 4096).expect("read"), vec![0; 4096]);
     drop(c);
@@ -1293,6 +1295,7 @@ fn readonly_volumes_refuse_writes() {
     let rw = env.nbd_uri("tank/rw");
     let (mut live, _, flags) = Nbd::open(&env, "tank/rw");
     assert_eq!(flags & TF_READ_ONLY, 0);
+    assert_eq!(flags & (8 | 32 | 64), 8 | 32 | 64, "flags {flags:#x}");
     assert_eq!(live.write(1, 4096, &[7; 4096]), 0);
     qio_ok(&env, &rw, &["write -P 0x02 0 4k", "flush"]);
     env.ok(&["dataset", "set", "readonly=on", "tank/rw"]);

@@ -1400,7 +1400,10 @@ fn scrub_pause_or_stop_with_nothing_running_fails() {
     let _d = env.serve();
     env.ok(&["pool", "scrub", "-w", "tank"]);
     let e = env.fail(&["pool", "scrub", "-p", "tank"]);
-    assert!(e.starts_with("cannot scrub 'tank': "), "{e}");
+    assert!(
+        e.starts_with("cannot scrub 'tank': there is no active scrub or resilver to pause"),
+        "{e}"
+    );
     assert_eq!(scan_fs(&env), ("SCRUB".into(), "FINISHED".into()));
 }
 

@@ -229,6 +229,24 @@ impl LeafVdev {
         d.push((txg, txg));
     }
 
+    /// Record that this leaf lacks every txg of `[from, to]`.
+    pub fn dtl_add_range(&self, from: Txg, to: Txg) {
+        if from > to {
+            return;
+        }
+        let mut d = lock(&self.dtl);
+        d.push((from, to));
+        d.sort_unstable();
+        let mut merged: Vec<(Txg, Txg)> = Vec::with_capacity(d.len());
+        for &(a, b) in d.iter() {
+            match merged.last_mut() {
+                Some(last) if a.0 <= last.1 .0.saturating_add(1) => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        *d = merged;
+    }
+
     /// Record an event about this leaf (`pool events`).
     pub fn note(&self, class: &str, offset: Option<u64>, detail: String) {
         self.event(class, offset, detail)
@@ -635,6 +653,13 @@ impl TopVdev {
             .map(|(_, _, ci)| ci)
             .chain(stale)
             .collect()
+    }
+
+    /// Does some usable child hold the writes of `txg` (not in its dirty time log)?
+    pub fn holds(&self, txg: Txg) -> bool {
+        self.children
+            .iter()
+            .any(|c| c.state().usable() && (txg.0 == 0 || !c.dtl_contains(txg)))
     }
 
     /// Read `buf.len()` bytes at `off` of a block born in txg `birth` (0 if unknown), accepting only
