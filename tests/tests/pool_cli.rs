@@ -1814,6 +1814,20 @@ fn a_pool_name_is_the_root_of_its_datasets() {
     let o = env.run(&["dataset", "list", "nopool"]);
     assert_eq!(o.code, 1, "{}", o.stderr);
     assert_cannot(&o.stderr, "list", "nopool", &["no such pool"]);
+    // A dataset of a pool that does not exist: named, with the pool, as zfs.
+    let e = env.fail(&["dataset", "create", "-V", "16M", "nopool/v1"]);
+    assert_cannot(&e, "create", "nopool/v1", &["no such pool 'nopool'"]);
+    let e = env.fail(&["dataset", "set", "readonly=on", "nopool/v1"]);
+    assert_cannot(
+        &e,
+        "set property for",
+        "nopool/v1",
+        &["no such pool 'nopool'"],
+    );
+    // `set` without '=' is a usage error (exit 2), and changes nothing.
+    let o = env.run(&["dataset", "set", "volsize", "tank/v1"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("missing '='"), "{}", o.stderr);
 
     // destroy POOL without -r: the pool's root cannot go; nothing changes.
     let e = env.fail(&["dataset", "destroy", "tank"]);
@@ -2028,4 +2042,58 @@ fn a_pool_imported_by_another_system_needs_f() {
     assert_cannot(&e, "open", "tank", &["not imported here"]);
     let h = run2(&["pool", "history", "tank"]);
     assert!(h.stdout.contains("pool import -f -d"), "{}", h.stdout);
+}
+
+/// A RAID1+0 pool one of whose mirrors lost both files, without a daemon: status places the leaves
+/// in their mirrors from the labels still on them, the healthy ones ONLINE (they showed as
+/// 'corrupted data' in a flat list), the missing ones UNAVAIL, 'cannot open'.
+#[test]
+fn status_of_a_pool_missing_a_whole_mirror_shows_its_vdev_tree() {
+    let env = Env::new();
+    create(
+        &env,
+        "128M",
+        "tank",
+        &["mirror", "a", "b", "mirror", "c", "d"],
+    );
+    for l in ["c", "d"] {
+        std::fs::remove_file(env.path(l)).unwrap();
+    }
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(st.starts_with("  pool: tank\n state: UNAVAIL\n"), "{st}");
+    assert_eq!(
+        tree(&st),
+        t(&[
+            (0, "tank"),
+            (2, "mirror-0"),
+            (4, "a"),
+            (4, "b"),
+            (2, "mirror-1"),
+            (4, "c"),
+            (4, "d")
+        ]),
+        "{st}"
+    );
+    let rows = vdev_rows(&st);
+    let state = |n: &str| {
+        rows.iter()
+            .find(|r| r.1 == n)
+            .map(|r| r.2.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        (state("a"), state("b"), state("mirror-1"), state("c")),
+        (
+            "ONLINE".into(),
+            "ONLINE".into(),
+            "UNAVAIL".into(),
+            "UNAVAIL".into()
+        ),
+        "{st}"
+    );
+    assert!(
+        st.lines()
+            .any(|l| l.trim_start().starts_with("c ") && l.ends_with("cannot open")),
+        "{st}"
+    );
 }

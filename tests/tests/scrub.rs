@@ -1000,6 +1000,12 @@ fn a_replace_whose_resilver_is_canceled_keeps_the_old_leaf_until_one_completes()
     env.sparse("e", 256 * MIB);
     env.ok(&["pool", "set", "scrub_rate_limit=16M", "tank"]);
     env.ok(&["pool", "replace", "tank", "b", &env.p("e")]);
+    let st = status(&env, false);
+    assert!(
+        st.lines()
+            .any(|l| l.trim_start().starts_with("e ") && l.ends_with("(resilvering)")),
+        "the new leaf shows it is being resilvered:\n{st}"
+    );
     env.ok(&["pool", "scrub", "-s", "tank"]);
     assert_eq!(scan_fs(&env), ("RESILVER".into(), "CANCELED".into()));
     // The old leaf stays (it is the only complete copy besides a).
