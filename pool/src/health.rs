@@ -87,9 +87,10 @@ impl Inner {
     /// txgs while the pool knew it (the recorded dirty time log covers them: nothing to do) or are
     /// older copies of the device (a backup, a disk image restored) that the pool never knew as
     /// missing. A mirror child of that kind lacks those txgs: they go into its dirty time log, so
-    /// reads avoid it and a resilver brings it up to date. A top-level vdev whose every usable
-    /// device is such a copy cannot be used at all (its allocation map is as old as its data, and
-    /// new writes would land on blocks the pool still uses): the open is refused.
+    /// reads avoid it and a resilver brings it up to date. A mirror whose every usable device is
+    /// such a copy, or a single leaf or stripe with one, cannot be used at all (its allocation map
+    /// is as old as its data, and new writes would land on blocks the pool still uses): the open
+    /// is refused.
     pub(crate) fn check_behind(&mut self, behind: &[Behind], pool_txg: Txg) -> Result<()> {
         let stale: Vec<&Behind> = behind
             .iter()
@@ -102,7 +103,12 @@ impl Inner {
         for t in &self.tree.tops {
             let usable: Vec<&Arc<LeafVdev>> =
                 t.children.iter().filter(|c| c.state().usable()).collect();
-            if !usable.is_empty() && usable.iter().all(|c| is_stale(c.guid)) {
+            // A mirror is whole while one child is current; a stripe needs every child.
+            let unusable = match t.kind {
+                TopKind::Mirror => !usable.is_empty() && usable.iter().all(|c| is_stale(c.guid)),
+                _ => usable.iter().any(|c| is_stale(c.guid)),
+            };
+            if unusable {
                 let what: Vec<String> = stale
                     .iter()
                     .filter(|b| usable.iter().any(|c| c.guid == b.leaf.guid))
@@ -169,18 +175,18 @@ impl Inner {
         for t in &tops {
             for c in &t.children {
                 c.check_device();
-                if t.kind == TopKind::Mirror {
-                    // A missed write belongs to the txg committed last (written during its
-                    // commit) or to this one (its data blocks are written before the commit).
-                    if c.missed.swap(false, Ordering::Relaxed) {
-                        if txg.0 > 1 {
-                            c.dtl_add(Txg(txg.0 - 1));
-                        }
-                        c.dtl_add(txg);
+                // A missed write belongs to the txg committed last (written during its commit)
+                // or to this one (its data blocks are written before the commit). Leaves of any
+                // kind of vdev keep the log: only a mirror child can be resilvered from it, but an
+                // open compares every device that is behind with it (`check_behind`).
+                if c.missed.swap(false, Ordering::Relaxed) {
+                    if txg.0 > 1 {
+                        c.dtl_add(Txg(txg.0 - 1));
                     }
-                    if !c.state().usable() {
-                        c.dtl_add(txg);
-                    }
+                    c.dtl_add(txg);
+                }
+                if !c.state().usable() {
+                    c.dtl_add(txg);
                 }
             }
         }

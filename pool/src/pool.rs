@@ -2209,7 +2209,9 @@ impl Inner {
             for c in &t.children {
                 let lc = lock(&c.config).clone();
                 let st = c.state();
-                let has_dtl = !lock(&c.dtl).is_empty();
+                // Only a mirror child can be resilvered; a single leaf that missed txgs shows it
+                // through errors.
+                let has_dtl = t.kind == TopKind::Mirror && !lock(&c.dtl).is_empty();
                 let reason = match st {
                     VdevState::Online if has_dtl => Some("(resilver needed)".to_string()),
                     VdevState::Online => None,

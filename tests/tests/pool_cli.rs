@@ -2097,3 +2097,57 @@ fn status_of_a_pool_missing_a_whole_mirror_shows_its_vdev_tree() {
         "{st}"
     );
 }
+
+/// A pool of two single leaves given to import with an older copy of one of them (the pool went
+/// on after the copy was taken): refused, naming the copy (its allocation map is as old as its
+/// data), and the copy is left as it was; with the current leaf it imports. (All devices of one
+/// older copy of a whole pool are that pool as it was, and import it.)
+#[test]
+fn import_refuses_an_older_copy_of_a_single_leaf_next_to_current_ones() {
+    let env = Env::new();
+    let old = env.mkdir("old");
+    let cur = env.mkdir("cur");
+    create(&env, "64M", "tank", &["cur/x", "cur/y"]);
+    env.ok(&["pool", "export", "tank"]);
+    std::fs::copy(cur.join("x"), old.join("x")).unwrap();
+    env.ok(&["pool", "import", "-d", cur.to_str().unwrap(), "tank"]);
+    for v in ["a", "b", "c"] {
+        env.ok(&["dataset", "create", "-s", "-V", "1M", &format!("tank/{v}")]);
+    }
+    env.ok(&["pool", "export", "tank"]);
+    std::fs::rename(cur.join("x"), env.path("x-aside")).unwrap();
+    let before = std::fs::read(old.join("x")).unwrap();
+    let e = env.fail(&[
+        "pool",
+        "import",
+        "-d",
+        old.to_str().unwrap(),
+        "-d",
+        cur.to_str().unwrap(),
+        "tank",
+    ]);
+    assert_cannot(
+        &e,
+        "import",
+        "tank",
+        &["older copies", &old.join("x").display().to_string()],
+    );
+    assert!(
+        std::fs::read(old.join("x")).unwrap() == before,
+        "the copy was written to"
+    );
+    std::fs::rename(env.path("x-aside"), cur.join("x")).unwrap();
+    env.ok(&[
+        "pool",
+        "import",
+        "-d",
+        old.to_str().unwrap(),
+        "-d",
+        cur.to_str().unwrap(),
+        "tank",
+    ]);
+    assert_eq!(
+        env.ok(&["dataset", "list", "-H", "-o", "name"]),
+        "tank/a\ntank/b\ntank/c\n"
+    );
+}

@@ -1039,10 +1039,20 @@ impl VdevTree {
                         }
                     }
                 }
+                // A leaf that took none of this txg's uberblocks is behind from now on: its dirty
+                // time log must say so, or the next open takes it for an older copy.
+                if !any {
+                    lv.missed.store(true, Ordering::Relaxed);
+                }
                 any
             })
             .collect();
         let flushed = flush_all("uberblocks");
+        for ((_, _, _, lv), f) in leaves.iter().zip(&flushed) {
+            if !f {
+                lv.missed.store(true, Ordering::Relaxed);
+            }
+        }
         if !wrote.iter().zip(&flushed).any(|(w, f)| *w && *f) {
             return Err(VdevError::Invalid {
                 path: "pool".into(),
