@@ -52,6 +52,7 @@ impl Inner {
     }
 
     /// Restore counters, dirty time logs, events and the error log at open.
+    ///
     /// Every leaf's dirty time log becomes the recorded one (empty if none is recorded); whatever
     /// was set before only steered the reads of the record.
     pub(crate) fn load_health(&mut self) -> Result<()> {

@@ -173,6 +173,7 @@ impl Pool {
     }
 
     /// Detach a mirror child. Refused when no other child holds everything.
+    ///
     /// Detaching a replacement (the leaf right after one being replaced) cancels the replacement,
     /// as zpool's: the leaf it was replacing stays.
     pub fn detach(&self, name: &str) -> Result<()> {
