@@ -263,14 +263,24 @@ impl Pool {
         let mut g = self.lock();
         g.check_writable()?;
         let (t, lv) = self.find_leaf(&g, name)?;
+        // Another child must hold everything (a usable one with nothing in its dirty time log), as
+        // for detach: a sibling still being resilvered does not.
         let others = t
             .children
             .iter()
-            .any(|c| c.guid != lv.guid && c.state().usable());
+            .any(|c| c.guid != lv.guid && c.state().usable() && lock(&c.dtl).is_empty());
         if t.kind != TopKind::Mirror || !others {
-            return Err(PoolError::Invalid(
-                "no valid replicas (it holds the only usable copy of its data)".into(),
-            ));
+            let resilvering = t
+                .children
+                .iter()
+                .any(|c| c.guid != lv.guid && c.state().usable());
+            return Err(PoolError::Invalid(if resilvering {
+                "no valid replicas (the other devices do not hold all its data yet: wait for the \
+                 resilver)"
+                    .into()
+            } else {
+                "no valid replicas (it holds the only usable copy of its data)".into()
+            }));
         }
         if temporary {
             lv.temp_offline.store(true, Ordering::Relaxed);

@@ -888,11 +888,9 @@ impl Pool {
                 })
             })
             .collect();
-        for Behind {
-            leaf: lv, from, to, ..
-        } in &behind
-        {
-            *lock(&lv.dtl) = vec![(*from, *to)];
+        // (It lacks the newest txg too: the one txg of slack is for the decision below only.)
+        for b in &behind {
+            *lock(&b.leaf.dtl) = vec![(b.from, ub.txg)];
         }
         // The object set.
         let root = BlockPtr::decode(&ub.root)?;

@@ -352,6 +352,20 @@ impl Pool {
                 continue;
             }
             let mut d = lock(&l.dtl);
+            // A target that is unavailable now, or that missed txgs after the resilver started
+            // (it was unavailable for a while, or writes to it failed), may not have taken the
+            // resilver's copies either: it keeps everything it lacked, and needs another resilver.
+            if !l.state().usable() || d.iter().any(|&(_, b)| b > start_txg) {
+                l.note(
+                    "resilver_incomplete",
+                    None,
+                    format!(
+                        "was unavailable or missed writes during the resilver through txg \
+                         {start_txg}: it still lacks txgs"
+                    ),
+                );
+                continue;
+            }
             let mut kept = Vec::new();
             for &(a, b) in d.iter() {
                 if b <= start_txg {

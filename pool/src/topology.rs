@@ -235,11 +235,16 @@ impl Pool {
         } else {
             TopKind::Mirror
         };
-        // Leave a label saying when it left, so attaching it again copies only what changed.
+        // Leave a label saying up to which txg it holds everything, so attaching it again copies
+        // only what changed: when it left, or, if it still lacked txgs then (a resilver onto it had
+        // not finished), the txg before the first it lacked.
         if let Some(dev) = lv.dev() {
             let mut c = g.config.clone();
             c.state = PoolState::Destroyed;
-            c.config_txg = g.committed;
+            c.config_txg = match lock(&lv.dtl).iter().map(|r| r.0).min() {
+                Some(first) => Txg(first.0.saturating_sub(1)).min(g.committed),
+                None => g.committed,
+            };
             if let Ok(enc) = label::encode_config(&c) {
                 for i in 0..4 {
                     let _ = label::write_label(dev.as_ref(), i, &c, &enc, lv.guid, t.guid);

@@ -1069,6 +1069,83 @@ fn a_replaced_leaf_waits_for_its_own_replacement_not_for_another_attach() {
     d.assert_alive();
 }
 
+/// The new leaf of a replace goes missing during its resilver: the resilver that then completes has
+/// not copied onto it, so it keeps what it lacks (it had been cleared, the old leaf detached at the
+/// next small resilver, and the mirror left with one real copy). Back and online, it gets
+/// everything, and only then does the old leaf leave.
+#[test]
+fn a_resilver_target_missing_during_the_resilver_keeps_what_it_lacks() {
+    let (env, mut d, model) = setup_with_data(64 * MIB, 0x58);
+    env.sparse("g", 256 * MIB);
+    env.ok(&["pool", "set", "scrub_rate_limit=2M", "tank"]);
+    env.ok(&["pool", "replace", "tank", "b", &env.p("g")]);
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::rename(env.path("g"), env.path("g.away")).unwrap();
+    wait_for(&env, "g is seen missing", Duration::from_secs(10), || {
+        leaf(&env, "g")["state"] != "ONLINE"
+    });
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    wait_scan_end(&env, Duration::from_secs(30));
+    // Nothing was copied onto g: b stays.
+    assert_eq!(children(&env, "mirror-0"), ["a", "b", "g"]);
+    std::fs::rename(env.path("g.away"), env.path("g")).unwrap();
+    env.ok(&["pool", "online", "tank", "g"]);
+    let s = wait_resilvered(&env, Duration::from_secs(30));
+    assert!(
+        num(&s["processed"]) >= 16 * MIB,
+        "g gets all of mirror-0's data: {s:#}"
+    );
+    wait_for(&env, "b is detached", Duration::from_secs(5), || {
+        children(&env, "mirror-0") == ["a", "g"]
+    });
+    env.ok(&["pool", "offline", "tank", "a"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
+/// A leaf detached before its resilver finished, attached again: it must get everything it lacked,
+/// not only what changed since it left (its departure label claimed it held all up to then).
+#[test]
+fn a_leaf_detached_mid_resilver_and_attached_again_gets_everything() {
+    let (env, mut d, mut model) = setup_with_data(64 * MIB, 0x59);
+    env.sparse("g", 256 * MIB);
+    env.ok(&["pool", "set", "scrub_rate_limit=1M", "tank"]);
+    env.ok(&["pool", "attach", "tank", "a", &env.p("g")]);
+    std::thread::sleep(Duration::from_millis(500));
+    env.ok(&["pool", "detach", "tank", "g"]);
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    write_random(&env, &mut model, 100 * MIB, MIB, 0x5a);
+    env.ok(&["pool", "attach", "tank", "a", &env.p("g")]);
+    let s = wait_resilvered(&env, Duration::from_secs(30));
+    assert!(
+        num(&s["processed"]) >= 16 * MIB,
+        "g gets all of mirror-0's data: {s:#}"
+    );
+    env.ok(&["pool", "offline", "tank", "a"]);
+    env.ok(&["pool", "offline", "tank", "b"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
+/// While the only other child of a mirror is still being resilvered, the complete one cannot be
+/// taken offline (as detach): it would leave the data on no device.
+#[test]
+fn offline_of_the_only_complete_child_is_refused_while_its_sibling_resilvers() {
+    let (env, mut d, model) = setup_with_data(64 * MIB, 0x5b);
+    env.ok(&["pool", "offline", "tank", "b"]);
+    env.sparse("g", 256 * MIB);
+    env.ok(&["pool", "set", "scrub_rate_limit=1M", "tank"]);
+    env.ok(&["pool", "attach", "tank", "a", &env.p("g")]);
+    let e = env.fail(&["pool", "offline", "tank", "a"]);
+    assert!(e.contains("no valid replicas"), "{e}");
+    assert_eq!(leaf(&env, "a")["state"], "ONLINE");
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    wait_resilvered(&env, Duration::from_secs(30));
+    env.ok(&["pool", "offline", "tank", "a"]);
+    assert_volume(&env, &model);
+    d.assert_alive();
+}
+
 /// Detaching the new leaf of a replacement cancels it (as zpool): the old leaf stays, and is no
 /// longer marked as being replaced, so a later resilver does not take it away.
 #[test]
