@@ -118,15 +118,22 @@ pub fn open_from_cache(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, Cm
     let cfg = pool.config();
     let me = sd.host_id().unwrap_or(0);
     if cfg.state != PoolState::Active || cfg.host_id != me {
-        return Err(err(format!(
-            "the pool is not imported here (it was {} by host '{}'); import it again",
-            if cfg.state == PoolState::Active {
-                "imported"
-            } else {
-                "exported or destroyed"
-            },
-            cfg.hostname
-        )));
+        // Unavailable here: `pool list` shows it so, and `pool export` forgets it, after which
+        // it can be imported again (a state directory could not get rid of such a pool).
+        return Err(CmdError::unavailable(
+            verb,
+            name,
+            format!(
+                "the pool is not imported here any more (it was {} by host '{}'); forget it with \
+                 'cairn pool export {name}', then import it again",
+                if cfg.state == PoolState::Active {
+                    "imported"
+                } else {
+                    "exported or destroyed"
+                },
+                cfg.hostname
+            ),
+        ));
     }
     Ok(pool)
 }

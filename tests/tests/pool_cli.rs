@@ -2037,11 +2037,22 @@ fn a_pool_imported_by_another_system_needs_f() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let o = run2(&["pool", "list", "-H", "-o", "name,health"]);
     assert_eq!(o.stdout, "tank\tONLINE\n");
-    // The first system no longer owns it: it says so instead of using it.
-    let e = env.fail(&["pool", "status", "tank"]);
-    assert_cannot(&e, "open", "tank", &["not imported here"]);
+    // The first system no longer owns it: it shows it UNAVAIL and says why instead of using it.
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(
+        st.contains("state: UNAVAIL") && st.contains("not imported here"),
+        "{st}"
+    );
+    assert_eq!(env.pool_health("tank"), "UNAVAIL");
     let h = run2(&["pool", "history", "tank"]);
     assert!(h.stdout.contains("pool import -f -d"), "{}", h.stdout);
+    // It can forget it, and import it again once the second system has exported it.
+    env.ok(&["pool", "export", "tank"]);
+    assert!(env.pool_names().is_empty());
+    let o = run2(&["pool", "export", "tank"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    env.ok(&["pool", "import", "-d", &d, "tank"]);
+    assert_eq!(env.pool_health("tank"), "ONLINE");
 }
 
 /// A RAID1+0 pool one of whose mirrors lost both files, without a daemon: status places the leaves
@@ -2149,5 +2160,49 @@ fn import_refuses_an_older_copy_of_a_single_leaf_next_to_current_ones() {
     assert_eq!(
         env.ok(&["dataset", "list", "-H", "-o", "name"]),
         "tank/a\ntank/b\ntank/c\n"
+    );
+}
+
+/// The same with a mirror: an older copy of one child, the other child missing, the other mirror
+/// current. Refused, and the copy is not written to (the open read the newest objset from it first,
+/// found it wrong, and "healed" it from the other mirror).
+#[test]
+fn import_refuses_a_mirror_of_one_older_copy_and_does_not_write_to_it() {
+    let env = Env::new();
+    let old = env.mkdir("old");
+    let cur = env.mkdir("cur");
+    create(
+        &env,
+        "256M",
+        "tank",
+        &["mirror", "cur/a", "cur/b", "mirror", "cur/c", "cur/d"],
+    );
+    env.ok(&["dataset", "create", "-V", "100M", "tank/vol"]);
+    env.ok(&["pool", "export", "tank"]);
+    std::fs::copy(cur.join("a"), old.join("a")).unwrap();
+    env.ok(&["pool", "import", "-d", cur.to_str().unwrap(), "tank"]);
+    let mut d = env.serve();
+    env.qemu_io_ok(
+        &[],
+        &env.nbd_uri("tank/vol"),
+        &["write -P 0x3c 0 32M", "flush"],
+    );
+    env.ok(&["pool", "export", "tank"]);
+    d.stop();
+    for l in ["a", "b"] {
+        std::fs::rename(cur.join(l), env.path(&format!("{l}-aside"))).unwrap();
+    }
+    let before = std::fs::read(old.join("a")).unwrap();
+    let dirs = ["-d", old.to_str().unwrap(), "-d", cur.to_str().unwrap()];
+    let e = env.fail(&[&["pool", "import"][..], &dirs, &["tank"]].concat());
+    assert_cannot(
+        &e,
+        "import",
+        "tank",
+        &["older copies", &old.join("a").display().to_string()],
+    );
+    assert!(
+        std::fs::read(old.join("a")).unwrap() == before,
+        "the refused copy was written to"
     );
 }
