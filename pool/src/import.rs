@@ -70,13 +70,20 @@ impl ImportCandidate {
                         phys_path: Some(lc.identity.phys_path.clone()),
                         devid: Some(lc.identity.devid.clone()),
                         state: if f.is_some() { "ONLINE" } else { "UNAVAIL" }.into(),
-                        reason: f.is_none().then(|| {
-                            crate::pool::missing_leaf_reason(
+                        reason: match f {
+                            None => Some(crate::pool::missing_leaf_reason(
                                 &lc.identity.path,
                                 self.guid(),
                                 lc.guid,
-                            )
-                        }),
+                            )),
+                            // Behind the pool: it missed txgs (the import resilvers it) or is an
+                            // older copy (the import refuses a vdev of nothing but those).
+                            Some(f) if f.txg.0 + 1 < self.best_txg.0 => Some(format!(
+                                "(behind: last written in txg {}, the pool is at txg {})",
+                                f.txg.0, self.best_txg.0
+                            )),
+                            Some(_) => None,
+                        },
                         ..VdevStatus::default()
                     }
                 })

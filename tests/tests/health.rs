@@ -1071,6 +1071,14 @@ fn import_takes_the_current_copy_of_a_leaf_and_refuses_a_vdev_of_older_copies() 
         )
         .unwrap();
     }
+    // The listing shows them behind the pool; the import refuses them.
+    let listing = env.ok(&["pool", "import", "-d", &p("old"), "-d", &p("cur")]);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_start().starts_with("a ") && l.contains("(behind: last written in txg")),
+        "{listing}"
+    );
     let e = env.fail(&["pool", "import", "-d", &p("old"), "-d", &p("cur"), "tank"]);
     assert!(
         e.contains("cannot import 'tank'") && e.contains("older copies") && e.contains(&p("old/a")),
