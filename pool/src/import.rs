@@ -171,13 +171,7 @@ pub fn scan(paths: &[PathBuf]) -> Vec<ImportCandidate> {
             path: p.clone(),
             leaf_guid: best.header.leaf_guid,
             valid_labels: s.valid_count(),
-            txg: s
-                .uberblocks
-                .iter()
-                .filter(|u| u.pool_guid == best.header.pool_guid)
-                .map(|u| u.txg)
-                .max()
-                .unwrap_or(Txg(0)),
+            txg: s.newest_txg(best.header.pool_guid),
         };
         let e = pools
             .entry(best.header.pool_guid.0)

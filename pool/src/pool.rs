@@ -766,7 +766,7 @@ impl Pool {
                 continue;
             }
             let leaf_guid = best.header.leaf_guid;
-            let txg = newest_txg(&scan, guid);
+            let txg = scan.newest_txg(guid);
             found.push(Found {
                 path,
                 dev,
@@ -1778,16 +1778,6 @@ pub(crate) struct Behind {
     pub to: Txg,
     /// The device's path as found (the configuration may still name another).
     pub path: String,
-}
-
-/// The newest txg of pool `guid` whose uberblock a device holds (0 if none).
-fn newest_txg(scan: &label::LeafScan, guid: Guid) -> Txg {
-    scan.uberblocks
-        .iter()
-        .filter(|u| u.pool_guid == guid)
-        .map(|u| u.txg)
-        .max()
-        .unwrap_or(Txg(0))
 }
 
 /// Space kept back for metadata so commits never run out: 1/32 of the pool, at least 4 MiB and at most

@@ -891,14 +891,14 @@ pub fn run(
         s.issued += r.issued;
         s.repaired += r.repaired;
         s.errors += r.errors;
-        // The wait that scrub_rate_limit will impose after this batch (below).
-        let wait = if limit > 0 {
+        // When scrub_rate_limit lets the next batch start (waited for below), and how long that is.
+        let should = if limit > 0 {
             window_bytes += r.issued;
             Duration::from_secs_f64(window_bytes as f64 / limit as f64)
-                .saturating_sub(window_start.elapsed())
         } else {
             Duration::ZERO
         };
+        let wait = should.saturating_sub(window_start.elapsed());
         s.active_ms += active_ms(wait.as_millis() as u64);
         match next {
             Some(b) => s.bookmark = b,
@@ -935,7 +935,6 @@ pub fn run(
         }
         progress(&s);
         if limit > 0 {
-            let should = Duration::from_secs_f64(window_bytes as f64 / limit as f64);
             // Sleep in small steps so pause and stop take effect at once.
             while window_start.elapsed() < should {
                 if control.load(Ordering::Relaxed) != RUN {

@@ -401,6 +401,17 @@ impl LeafScan {
     }
 
     /// The newest uberblock on this leaf.
+    /// The newest txg of pool `pool` whose uberblock this leaf holds (0 if none): the last txg it
+    /// took part in.
+    pub fn newest_txg(&self, pool: Guid) -> Txg {
+        self.uberblocks
+            .iter()
+            .filter(|u| u.pool_guid == pool)
+            .map(|u| u.txg)
+            .max()
+            .unwrap_or(Txg(0))
+    }
+
     pub fn best_uberblock(&self) -> Option<&Uberblock> {
         let mut best: Option<&Uberblock> = None;
         for u in &self.uberblocks {

@@ -219,14 +219,7 @@ impl LeafVdev {
 
     /// Record that this leaf lacks `txg`.
     pub fn dtl_add(&self, txg: Txg) {
-        let mut d = lock(&self.dtl);
-        if let Some(last) = d.last_mut() {
-            if last.1 .0 + 1 >= txg.0 && last.0 <= txg {
-                last.1 = last.1.max(txg);
-                return;
-            }
-        }
-        d.push((txg, txg));
+        self.dtl_add_range(txg, txg);
     }
 
     /// Record that this leaf lacks every txg of `[from, to]`.
