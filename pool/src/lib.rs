@@ -13,6 +13,7 @@
 
 pub mod alloc;
 pub mod blkptr;
+pub mod deadlist;
 pub mod error;
 pub mod health;
 pub mod import;
@@ -21,6 +22,7 @@ pub mod pool;
 pub mod props;
 pub mod scan;
 pub mod schedule;
+pub mod snapshot;
 pub mod topology;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};

@@ -47,6 +47,10 @@ pub enum ObjType {
     History = 3,
     Volume = 4,
     Bytes = 5,
+    /// A volume's snapshot: a frozen copy of its dnode sharing the block tree (never written).
+    Snapshot = 6,
+    /// One bucket of a deadlist: 128-byte block pointers appended in order (`pool/src/deadlist.rs`).
+    Deadlist = 7,
 }
 
 impl ObjType {
@@ -58,6 +62,8 @@ impl ObjType {
             3 => ObjType::History,
             4 => ObjType::Volume,
             5 => ObjType::Bytes,
+            6 => ObjType::Snapshot,
+            7 => ObjType::Deadlist,
             _ => return None,
         })
     }
@@ -106,6 +112,30 @@ impl Dnode {
 
     pub fn block_size(&self) -> usize {
         1 << self.data_shift
+    }
+
+    /// Volumes, clones and snapshots: the txg of the previous snapshot in the lineage (a clone's:
+    /// its origin's). Blocks born at or before it are shared with that snapshot: the volume never
+    /// frees them itself (they go on its deadlist), and a scan leaves them to the snapshot. Bonus
+    /// bytes 0..8; 0 when there is none. Other objects: 0.
+    pub fn prev_snap_txg(&self) -> Txg {
+        match self.otype {
+            ObjType::Volume | ObjType::Snapshot => Txg(get_u64(&self.bonus, 0)),
+            _ => Txg(0),
+        }
+    }
+
+    pub fn set_prev_snap_txg(&mut self, t: Txg) {
+        put_u64(&mut self.bonus, 0, t.0);
+    }
+
+    /// Deadlist buckets: the allocated bytes (every copy) of the pointers stored (bonus bytes 0..8).
+    pub fn dead_bytes(&self) -> u64 {
+        get_u64(&self.bonus, 0)
+    }
+
+    pub fn set_dead_bytes(&mut self, b: u64) {
+        put_u64(&mut self.bonus, 0, b);
     }
 
     pub fn encode_into(&self, b: &mut [u8]) {
@@ -489,10 +519,13 @@ pub struct Obj {
     frees: Vec<(u64, u64)>,
     ind: HashMap<(u8, u64), Ind>,
     dnode_dirty: bool,
+    /// Blocks the last sync took out of the tree that a snapshot still references (born at or
+    /// before [`Dnode::prev_snap_txg`]): not freed, but handed to the volume's deadlist.
+    dead: Vec<BlockPtr>,
 }
 
 impl Obj {
-    fn new(id: u64, dnode: Dnode) -> Obj {
+    pub(crate) fn new(id: u64, dnode: Dnode) -> Obj {
         Obj {
             id,
             dnode,
@@ -502,7 +535,54 @@ impl Obj {
             frees: Vec::new(),
             ind: HashMap::new(),
             dnode_dirty: false,
+            dead: Vec::new(),
         }
+    }
+
+    /// Take a block out of the tree: free it, unless a snapshot still references it (the birth-txg
+    /// rule), in which case it goes on the deadlist. Its space leaves the object's `used` either way.
+    fn kill(&mut self, ctx: &mut TxgCtx, bp: &BlockPtr) {
+        if bp.is_hole() {
+            return;
+        }
+        self.dnode.used = self.dnode.used.saturating_sub(bp.asize());
+        if bp.birth <= self.dnode.prev_snap_txg() {
+            self.dead.push(*bp);
+        } else {
+            free_bp(ctx, bp);
+        }
+    }
+
+    /// The blocks the last sync put aside for the deadlist.
+    pub fn take_dead(&mut self) -> Vec<BlockPtr> {
+        std::mem::take(&mut self.dead)
+    }
+
+    /// Every block of the committed tree born after `min_birth` (indirect blocks included), for a
+    /// rollback: the object must have nothing changed in the open txg.
+    pub fn blocks_born_after(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        min_birth: Txg,
+    ) -> Result<Vec<BlockPtr>> {
+        let mut out = Vec::new();
+        self.walk(vdevs, 0, min_birth, &mut |bp, _| {
+            out.push(*bp);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Replace the object's tree by another one (a rollback): what is in memory is dropped, the new
+    /// dnode is written at the next sync. The caller frees what the old tree alone held.
+    pub fn reset_to(&mut self, dnode: Dnode) {
+        debug_assert!(!self.is_dirty() || self.dirty.is_empty());
+        self.dnode = dnode;
+        self.dirty.clear();
+        self.written = 0;
+        self.frees.clear();
+        self.ind.clear();
+        self.dnode_dirty = true;
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -1056,8 +1136,7 @@ impl Obj {
         }
         if level == 0 {
             if a <= index && index < b {
-                free_bp(ctx, &bp);
-                self.dnode.used = self.dnode.used.saturating_sub(bp.asize());
+                self.kill(ctx, &bp);
                 self.set_bp(ctx.vdevs, 0, index, BlockPtr::HOLE)?;
             }
             return Ok(());
@@ -1114,8 +1193,7 @@ impl Obj {
                 _ => {
                     let old = self.get_bp(ctx.vdevs, 0, blkid)?;
                     if !old.is_hole() {
-                        free_bp(ctx, &old);
-                        self.dnode.used = self.dnode.used.saturating_sub(old.asize());
+                        self.kill(ctx, &old);
                         self.set_bp(ctx.vdevs, 0, blkid, BlockPtr::HOLE)?;
                     }
                 }
@@ -1180,10 +1258,7 @@ impl Obj {
 
     fn replace_bp(&mut self, ctx: &mut TxgCtx, level: u8, index: u64, bp: BlockPtr) -> Result<()> {
         let old = self.get_bp(ctx.vdevs, level, index)?;
-        if !old.is_hole() {
-            free_bp(ctx, &old);
-            self.dnode.used = self.dnode.used.saturating_sub(old.asize());
-        }
+        self.kill(ctx, &old);
         self.dnode.used += bp.asize();
         self.set_bp(ctx.vdevs, level, index, bp)
     }
@@ -1368,10 +1443,20 @@ impl ObjSet {
 
     /// Write everything dirty; returns the new meta dnode.
     pub fn sync(&mut self, ctx: &mut TxgCtx) -> Result<Dnode> {
+        self.sync_objects(ctx, &|_| true)?;
+        self.meta.sync(ctx, BlockKind::Dnodes)?;
+        self.meta.dnode_dirty = false;
+        Ok(self.meta.dnode)
+    }
+
+    /// Write the dirty objects whose dnode `which` selects (their dnodes go into the meta object,
+    /// which is written by [`ObjSet::sync`]). Volumes are written first, so the blocks they hand to
+    /// deadlists can be appended to the deadlist objects before those are written.
+    pub fn sync_objects(&mut self, ctx: &mut TxgCtx, which: &dyn Fn(&Dnode) -> bool) -> Result<()> {
         let mut ids: Vec<u64> = self
             .objs
             .iter()
-            .filter(|(_, o)| o.is_dirty())
+            .filter(|(_, o)| o.is_dirty() && which(&o.dnode))
             .map(|(i, _)| *i)
             .collect();
         ids.sort_unstable();
@@ -1393,9 +1478,49 @@ impl ObjSet {
                 self.objs.remove(&id);
             }
         }
-        self.meta.sync(ctx, BlockKind::Dnodes)?;
-        self.meta.dnode_dirty = false;
-        Ok(self.meta.dnode)
+        Ok(())
+    }
+
+    /// The blocks every loaded object put aside for its deadlist in the last sync, by object.
+    pub fn take_dead(&mut self) -> Vec<(u64, Vec<BlockPtr>)> {
+        let mut out: Vec<(u64, Vec<BlockPtr>)> = self
+            .objs
+            .iter_mut()
+            .filter(|(_, o)| !o.dead.is_empty())
+            .map(|(&id, o)| (id, o.take_dead()))
+            .collect();
+        out.sort_unstable_by_key(|(id, _)| *id);
+        out
+    }
+
+    /// Create an object with a given dnode (a snapshot or a clone: a copy of another object's
+    /// dnode, sharing its tree). Written at the next sync.
+    pub fn create_with_dnode(&mut self, vdevs: &[Arc<TopVdev>], dnode: Dnode) -> Result<u64> {
+        let id = self.create_object(vdevs, dnode.otype, dnode.data_shift, dnode.copies)?;
+        let o = self.objs.get_mut(&id).expect("created");
+        o.dnode = dnode;
+        o.dnode_dirty = true;
+        Ok(id)
+    }
+
+    /// Free an object's dnode slot at the next sync without touching its tree (which is shared, or
+    /// freed by the caller): returns its dnode. The object must have nothing changed in the open
+    /// txg (commit first).
+    pub fn detach_object(&mut self, vdevs: &[Arc<TopVdev>], id: u64) -> Result<Dnode> {
+        let o = self.obj(vdevs, id)?;
+        if !o.dirty.is_empty() || !o.frees.is_empty() || !o.orphans.is_empty() {
+            return Err(PoolError::Invalid(format!(
+                "object {id} has uncommitted changes"
+            )));
+        }
+        let dn = o.dnode;
+        o.dnode.otype = ObjType::Free;
+        o.dnode.root = BlockPtr::HOLE;
+        o.dnode.nlevels = 1;
+        o.dnode.size = 0;
+        o.ind.clear();
+        o.dnode_dirty = true;
+        Ok(dn)
     }
 }
 

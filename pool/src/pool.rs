@@ -186,6 +186,10 @@ pub(crate) struct Inner {
     pub(crate) marked_in_use: bool,
     /// The health blob last written (to write it only when it changed).
     pub(crate) health_written: Vec<u8>,
+    /// Snapshot links and the background free queue (`snapshot.rs`), loaded on first use.
+    pub(crate) snaps: Option<crate::snapshot::SnapTable>,
+    /// The table changed in the open txg.
+    pub(crate) snaps_dirty: bool,
 }
 
 /// A write of the open txg that failed on every copy: (object, block id, pointer).
@@ -669,6 +673,8 @@ impl Pool {
                 health_written: Vec::new(),
                 opened_ub: None,
                 marked_in_use: false,
+                snaps: None,
+                snaps_dirty: false,
             }),
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
@@ -922,6 +928,8 @@ impl Pool {
             health_written: Vec::new(),
             opened_ub: Some(ub.clone()),
             marked_in_use: false,
+            snaps: None,
+            snaps_dirty: false,
         };
         let vdevs = inner.tree.tops.clone();
         let dirblob = read_blob(&mut inner.mos, &vdevs, DIR_OBJ)?;
@@ -1474,6 +1482,9 @@ impl Pool {
         let vdevs = inner.tree.tops.clone();
         let (copies, cur_bs) = {
             let o = inner.mos.obj(&vdevs, id)?;
+            if o.dnode.otype == ObjType::Snapshot {
+                return Err(snapshot_read_only(id));
+            }
             (o.dnode.copies, o.dnode.block_size() as u64)
         };
         if cur_bs != bs {
@@ -1551,8 +1562,11 @@ impl Pool {
         let mut g = self.lock();
         let inner = &mut *g;
         inner.check_writable()?;
-        inner.forget_errors(id, off, len);
         let vdevs = inner.tree.tops.clone();
+        if inner.mos.obj(&vdevs, id)?.dnode.otype == ObjType::Snapshot {
+            return Err(snapshot_read_only(id));
+        }
+        inner.forget_errors(id, off, len);
         inner.mos.obj(&vdevs, id)?.free_range(&vdevs, off, len)
     }
 
@@ -1659,44 +1673,19 @@ impl Pool {
 
     /// The contents of a small named blob kept in the pool directory (None if never written).
     pub fn read_named_blob(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let Some(&id) = inner.dir.get(name) else {
-            return Ok(None);
-        };
-        let vdevs = inner.tree.tops.clone();
-        read_blob(&mut inner.mos, &vdevs, id).map(Some)
+        self.lock().read_named_blob(name)
     }
 
     /// Replace a named blob in the pool directory (created on first use); committed with the next txg.
     pub fn write_named_blob(&self, name: &str, data: &[u8]) -> Result<()> {
         let mut g = self.lock();
-        let inner = &mut *g;
-        inner.check_writable()?;
-        let id = match inner.dir.get(name) {
-            Some(&id) => id,
-            None => {
-                let vdevs = inner.tree.tops.clone();
-                let id = inner
-                    .mos
-                    .create_object(&vdevs, ObjType::Bytes, 14, MOS_COPIES)?;
-                inner.dir.insert(name.to_string(), id);
-                inner.dir_dirty = true;
-                id
-            }
-        };
-        write_blob(inner, id, data)
+        g.check_writable()?;
+        g.write_named_blob(name, data)
     }
 
     /// Space figures for datasets: (pool size, allocated, slop reserved for metadata).
     pub fn space(&self) -> (u64, u64, u64) {
-        let g = self.lock();
-        let size = g.alloc.size();
-        (
-            size,
-            g.alloc.alloc_bytes() + g.mos.dirty_space(),
-            slop_for(size),
-        )
+        self.lock().space()
     }
 
     /// Look up a name in the pool directory.
@@ -1796,10 +1785,27 @@ fn check_range(off: u64, len: u64) -> Result<()> {
     }
 }
 
+fn snapshot_read_only(id: u64) -> PoolError {
+    PoolError::Invalid(format!(
+        "object {id} is a snapshot: snapshots are read-only"
+    ))
+}
+
 /// Replace the whole contents of a byte object.
 pub(crate) fn write_blob(inner: &mut Inner, id: u64, blob: &[u8]) -> Result<()> {
     let vdevs = inner.tree.tops.clone();
-    let o = inner.mos.obj(&vdevs, id)?;
+    write_blob_in(&mut inner.mos, &vdevs, id, blob)
+}
+
+/// [`write_blob`] on an object set.
+pub(crate) fn write_blob_in(
+    mos: &mut ObjSet,
+    vdevs: &[Arc<TopVdev>],
+    id: u64,
+    blob: &[u8],
+) -> Result<()> {
+    let vdevs = vdevs.to_vec();
+    let o = mos.obj(&vdevs, id)?;
     let old = o.dnode.size;
     o.write(&vdevs, 0, blob)?;
     if old > blob.len() as u64 {
@@ -1825,6 +1831,39 @@ pub(crate) fn read_blob(mos: &mut ObjSet, vdevs: &[Arc<TopVdev>], id: u64) -> Re
 }
 
 impl Inner {
+    pub(crate) fn read_named_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let Some(&id) = self.dir.get(name) else {
+            return Ok(None);
+        };
+        let vdevs = self.tree.tops.clone();
+        read_blob(&mut self.mos, &vdevs, id).map(Some)
+    }
+
+    pub(crate) fn write_named_blob(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let id = match self.dir.get(name) {
+            Some(&id) => id,
+            None => {
+                let vdevs = self.tree.tops.clone();
+                let id = self
+                    .mos
+                    .create_object(&vdevs, ObjType::Bytes, 14, MOS_COPIES)?;
+                self.dir.insert(name.to_string(), id);
+                self.dir_dirty = true;
+                id
+            }
+        };
+        write_blob(self, id, data)
+    }
+
+    pub(crate) fn space(&self) -> (u64, u64, u64) {
+        let size = self.alloc.size();
+        (
+            size,
+            self.alloc.alloc_bytes() + self.mos.dirty_space(),
+            slop_for(size),
+        )
+    }
+
     /// Leave the suspended state (`pool clear`): drop what the failed commit and the open txg held in
     /// memory and load the pool as of its newest committed uberblock on the leaves, as an import after a
     /// crash would, keeping the device tree, its counters, events, dirty time logs and error log (the
@@ -1903,6 +1942,8 @@ impl Inner {
         self.opened_ub = Some(ub);
         self.marked_in_use = false;
         self.health_written = Vec::new();
+        self.snaps = None;
+        self.snaps_dirty = false;
         self.suspended = None;
         tracing::info!(
             "pool {} resumed at txg {}",
@@ -1932,7 +1973,12 @@ impl Inner {
     }
 
     fn is_dirty(&self) -> bool {
-        self.mos.is_dirty() || self.config_dirty || self.dir_dirty || self.tree.events.has_new()
+        self.mos.is_dirty()
+            || self.config_dirty
+            || self.dir_dirty
+            || self.tree.events.has_new()
+            || self.snaps_dirty
+            || self.freeing_pending()
     }
 
     /// Refuse a write that could leave the pool unable to commit. Keeps 1/32 of the pool (at least
@@ -2097,6 +2143,9 @@ impl Inner {
             write_blob(self, DIR_OBJ, &blob)?;
             self.dir_dirty = false;
         }
+        if self.dir.contains_key("snapshots") {
+            self.snaps()?;
+        }
         let usable: Vec<bool> = vdevs.iter().map(|t| t.state().usable()).collect();
         let mut ctx = TxgCtx {
             vdevs: &vdevs,
@@ -2105,6 +2154,16 @@ impl Inner {
             txg,
             committed: self.committed,
         };
+        // Volumes first: the blocks they hand to deadlists are appended before those are written.
+        self.mos
+            .sync_objects(&mut ctx, &|d| d.otype == ObjType::Volume)?;
+        crate::snapshot::sync_snapshots(
+            &mut self.mos,
+            &mut self.snaps,
+            &mut self.snaps_dirty,
+            &self.dir,
+            &mut ctx,
+        )?;
         let meta = self.mos.sync(&mut ctx)?;
         // The objset block: allocate first so the recorded per-vdev usage includes it.
         object::free_bp(&mut ctx, &self.root_bp);

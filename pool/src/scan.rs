@@ -216,9 +216,12 @@ impl Pool {
                     .walk(&vdevs, bm.blkid, min_birth, &mut |bp, b| full(bp, b, 0))
             } else {
                 match inner.mos.obj(&vdevs, object) {
-                    Ok(o) => o.walk(&vdevs, bm.blkid, min_birth, &mut |bp, b| {
-                        full(bp, b, object)
-                    }),
+                    // Blocks a volume or snapshot shares with its previous snapshot are that
+                    // snapshot's to visit: every block is scanned once.
+                    Ok(o) => {
+                        let mb = min_birth.max(o.dnode.prev_snap_txg());
+                        o.walk(&vdevs, bm.blkid, mb, &mut |bp, b| full(bp, b, object))
+                    }
                     Err(PoolError::NotFound(_)) => Ok(None),
                     Err(e) => Err(e),
                 }
