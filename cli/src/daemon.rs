@@ -195,8 +195,7 @@ impl Exports for Daemon {
         let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
         let mut out: Vec<String> = pools
             .iter()
-            .flat_map(|p| cairn_dataset::list(p).unwrap_or_default())
-            .map(|v| v.name)
+            .flat_map(|p| cairn_dataset::export_names(p).unwrap_or_default())
             .collect();
         out.sort();
         out

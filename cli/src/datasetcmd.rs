@@ -1,11 +1,12 @@
-//! The `cairn dataset` commands: create, list, get, set, destroy (volumes).
+//! The `cairn dataset` commands: create, list, get, set, destroy (the snapshot commands are in
+//! `snapcmd.rs`).
 
 use crate::ctx::Ctx;
-use crate::names::{validate_dataset_name, validate_pool_name};
+use crate::names::{validate_any_name, validate_pool_name};
 use crate::output::{render_get, select_columns, Table};
 use crate::size::{format_compact, parse_size};
 use crate::{out, outln, CmdError, DatasetCmd, ListFlags};
-use cairn_dataset::{self as ds, CreateVolume, DatasetError, VolumeInfo};
+use cairn_dataset::{self as ds, CreateVolume, DatasetError, DatasetInfo, DestroyOpts};
 use cairn_pool::Pool;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -36,11 +37,25 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
         ),
         DatasetCmd::List {
             types,
-            recursive: _,
+            recursive,
+            depth,
+            sort,
+            sort_desc,
             flags,
             cols,
             names,
-        } => list(ctx, types.as_deref(), &flags, cols.as_deref(), &names),
+        } => list(
+            ctx,
+            &ListReq {
+                types: types.as_deref(),
+                recursive: recursive || depth.is_some_and(|d| d > 0),
+                sort: &sort,
+                sort_desc: &sort_desc,
+            },
+            &flags,
+            cols.as_deref(),
+            &names,
+        ),
         DatasetCmd::Get {
             flags,
             fields,
@@ -48,20 +63,43 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd) -> CmdResult {
             names,
         } => get(ctx, &flags, fields.as_deref(), &props, &names),
         DatasetCmd::Set { assignment, name } => set(ctx, &assignment, &name, &cmdline),
-        DatasetCmd::Destroy { recursive, name } => destroy(ctx, &name, recursive, &cmdline),
+        DatasetCmd::Destroy {
+            recursive,
+            clones,
+            dry_run,
+            verbose,
+            name,
+        } => destroy(
+            ctx,
+            &name,
+            DestroyOpts {
+                recursive,
+                clones,
+                dry_run,
+            },
+            verbose,
+            &cmdline,
+        ),
+        other => crate::snapcmd::run(ctx, other, &cmdline),
     }
 }
 
-const SIZE_PROPS: &[&str] = &[
+pub(crate) const SIZE_PROPS: &[&str] = &[
     "used",
     "available",
     "referenced",
     "volsize",
     "volblocksize",
     "refreservation",
+    "usedbydataset",
+    "usedbysnapshots",
+    "usedbyrefreservation",
+    "usedbychildren",
+    "written",
+    "logicalreferenced",
 ];
 
-fn reason(e: DatasetError) -> String {
+pub(crate) fn reason(e: DatasetError) -> String {
     match e {
         DatasetError::Pool(p) => p.to_string(),
         DatasetError::TooBig { needed, available } => format!(
@@ -82,7 +120,7 @@ fn normalise(prop: &str, v: &str) -> Result<String, String> {
     }
 }
 
-fn split_assignment(a: &str) -> Result<(String, String), String> {
+pub(crate) fn split_assignment(a: &str) -> Result<(String, String), String> {
     let (k, v) = a
         .split_once('=')
         .ok_or_else(|| format!("bad property assignment '{a}': expected PROP=VALUE"))?;
@@ -91,7 +129,7 @@ fn split_assignment(a: &str) -> Result<(String, String), String> {
 
 /// The pool of dataset `name`; an error names the dataset, as zfs's ("cannot create 'nopool/v':
 /// no such pool 'nopool'").
-fn dataset_pool(
+pub(crate) fn dataset_pool(
     ctx: &mut Ctx,
     pool_name: &str,
     name: &str,
@@ -106,9 +144,9 @@ fn dataset_pool(
     })
 }
 
-/// Validate a dataset name and return its pool.
-fn pool_of(name: &str, verb: &str) -> Result<String, Vec<CmdError>> {
-    validate_dataset_name(name).map(|(p, _)| p).map_err(|r| {
+/// Validate a dataset (volume or snapshot) name and return its pool.
+pub(crate) fn pool_of(name: &str, verb: &str) -> Result<String, Vec<CmdError>> {
+    validate_any_name(name).map_err(|r| {
         one(CmdError::new(
             verb,
             name,
@@ -159,15 +197,16 @@ fn create(
     Ok(())
 }
 
-fn prop_value(v: &VolumeInfo, prop: &str, parsable: bool) -> Option<(String, String)> {
+fn prop_value(v: &DatasetInfo, prop: &str, parsable: bool) -> Option<(String, String)> {
     if prop == "name" {
-        return Some((v.name.clone(), "-".into()));
+        return Some((v.name().to_string(), "-".into()));
     }
     if prop == "mountpoint" {
         return Some(("-".into(), "-".into()));
     }
     let (_, val, src) = v.props().into_iter().find(|(k, _, _)| k == prop)?;
-    let shown = if !parsable && SIZE_PROPS.contains(&prop) {
+    let sized = SIZE_PROPS.contains(&prop) || prop.starts_with("written@");
+    let shown = if !parsable && sized {
         val.parse::<u64>().map(format_compact).unwrap_or(val)
     } else if !parsable && prop == "creation" {
         val.parse::<u64>()
@@ -179,11 +218,19 @@ fn prop_value(v: &VolumeInfo, prop: &str, parsable: bool) -> Option<(String, Str
     Some((shown, src))
 }
 
-/// Volumes named (or all volumes of all pools), and the errors of those that could not be read.
-type Collected = (Vec<VolumeInfo>, Vec<CmdError>);
+/// Datasets named (or all of all pools), and the errors of those that could not be read.
+type Collected = (Vec<DatasetInfo>, Vec<CmdError>);
 
-/// Volumes named (or all volumes of all pools).
-fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec<CmdError>> {
+/// Datasets named (or every one of every pool): volumes and/or snapshots as `want` says; a
+/// volume named with `recursive` brings its snapshots.
+fn collect(
+    ctx: &mut Ctx,
+    names: &[String],
+    verb: &str,
+    want: (bool, bool),
+    recursive: bool,
+) -> Result<Collected, Vec<CmdError>> {
+    let (vols, snaps) = want;
     let mut out = Vec::new();
     let mut errs = Vec::new();
     if names.is_empty() {
@@ -193,7 +240,7 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec
             .map_err(|e| one(CmdError::new(verb, "", e.to_string())))?;
         for p in pools {
             match ctx.pools.get(ctx.sd, &p.name, verb) {
-                Ok(pool) => match ds::list(&pool) {
+                Ok(pool) => match ds::list_all(&pool, vols, snaps, None) {
                     Ok(v) => out.extend(v),
                     Err(e) => errs.push(CmdError::new(verb, &p.name, reason(e))),
                 },
@@ -205,7 +252,7 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec
             // A pool name is the root of its datasets: list shows its volumes.
             if verb == "list" && !n.contains('/') && validate_pool_name(n).is_ok() {
                 match ctx.pools.get(ctx.sd, n, verb) {
-                    Ok(pool) => match ds::list(&pool) {
+                    Ok(pool) => match ds::list_all(&pool, vols, snaps && recursive, None) {
                         Ok(v) => out.extend(v),
                         Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
                     },
@@ -220,12 +267,21 @@ fn collect(ctx: &mut Ctx, names: &[String], verb: &str) -> Result<Collected, Vec
                     continue;
                 }
             };
-            match ctx.pools.get(ctx.sd, &pool_name, verb) {
-                Ok(pool) => match ds::get(&pool, n) {
-                    Ok(v) => out.push(v),
-                    Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
-                },
-                Err(e) => errs.push(CmdError::new(verb, n, e.reason)),
+            let got = match ctx.pools.get(ctx.sd, &pool_name, verb) {
+                Ok(pool) if verb == "list" && !n.contains('@') && (recursive || !vols) => {
+                    // A volume named: itself (if volumes are listed) and, with -r or
+                    // -t snapshot, its snapshots.
+                    ds::list_all(&pool, vols, snaps, Some(n))
+                }
+                Ok(pool) => ds::get_any(&pool, n).map(|v| vec![v]),
+                Err(e) => {
+                    errs.push(CmdError::new(verb, n, e.reason));
+                    continue;
+                }
+            };
+            match got {
+                Ok(v) => out.extend(v),
+                Err(e) => errs.push(CmdError::new(verb, n, reason(e))),
             }
         }
     }
@@ -256,34 +312,55 @@ const LIST_COLS: &[&str] = &[
     "creation",
     "type",
     "guid",
+    "usedbydataset",
+    "usedbysnapshots",
+    "usedbyrefreservation",
+    "usedbychildren",
+    "written",
+    "logicalreferenced",
+    "origin",
+    "clones",
+    "createtxg",
+    "userrefs",
+    "snapshot_count",
 ];
+
+/// What `list` is asked for besides columns.
+struct ListReq<'a> {
+    types: Option<&'a str>,
+    recursive: bool,
+    sort: &'a [String],
+    sort_desc: &'a [String],
+}
 
 fn list(
     ctx: &mut Ctx,
-    types: Option<&str>,
+    req: &ListReq,
     flags: &ListFlags,
     cols: Option<&str>,
     names: &[String],
 ) -> CmdResult {
-    let want_volumes = match types {
-        None => true,
-        Some(t) => {
-            let mut v = false;
-            for x in t.split(',') {
-                match x {
-                    "volume" | "all" => v = true,
-                    "snapshot" | "snap" | "filesystem" => {}
-                    other => {
-                        return Err(one(CmdError::usage(
-                            "list",
-                            format!("invalid type '{other}' for -t (volume, snapshot or all)"),
-                        )))
-                    }
+    // zfs's default: volumes only, unless snapshots are asked for.
+    let (mut want_volumes, mut want_snaps) = (req.types.is_none(), false);
+    if let Some(t) = req.types {
+        for x in t.split(',') {
+            match x {
+                "volume" => want_volumes = true,
+                "snapshot" | "snap" => want_snaps = true,
+                "all" => (want_volumes, want_snaps) = (true, true),
+                "filesystem" => {}
+                other => {
+                    return Err(one(CmdError::usage(
+                        "list",
+                        format!("invalid type '{other}' for -t (volume, snapshot or all)"),
+                    )))
                 }
             }
-            v
         }
-    };
+    }
+    if req.types.is_none() && req.recursive && !names.is_empty() {
+        want_snaps = true;
+    }
     // zfs's aliases for columns.
     let cols = cols.map(|c| {
         c.split(',')
@@ -293,6 +370,12 @@ fn list(
                 "volblock" => "volblocksize",
                 "refreserv" => "refreservation",
                 "rdonly" => "readonly",
+                "usedsnap" => "usedbysnapshots",
+                "usedds" => "usedbydataset",
+                "usedrefreserv" => "usedbyrefreservation",
+                "usedchild" => "usedbychildren",
+                "lrefer" => "logicalreferenced",
+                "space" => "name,available,used,usedbysnapshots,usedbydataset,usedbyrefreservation,usedbychildren",
                 x => x,
             })
             .collect::<Vec<_>>()
@@ -320,11 +403,14 @@ fn list(
                 .map_or_else(|| c.to_string(), |n| n.to_string())
         })
         .collect();
-    let (vols, errs) = if want_volumes {
-        collect(ctx, names, "list")?
-    } else {
-        (Vec::new(), Vec::new())
-    };
+    let (mut vols, errs) = collect(
+        ctx,
+        names,
+        "list",
+        (want_volumes, want_snaps),
+        req.recursive,
+    )?;
+    sort_datasets(&mut vols, req.sort, req.sort_desc).map_err(usage)?;
     if flags.json {
         let mut m = Map::new();
         for v in &vols {
@@ -337,9 +423,14 @@ fn list(
                     );
                 }
             }
+            let kind = if v.is_snapshot() {
+                "SNAPSHOT"
+            } else {
+                "VOLUME"
+            };
             m.insert(
-                v.name.clone(),
-                json!({"name": v.name, "type": "VOLUME", "pool": v.name.split('/').next(),
+                v.name().to_string(),
+                json!({"name": v.name(), "type": kind, "pool": v.name().split('/').next(),
                        "properties": props}),
             );
         }
@@ -357,6 +448,11 @@ fn list(
         .map(|c| match c.as_str() {
             "available" => "AVAIL".to_string(),
             "referenced" => "REFER".to_string(),
+            "usedbysnapshots" => "USEDSNAP".to_string(),
+            "usedbydataset" => "USEDDS".to_string(),
+            "usedbyrefreservation" => "USEDREFRESERV".to_string(),
+            "usedbychildren" => "USEDCHILD".to_string(),
+            "logicalreferenced" => "LREFER".to_string(),
             // zfs shows user properties' names as they are.
             c if c.contains(':') => c.to_string(),
             c => c.to_uppercase(),
@@ -388,7 +484,7 @@ fn get(
     if names.is_empty() {
         return Err(one(CmdError::new("get", props, "missing dataset name")));
     }
-    let (vols, errs) = collect(ctx, names, "get")?;
+    let (vols, errs) = collect(ctx, names, "get", (true, true), false)?;
     if vols.is_empty() && !errs.is_empty() {
         return Err(errs);
     }
@@ -403,10 +499,14 @@ fn get(
         };
         let mut pj = Map::new();
         for p in list {
-            let Some((val, src)) = prop_value(v, &p, flags.parsable) else {
+            let got = match p.strip_prefix("written@") {
+                Some(snap) => written_at(ctx, v, snap, flags.parsable),
+                None => prop_value(v, &p, flags.parsable),
+            };
+            let Some((val, src)) = got else {
                 return Err(one(CmdError::new(
                     "get",
-                    &v.name,
+                    v.name(),
                     format!("invalid property '{p}'"),
                 )));
             };
@@ -414,9 +514,12 @@ fn get(
                 p.clone(),
                 json!({"value": val, "source": {"type": src.to_uppercase(), "data": "-"}}),
             );
-            rows.push([v.name.clone(), p, val, src]);
+            rows.push([v.name().to_string(), p, val, src]);
         }
-        jm.insert(v.name.clone(), json!({"name": v.name, "properties": pj}));
+        jm.insert(
+            v.name().to_string(),
+            json!({"name": v.name(), "properties": pj}),
+        );
     }
     if flags.json {
         ctx.print_json("cairn dataset get", "datasets", Value::Object(jm));
@@ -448,22 +551,119 @@ fn set(ctx: &mut Ctx, assignment: &str, name: &str, cmdline: &str) -> CmdResult 
     Ok(())
 }
 
-fn destroy(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -> CmdResult {
+fn destroy(ctx: &mut Ctx, name: &str, o: DestroyOpts, verbose: bool, cmdline: &str) -> CmdResult {
     let err = |r: String| one(CmdError::new("destroy", name, r));
     if !name.contains('/') && validate_pool_name(name).is_ok() {
-        return destroy_children(ctx, name, recursive, cmdline);
+        return destroy_children(ctx, name, o.recursive, cmdline);
     }
-    let pool_name = pool_of(name, "destroy")?;
+    // Snapshot specs (`VOL@a%b,c`) are checked by the dataset layer; the volume part here.
+    let vol = name.split('@').next().unwrap_or(name);
+    let pool_name = pool_of(vol, "destroy")?;
     let pool = dataset_pool(ctx, &pool_name, name, "destroy")?;
-    if ctx.pools.in_use(name) {
-        return Err(err(
-            "dataset is busy: an NBD client is connected to it".into()
-        ));
+    let plan =
+        ds::destroy(&pool, name, DestroyOpts { dry_run: true, ..o }).map_err(|e| err(reason(e)))?;
+    let busy: Vec<&String> = plan.items.iter().filter(|n| ctx.pools.in_use(n)).collect();
+    if !busy.is_empty() && !o.dry_run {
+        return Err(err(format!(
+            "dataset is busy: an NBD client is connected to {}",
+            busy.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
     }
-    ds::destroy(&pool, name).map_err(|e| err(reason(e)))?;
+    let plan = if o.dry_run {
+        plan
+    } else {
+        ds::destroy(&pool, name, o).map_err(|e| err(reason(e)))?
+    };
+    if verbose || o.dry_run {
+        let verb = if o.dry_run {
+            "would destroy"
+        } else {
+            "will destroy"
+        };
+        if verbose {
+            for i in &plan.items {
+                outln!(ctx, "{verb} {i}");
+            }
+            let r = if o.dry_run {
+                "would reclaim"
+            } else {
+                "will reclaim"
+            };
+            outln!(ctx, "{r} {}", format_compact(plan.reclaim));
+        }
+    }
+    if o.dry_run {
+        return Ok(());
+    }
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// `written@SNAP` of a volume (`-` for a snapshot).
+fn written_at(
+    ctx: &mut Ctx,
+    v: &DatasetInfo,
+    snap: &str,
+    parsable: bool,
+) -> Option<(String, String)> {
+    let DatasetInfo::Volume(vol) = v else {
+        return Some(("-".into(), "-".into()));
+    };
+    let pool_name = vol.name.split('/').next()?.to_string();
+    let pool = ctx.pools.get(ctx.sd, &pool_name, "get").ok()?;
+    let b = ds::written_since(&pool, &vol.name, snap).ok()?;
+    let shown = if parsable {
+        b.to_string()
+    } else {
+        format_compact(b)
+    };
+    Some((shown, "-".into()))
+}
+
+/// `list -s PROP` / `-S PROP`: sort by properties (numbers as numbers), stable.
+fn sort_datasets(v: &mut [DatasetInfo], asc: &[String], desc: &[String]) -> Result<(), String> {
+    if asc.is_empty() && desc.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(String, bool)> = asc
+        .iter()
+        .map(|k| (k.clone(), false))
+        .chain(desc.iter().map(|k| (k.clone(), true)))
+        .collect();
+    for (k, _) in &keys {
+        if k != "name" && !LIST_COLS.contains(&k.as_str()) && !k.contains(':') {
+            return Err(format!("invalid property '{k}' for sorting"));
+        }
+    }
+    let val = |d: &DatasetInfo, k: &str| -> String {
+        if k == "name" {
+            return d.name().to_string();
+        }
+        d.props()
+            .into_iter()
+            .find(|(n, _, _)| n == k)
+            .map(|x| x.1)
+            .unwrap_or_default()
+    };
+    v.sort_by(|a, b| {
+        for (k, rev) in &keys {
+            let (x, y) = (val(a, k), val(b, k));
+            let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                (Ok(p), Ok(q)) => p.cmp(&q),
+                _ => x.cmp(&y),
+            };
+            let o = if *rev { o.reverse() } else { o };
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
     Ok(())
 }
 
@@ -479,9 +679,10 @@ fn destroy_children(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -
     }
     let pool = ctx.pools.get(ctx.sd, name, "destroy").map_err(one)?;
     let vols = ds::list(&pool).map_err(|e| err(reason(e)))?;
-    let busy: Vec<&str> = vols
+    let exports = ds::export_names(&pool).map_err(|e| err(reason(e)))?;
+    let busy: Vec<&str> = exports
         .iter()
-        .map(|v| v.name.as_str())
+        .map(|n| n.as_str())
         .filter(|n| ctx.pools.in_use(n))
         .collect();
     if !busy.is_empty() {
@@ -491,8 +692,17 @@ fn destroy_children(ctx: &mut Ctx, name: &str, recursive: bool, cmdline: &str) -
         )));
     }
     let mut errs = Vec::new();
+    let all = DestroyOpts {
+        recursive: true,
+        clones: true,
+        dry_run: false,
+    };
     for v in &vols {
-        if let Err(e) = ds::destroy(&pool, &v.name) {
+        // A clone destroyed with its origin's volume is gone already.
+        if ds::get(&pool, &v.name).is_err() {
+            continue;
+        }
+        if let Err(e) = ds::destroy(&pool, &v.name, all) {
             errs.push(CmdError::new("destroy", &v.name, reason(e)));
         }
     }

@@ -13,6 +13,7 @@ mod nbd;
 mod output;
 mod poolcmd;
 mod size;
+mod snapcmd;
 mod statedir;
 mod vdevspec;
 
@@ -77,8 +78,18 @@ pub enum DatasetCmd {
         /// Types: volume, snapshot or all.
         #[arg(short = 't', value_name = "TYPE")]
         types: Option<String>,
+        /// Also the snapshots of the volumes named.
         #[arg(short = 'r')]
         recursive: bool,
+        /// Depth below the names (1: a volume's snapshots); implies -r.
+        #[arg(short = 'd', value_name = "DEPTH")]
+        depth: Option<u32>,
+        /// Sort by a property, ascending (repeatable).
+        #[arg(short = 's', value_name = "PROP")]
+        sort: Vec<String>,
+        /// Sort by a property, descending (repeatable).
+        #[arg(short = 'S', value_name = "PROP")]
+        sort_desc: Vec<String>,
         #[command(flatten)]
         flags: ListFlags,
         /// Columns: name,used,avail,refer,mountpoint,volsize,volblocksize,refreservation,...
@@ -98,11 +109,68 @@ pub enum DatasetCmd {
     },
     /// Set a dataset property: cairn dataset set PROP=VAL NAME
     Set { assignment: String, name: String },
-    /// Destroy a dataset.
+    /// Destroy a volume, or snapshots: NAME | NAME@SNAP[%SNAP][,SNAP...]
     Destroy {
+        /// Destroy a volume's snapshots too.
         #[arg(short = 'r')]
         recursive: bool,
+        /// Destroy clones of what goes too (recursively).
+        #[arg(short = 'R')]
+        clones: bool,
+        /// Dry run: change nothing (with -v: say what would go and the space it frees).
+        #[arg(short = 'n')]
+        dry_run: bool,
+        /// Print what is destroyed and the space reclaimed.
+        #[arg(short = 'v')]
+        verbose: bool,
         name: String,
+    },
+    /// Snapshot volumes (several names: one txg): cairn dataset snapshot POOL/VOL@SNAP...
+    Snapshot {
+        /// Accepted for zfs compatibility (volumes have no descendants).
+        #[arg(short = 'r')]
+        recursive: bool,
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+    /// Roll a volume back to a snapshot: cairn dataset rollback [-r] [-R] POOL/VOL@SNAP
+    Rollback {
+        /// Destroy later snapshots.
+        #[arg(short = 'r')]
+        recursive: bool,
+        /// Destroy later snapshots and their clones.
+        #[arg(short = 'R')]
+        clones: bool,
+        name: String,
+    },
+    /// Clone a snapshot into a new volume: cairn dataset clone [-o PROP=VAL]... POOL/VOL@SNAP POOL/NEW
+    Clone {
+        #[arg(short = 'o', value_name = "PROP=VAL")]
+        props: Vec<String>,
+        origin: String,
+        target: String,
+    },
+    /// Rename a volume or a snapshot: NAME NEWNAME | NAME@SNAP NAME@NEWSNAP
+    Rename { from: String, to: String },
+    /// Place a hold on snapshots (a held snapshot cannot be destroyed).
+    Hold {
+        tag: String,
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+    /// Release a hold.
+    Release {
+        tag: String,
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
+    },
+    /// List the holds of snapshots.
+    Holds {
+        /// Scripted mode: no header, tab-separated fields.
+        #[arg(short = 'H')]
+        scripted: bool,
+        #[arg(required = true, num_args = 1..)]
+        names: Vec<String>,
     },
 }
 

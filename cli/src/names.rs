@@ -65,6 +65,40 @@ pub fn validate_pool_name(name: &str) -> Result<(), String> {
 /// neither `.` nor `..`. The whole name is at most [`MAX_NAME_LEN`] bytes.
 /// Snapshot (`@`) and bookmark (`#`) delimiters are rejected: this is for
 /// plain dataset names.
+/// `POOL/VOL@SNAP`: the volume part as [`validate_dataset_name`], one `@`, and a snapshot name of
+/// the same characters. Returns (pool, volume, snapshot).
+pub fn validate_snapshot_name(name: &str) -> Result<(String, String, String), String> {
+    if name.len() > MAX_NAME_LEN {
+        return Err("name is too long".to_string());
+    }
+    let Some((vol, snap)) = name.split_once('@') else {
+        return Err("missing '@' delimiter in snapshot name".to_string());
+    };
+    let (pool, v) = validate_dataset_name(vol)?;
+    if snap.is_empty() {
+        return Err("empty snapshot name".to_string());
+    }
+    if let Some(bad) = snap.chars().find(|&c| !component_char_ok(c)) {
+        return Err(match bad {
+            '@' => "multiple '@' delimiters in name".to_string(),
+            _ => format!(
+                "invalid character '{}' in snapshot name",
+                bad.escape_debug()
+            ),
+        });
+    }
+    Ok((pool, v, snap.to_string()))
+}
+
+/// A volume or snapshot name; returns the pool.
+pub fn validate_any_name(name: &str) -> Result<String, String> {
+    if name.contains('@') {
+        validate_snapshot_name(name).map(|(p, _, _)| p)
+    } else {
+        validate_dataset_name(name).map(|(p, _)| p)
+    }
+}
+
 pub fn validate_dataset_name(name: &str) -> Result<(String, String), String> {
     if name.is_empty() {
         return Err("empty name".to_string());

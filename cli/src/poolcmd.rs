@@ -1009,15 +1009,13 @@ fn status_text(
 
 /// The permanent errors of a pool as `DATASET: offset N (SIZE block)` lines.
 fn data_error_list(p: &Pool) -> Vec<String> {
-    let vols = cairn_dataset::list(p).unwrap_or_default();
+    let names = cairn_dataset::object_names(p).unwrap_or_default();
     p.data_errors()
         .into_iter()
-        .map(
-            |(obj, off, bs)| match vols.iter().find(|v| v.record.object == obj) {
-                Some(v) => format!("{}: offset {} ({} block)", v.name, off, format_compact(bs)),
-                None => format!("<metadata>:<{obj:#x}> offset {off}"),
-            },
-        )
+        .map(|(obj, off, bs)| match names.get(&obj) {
+            Some(v) => format!("{}: offset {} ({} block)", v, off, format_compact(bs)),
+            None => format!("<metadata>:<{obj:#x}> offset {off}"),
+        })
         .collect()
 }
 

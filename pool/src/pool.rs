@@ -1580,16 +1580,7 @@ impl Pool {
     }
 
     pub fn set_object_size(&self, id: u64, size: u64) -> Result<()> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        inner.check_writable()?;
-        let vdevs = inner.tree.tops.clone();
-        check_range(size, 0)?;
-        let o = inner.mos.obj(&vdevs, id)?;
-        o.dnode.size = size;
-        o.mark_dnode_dirty();
-        o.free_range(&vdevs, size, (1 << 60) - size)?;
-        Ok(())
+        self.lock().set_object_size(id, size)
     }
 
     /// Set the number of copies new blocks of an object get (1..=3).
@@ -1853,6 +1844,20 @@ impl Inner {
             }
         };
         write_blob(self, id, data)
+    }
+
+    pub(crate) fn set_object_size(&mut self, id: u64, size: u64) -> Result<()> {
+        self.check_writable()?;
+        let vdevs = self.tree.tops.clone();
+        check_range(size, 0)?;
+        let o = self.mos.obj(&vdevs, id)?;
+        if o.dnode.otype == ObjType::Snapshot {
+            return Err(snapshot_read_only(id));
+        }
+        o.dnode.size = size;
+        o.mark_dnode_dirty();
+        o.free_range(&vdevs, size, (1 << 60) - size)?;
+        Ok(())
     }
 
     pub(crate) fn space(&self) -> (u64, u64, u64) {

@@ -425,7 +425,9 @@ impl Inner {
         let stxg = t.ds[&snap].txg;
         let sd = self.snap_dnode(snap)?;
         // The volume's changes must be committed before its tree is let go.
-        self.commit(false)?;
+        if self.mos.obj(&self.tree.tops.clone(), head)?.is_dirty() {
+            self.commit(false)?;
+        }
         let vdevs = self.tree.tops.clone();
         let o = self.mos.obj(&vdevs, head)?;
         let old = o.dnode;
@@ -718,6 +720,17 @@ impl Tx<'_> {
     pub fn ds_space(&mut self, extra: &[u64]) -> Result<BTreeMap<u64, DsSpace>> {
         self.inner.ds_space(extra)
     }
+    /// Create an object (committed with the txg).
+    pub fn create_object(&mut self, otype: ObjType, data_shift: u8, copies: u8) -> Result<u64> {
+        let vdevs = self.inner.tree.tops.clone();
+        self.inner
+            .mos
+            .create_object(&vdevs, otype, data_shift, copies)
+    }
+    /// Set an object's logical size (freeing what lies past it).
+    pub fn set_object_size(&mut self, id: u64, size: u64) -> Result<()> {
+        self.inner.set_object_size(id, size)
+    }
     /// Commit the open txg now.
     pub fn commit(&mut self) -> Result<()> {
         self.inner.sync_txg()
@@ -745,6 +758,19 @@ impl Pool {
     /// Space figures of every volume and snapshot with links, and of `extra` objects.
     pub fn ds_space(&self, extra: &[u64]) -> Result<BTreeMap<u64, DsSpace>> {
         self.lock().ds_space(extra)
+    }
+
+    /// The number of level-0 blocks holding data of each object (its root pointer's fill).
+    pub fn objects_filled(&self, ids: &[u64]) -> Result<BTreeMap<u64, u64>> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let vdevs = inner.tree.tops.clone();
+        let mut out = BTreeMap::new();
+        for &id in ids {
+            let o = inner.mos.obj(&vdevs, id)?;
+            out.insert(id, o.dnode.root.fill);
+        }
+        Ok(out)
     }
 
     /// Bytes the background free queue has still to free (the `freeing` property).
