@@ -164,6 +164,17 @@ pub enum DatasetCmd {
         #[arg(required = true, num_args = 1..)]
         names: Vec<String>,
     },
+    /// Changed byte ranges since a snapshot: cairn dataset diff [-j] POOL/VOL@SNAP [POOL/VOL@SNAP2|POOL/VOL]
+    Diff {
+        /// JSON output.
+        #[arg(short = 'j')]
+        json: bool,
+        /// Scripted mode: no header, tab-separated fields.
+        #[arg(short = 'H')]
+        scripted: bool,
+        from: String,
+        to: Option<String>,
+    },
     /// List the holds of snapshots.
     Holds {
         /// Scripted mode: no header, tab-separated fields.

@@ -105,6 +105,8 @@ const BASE_ALLOCATION: &str = "base:allocation";
 const INLINE_MAX: usize = 64 << 10;
 
 const META_ID: u32 = 1;
+/// `qemu:dirty-bitmap:` state flag: the extent changed.
+const STATE_DIRTY: u32 = 1;
 /// A block status reply describes at most this many extents...
 const MAX_STATUS_EXTENTS: usize = 4096;
 /// ...and looks at most this many allocated blocks (its cost is bounded on any volume size).
@@ -200,7 +202,53 @@ struct Negotiated {
     name: String,
     vol: Arc<Volume>,
     structured: bool,
-    meta: bool,
+    /// Selected metadata contexts; context id = position + 1.
+    meta: Arc<Vec<Meta>>,
+}
+
+/// A metadata context BLOCK_STATUS answers for.
+#[derive(Clone, Debug, PartialEq)]
+enum Meta {
+    /// `base:allocation`: holes and data.
+    Alloc,
+    /// `qemu:dirty-bitmap:SNAP`: blocks changed since snapshot SNAP of the volume (qemu's
+    /// incremental backup reads this name).
+    Dirty(String),
+}
+
+const DIRTY_PREFIX: &str = "qemu:dirty-bitmap:";
+
+impl Meta {
+    fn name(&self) -> String {
+        match self {
+            Meta::Alloc => BASE_ALLOCATION.to_string(),
+            Meta::Dirty(s) => format!("{DIRTY_PREFIX}{s}"),
+        }
+    }
+}
+
+/// The contexts of `vol` that `queries` select (all of them for LIST without queries; for
+/// LIST, `base:` and `qemu:` / `qemu:dirty-bitmap:` select every context in that namespace).
+fn select_meta(vol: &Volume, queries: &[String], list: bool) -> Vec<Meta> {
+    let mut all = vec![Meta::Alloc];
+    all.extend(vol.snapshot_names().into_iter().map(Meta::Dirty));
+    if queries.is_empty() {
+        return if list { all } else { Vec::new() };
+    }
+    let mut out: Vec<Meta> = Vec::new();
+    for q in queries {
+        for m in &all {
+            let n = m.name();
+            let hit = n == *q
+                || (list
+                    && (q == "base:" && *m == Meta::Alloc
+                        || (q == "qemu:" || q == DIRTY_PREFIX) && matches!(m, Meta::Dirty(_))));
+            if hit && !out.contains(m) {
+                out.push(m.clone());
+            }
+        }
+    }
+    out
 }
 
 /// The handshake. `Ok(None)`: the client left or aborted.
@@ -219,7 +267,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let no_zeroes = cflags & CFLAG_NO_ZEROES != 0;
     let mut structured = false;
-    let mut meta = false;
+    let mut meta: Vec<Meta> = Vec::new();
     loop {
         if s.read_u64().await? != IHAVEOPT {
             return Ok(None);
@@ -252,7 +300,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     name,
                     vol,
                     structured,
-                    meta,
+                    meta: Arc::new(meta),
                 }));
             }
             OPT_ABORT => {
@@ -313,7 +361,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                         name,
                         vol,
                         structured,
-                        meta,
+                        meta: Arc::new(meta),
                     }));
                 }
             }
@@ -352,24 +400,28 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     .await?;
                     continue;
                 }
-                if let Err(e) = resolve(exports, &name) {
-                    send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}")).await?;
-                    continue;
-                }
-                let matches = |q: &str| {
-                    q == BASE_ALLOCATION || (opt == OPT_LIST_META_CONTEXT && q == "base:")
+                let vol = match resolve(exports, &name) {
+                    Ok((_, v)) => v,
+                    Err(e) => {
+                        send_opt_err(s, opt, REP_ERR_UNKNOWN, &format!("export '{name}': {e}"))
+                            .await?;
+                        continue;
+                    }
                 };
-                let selected = if queries.is_empty() {
-                    opt == OPT_LIST_META_CONTEXT
-                } else {
-                    queries.iter().any(|q| matches(q))
-                };
-                if selected {
-                    let mut d = META_ID.to_be_bytes().to_vec();
-                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                let list = opt == OPT_LIST_META_CONTEXT;
+                let v2 = vol.clone();
+                let q2 = queries.clone();
+                let selected = tokio::task::spawn_blocking(move || select_meta(&v2, &q2, list))
+                    .await
+                    .unwrap_or_default();
+                for (i, m) in selected.iter().enumerate() {
+                    // LIST answers with id 0 (ids mean nothing there); SET with the real ids.
+                    let id = if list { 0 } else { i as u32 + META_ID };
+                    let mut d = id.to_be_bytes().to_vec();
+                    d.extend_from_slice(m.name().as_bytes());
                     send_opt_reply(s, opt, REP_META_CONTEXT, &d).await?;
                 }
-                if opt == OPT_SET_META_CONTEXT {
+                if !list {
                     meta = selected;
                 }
                 send_opt_reply(s, opt, REP_ACK, &[]).await?;
@@ -413,8 +465,8 @@ enum Out {
     Done,
     /// Read data.
     Read(AlignedBuf),
-    /// A block status payload.
-    Status(Vec<u8>),
+    /// Block status payloads, one per metadata context.
+    Status(Vec<Vec<u8>>),
 }
 
 /// A reply on its way out: header bytes (with any small payload), then read data sent as it is.
@@ -446,8 +498,17 @@ fn reply(structured: bool, cookie: u64, result: Result<Out, (u32, String)>, offs
                 body: Some(data),
             }
         }
-        (true, Ok(Out::Status(p))) => {
-            head(chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, &p))
+        (true, Ok(Out::Status(ps))) => {
+            let mut h = Vec::new();
+            for (i, p) in ps.iter().enumerate() {
+                let flags = if i + 1 == ps.len() {
+                    REPLY_FLAG_DONE
+                } else {
+                    0
+                };
+                h.extend(chunk(cookie, flags, REPLY_TYPE_BLOCK_STATUS, p));
+            }
+            head(h)
         }
         (true, Ok(Out::Done)) => head(chunk(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, &[])),
         (true, Err((e, msg))) => {
@@ -517,7 +578,7 @@ fn validate(r: &Req, size: u64, readonly: bool, meta: bool) -> Result<(), (u32, 
 }
 
 /// Execute one request on the volume (blocking).
-fn execute(vol: &Volume, r: &Req, data: &[u8]) -> Result<Out, (u32, String)> {
+fn execute(vol: &Volume, r: &Req, data: &[u8], meta: &[Meta]) -> Result<Out, (u32, String)> {
     let fua = r.flags & CMDF_FUA != 0;
     let w = |e: DatasetError| (map_err(&e, true), e.to_string());
     let rd = |e: DatasetError| (map_err(&e, false), e.to_string());
@@ -555,25 +616,34 @@ fn execute(vol: &Volume, r: &Req, data: &[u8]) -> Result<Out, (u32, String)> {
             Ok(Out::Done)
         }
         CMD_BLOCK_STATUS => {
-            // A prefix of the range is a valid answer: the client asks again from where it ends.
-            let ext = vol
-                .map(r.offset, r.len as u64, MAX_STATUS_BLOCKS)
-                .map_err(rd)?;
-            let mut p = META_ID.to_be_bytes().to_vec();
-            for e in ext.iter().take(if r.flags & CMDF_REQ_ONE != 0 {
-                1
-            } else {
-                MAX_STATUS_EXTENTS
-            }) {
-                let flags = if e.allocated {
-                    0
-                } else {
-                    STATE_HOLE | STATE_ZERO
+            // One chunk per selected context. A prefix of the range is a valid answer: the client
+            // asks again from where it ends.
+            let mut chunks = Vec::new();
+            for (i, m) in meta.iter().enumerate() {
+                let (ext, flag_of): (_, fn(bool) -> u32) = match m {
+                    Meta::Alloc => (
+                        vol.map(r.offset, r.len as u64, MAX_STATUS_BLOCKS)
+                            .map_err(rd)?,
+                        |a| if a { 0 } else { STATE_HOLE | STATE_ZERO },
+                    ),
+                    Meta::Dirty(snap) => (
+                        vol.dirty_map(snap, r.offset, r.len as u64, MAX_STATUS_BLOCKS)
+                            .map_err(rd)?,
+                        |a| if a { STATE_DIRTY } else { 0 },
+                    ),
                 };
-                p.extend_from_slice(&(e.length as u32).to_be_bytes());
-                p.extend_from_slice(&flags.to_be_bytes());
+                let mut p = (i as u32 + META_ID).to_be_bytes().to_vec();
+                for e in ext.iter().take(if r.flags & CMDF_REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_STATUS_EXTENTS
+                }) {
+                    p.extend_from_slice(&(e.length as u32).to_be_bytes());
+                    p.extend_from_slice(&flag_of(e.allocated).to_be_bytes());
+                }
+                chunks.push(p);
             }
-            Ok(Out::Status(p))
+            Ok(Out::Status(chunks))
         }
         _ => Err((EINVAL, "unknown command".into())),
     }
@@ -689,7 +759,7 @@ pub async fn serve_conn<S>(
         }
         // Size and read-only are read per request: `dataset set` changes them for connected clients
         // (the volume checks them again, under its lock, when it does the I/O).
-        if let Err(e) = validate(&r, neg.vol.size(), neg.vol.readonly(), neg.meta) {
+        if let Err(e) = validate(&r, neg.vol.size(), neg.vol.readonly(), !neg.meta.is_empty()) {
             payload.give();
             let _ = tx
                 .send(reply(neg.structured, r.cookie, Err(e), r.offset))
@@ -702,10 +772,11 @@ pub async fn serve_conn<S>(
         let vol = neg.vol.clone();
         let tx = tx.clone();
         let structured = neg.structured;
+        let meta = neg.meta.clone();
         tokio::spawn(async move {
             let (cookie, offset) = (r.cookie, r.offset);
             let res = tokio::task::spawn_blocking(move || {
-                let res = execute(&vol, &r, payload.as_slice());
+                let res = execute(&vol, &r, payload.as_slice(), &meta);
                 payload.give();
                 res
             })

@@ -119,6 +119,12 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd, cmdline: &str) -> CmdResult {
         DatasetCmd::Hold { tag, names } => hold(ctx, &tag, &names, true, cmdline),
         DatasetCmd::Release { tag, names } => hold(ctx, &tag, &names, false, cmdline),
         DatasetCmd::Holds { scripted, names } => holds(ctx, scripted, &names),
+        DatasetCmd::Diff {
+            json,
+            scripted,
+            from,
+            to,
+        } => diff(ctx, &from, to.as_deref(), json, scripted),
         _ => unreachable!("dataset commands are dispatched by datasetcmd::run"),
     }
 }
@@ -219,4 +225,33 @@ fn holds(ctx: &mut Ctx, scripted: bool, names: &[String]) -> CmdResult {
     } else {
         Err(errs)
     }
+}
+
+fn diff(ctx: &mut Ctx, from: &str, to: Option<&str>, json: bool, scripted: bool) -> CmdResult {
+    let err = |r: String| one(CmdError::new("diff", from, r));
+    let pool = snap_pool(ctx, from, "diff")?;
+    if let Some(t) = to {
+        let tp = crate::datasetcmd::pool_of(t, "diff")?;
+        if tp != pool.name() {
+            return Err(err(format!("'{t}' is in another pool")));
+        }
+    }
+    let ranges = ds::diff(&pool, from, to).map_err(|e| err(reason(e)))?;
+    if json {
+        let v: Vec<serde_json::Value> = ranges
+            .iter()
+            .map(|(o, l)| serde_json::json!({"offset": o, "length": l}))
+            .collect();
+        ctx.print_json("cairn dataset diff", "ranges", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    let mut t = Table::new(
+        vec!["OFFSET".to_string(), "LENGTH".to_string()],
+        vec![true, true],
+    );
+    for (o, l) in ranges {
+        t.push([o.to_string(), l.to_string()]);
+    }
+    crate::out!(ctx, "{}", t.render(scripted));
+    Ok(())
 }

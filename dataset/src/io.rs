@@ -230,6 +230,67 @@ impl Volume {
         Ok(())
     }
 
+    /// The snapshots of this volume (for NBD's `qemu:dirty-bitmap:SNAP` contexts).
+    pub fn snapshot_names(&self) -> Vec<String> {
+        if self.name.contains('@') {
+            return Vec::new();
+        }
+        let Ok(reg) = load(&self.pool) else {
+            return Vec::new();
+        };
+        reg.get(&self.name)
+            .map(|r| r.snapshots.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Blocks of `[off, off+len)` written, trimmed or zeroed since snapshot `snap` of this volume,
+    /// as extents in order from `off` (`allocated` = changed); a prefix of the range after
+    /// `max_blocks` changed blocks, never less than one extent.
+    pub fn dirty_map(
+        &self,
+        snap: &str,
+        off: u64,
+        len: u64,
+        max_blocks: usize,
+    ) -> Result<Vec<Extent>> {
+        let _st = self.check(off, len, false)?;
+        let reg = load(&self.pool)?;
+        let sobj = reg
+            .get(&self.name)
+            .and_then(|r| r.snapshots.get(snap))
+            .map(|s| s.object)
+            .ok_or(DatasetError::NotFound)?;
+        let bs = self.volblocksize;
+        let end = off + len;
+        let (blocks, done) =
+            self.pool
+                .changed_blocks(sobj, self.object, off / bs, end.div_ceil(bs), max_blocks)?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut push = |at: u64, n: u64, a: bool| match out.last_mut() {
+            Some(l) if l.allocated == a => l.length += n,
+            _ => out.push(Extent {
+                offset: at,
+                length: n,
+                allocated: a,
+            }),
+        };
+        let mut cursor = off;
+        for b in blocks {
+            let start = (b * bs).max(off);
+            let stop = ((b + 1) * bs).min(end);
+            if start > cursor {
+                push(cursor, start - cursor, false);
+            }
+            push(start, stop - start, true);
+            cursor = stop;
+        }
+        let limit = done.saturating_mul(bs).min(end);
+        if limit > cursor {
+            push(cursor, limit - cursor, false);
+        }
+        Ok(out)
+    }
+
     /// Allocation of `[off, off+len)`, in order from `off`; it may cover only a prefix of the range
     /// (it stops after `max_blocks` allocated blocks), never less than one extent.
     pub fn map(&self, off: u64, len: u64, max_blocks: usize) -> Result<Vec<Extent>> {

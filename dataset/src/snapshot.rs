@@ -835,3 +835,50 @@ pub fn name_of_snapshot(pool: &Pool, obj: u64) -> Option<String> {
     let reg = load(pool).ok()?;
     snapshot_name(pool, &reg, obj)
 }
+
+/// Object and block size of a volume (`POOL/VOL`) or snapshot (`POOL/VOL@SNAP`).
+fn object_of(pool: &Pool, reg: &crate::registry::Registry, full: &str) -> Result<(u64, u64)> {
+    let (vol, snap) = match full.split_once('@') {
+        Some((v, s)) => (v, Some(s)),
+        None => (full, None),
+    };
+    let rec = reg.get(&short(pool, vol)?).ok_or(DatasetError::NotFound)?;
+    match snap {
+        None => Ok((rec.object, rec.volblocksize)),
+        Some(s) => Ok((
+            rec.snapshots.get(s).ok_or(DatasetError::NotFound)?.object,
+            rec.volblocksize,
+        )),
+    }
+}
+
+/// Changed byte ranges `(offset, length)` between snapshot `from` and `to` (a later snapshot, a
+/// clone, or by default the live volume of `from`), merged.
+pub fn diff(pool: &Pool, from: &str, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
+    let (vol, _) = split_snapshot(from)?;
+    let reg = load(pool)?;
+    let (a, bs) = object_of(pool, &reg, from)?;
+    let (b, bs2) = object_of(pool, &reg, to.unwrap_or(vol))?;
+    if bs != bs2 {
+        return Err(DatasetError::Invalid(
+            "the two have different block sizes".into(),
+        ));
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = 0u64;
+    let end = (1u64 << 60) / bs;
+    while at < end {
+        let (blocks, done) = pool.changed_blocks(a, b, at, end, 65536)?;
+        for blk in blocks {
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == blk * bs => *l += bs,
+                _ => out.push((blk * bs, bs)),
+            }
+        }
+        if done >= end {
+            break;
+        }
+        at = done;
+    }
+    Ok(out)
+}

@@ -14,6 +14,7 @@
 pub mod alloc;
 pub mod blkptr;
 pub mod deadlist;
+pub mod diff;
 pub mod error;
 pub mod health;
 pub mod import;

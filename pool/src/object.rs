@@ -539,6 +539,16 @@ impl Obj {
         }
     }
 
+    /// The block pointer at (level, index) of the tree (a hole above the root or past it).
+    pub(crate) fn bp_at(
+        &mut self,
+        vdevs: &[Arc<TopVdev>],
+        level: u8,
+        index: u64,
+    ) -> Result<BlockPtr> {
+        self.get_bp(vdevs, level, index)
+    }
+
     /// Take a block out of the tree: free it, unless a snapshot still references it (the birth-txg
     /// rule), in which case it goes on the deadlist. Its space leaves the object's `used` either way.
     fn kill(&mut self, ctx: &mut TxgCtx, bp: &BlockPtr) {
