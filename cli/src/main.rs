@@ -150,6 +150,9 @@ pub enum DatasetCmd {
         origin: String,
         target: String,
     },
+    /// Promote a clone: it takes over its origin's snapshots up to the origin, and the old
+    /// origin becomes its clone (so the old origin can be destroyed).
+    Promote { name: String },
     /// Rename a volume or a snapshot: NAME NEWNAME | NAME@SNAP NAME@NEWSNAP
     Rename { from: String, to: String },
     /// Place a hold on snapshots (a held snapshot cannot be destroyed).

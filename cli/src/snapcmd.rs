@@ -98,6 +98,16 @@ pub fn run(ctx: &mut Ctx, cmd: DatasetCmd, cmdline: &str) -> CmdResult {
             ds::clone(&pool, &origin, &target, &pv).map_err(|e| err(reason(e)))?;
             log(ctx, &pool, cmdline, "create", &target)
         }
+        DatasetCmd::Promote { name } => {
+            let err = |r: String| one(CmdError::new("promote", &name, r));
+            let p = pool_of(&name, "promote")?;
+            if name.contains('@') {
+                return Err(err("a snapshot cannot be promoted: name the clone".into()));
+            }
+            let pool = dataset_pool(ctx, &p, &name, "promote")?;
+            ds::promote(&pool, &name).map_err(|e| err(reason(e)))?;
+            log(ctx, &pool, cmdline, "promote", &name)
+        }
         DatasetCmd::Rename { from, to } => {
             let err = |r: String| one(CmdError::new("rename", &from, r));
             let p = pool_of(&from, "rename")?;

@@ -882,3 +882,64 @@ pub fn diff(pool: &Pool, from: &str, to: Option<&str>) -> Result<Vec<(u64, u64)>
     }
     Ok(out)
 }
+
+/// `promote POOL/CLONE`: the clone takes over its origin's snapshots up to and including the
+/// origin, and the old origin volume becomes a clone of that snapshot. Refused when snapshot
+/// names would collide (as zfs).
+pub fn promote(pool: &Pool, full: &str) -> Result<()> {
+    let name = short(pool, full)?;
+    let rl = pool.extension::<RegistryLock>();
+    let _changing = lock(&rl.0);
+    pool.atomically(|tx| -> Result<()> {
+        let mut reg = load_tx(tx)?;
+        let rec = reg.get(&name).ok_or(DatasetError::NotFound)?.clone();
+        let links = tx.links()?;
+        let Some(origin) = links.origin_of(rec.object) else {
+            return Err(DatasetError::Invalid("not a cloned volume".into()));
+        };
+        let Some((oname, orec)) = reg
+            .iter()
+            .find(|(_, r)| r.snapshots.values().any(|s| s.object == origin))
+            .map(|(n, r)| (n.clone(), r.clone()))
+        else {
+            return Err(DatasetError::Pool(cairn_pool::PoolError::corrupt(
+                "dataset registry",
+                format!("no snapshot record for object {origin}"),
+            )));
+        };
+        let otxg = orec
+            .snapshots
+            .values()
+            .find(|s| s.object == origin)
+            .map_or(0, |s| s.txg);
+        let moving: Vec<String> = orec
+            .snapshots
+            .iter()
+            .filter(|(_, s)| s.txg <= otxg)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let clash: Vec<&String> = moving
+            .iter()
+            .filter(|n| rec.snapshots.contains_key(*n))
+            .collect();
+        if !clash.is_empty() {
+            return Err(DatasetError::Busy(format!(
+                "snapshot name collision: rename {} first",
+                clash
+                    .iter()
+                    .map(|n| format!("{}/{name}@{n}", pool.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        tx.promote(rec.object)?;
+        for n in moving {
+            let sr = reg
+                .get_mut(&oname)
+                .and_then(|r| r.snapshots.remove(&n))
+                .expect("listed");
+            reg.get_mut(&name).expect("checked").snapshots.insert(n, sr);
+        }
+        save_tx(tx, &reg)
+    })
+}

@@ -469,6 +469,67 @@ impl Inner {
         Ok(sd.size)
     }
 
+    /// Promote clone `head`: it takes over its origin's lineage up to and including the origin
+    /// snapshot, and the old origin volume becomes a clone of that snapshot (as zfs promote). Only
+    /// links change: every block stays where it is, owned by the same trees. Returns the snapshots
+    /// that changed hands, oldest first, and the old origin's head.
+    pub(crate) fn promote(&mut self, head: u64) -> Result<(Vec<u64>, u64)> {
+        self.head_dnode(head)?;
+        let t = self.snaps()?;
+        let Some(origin) = t.origin_of(head) else {
+            return Err(PoolError::Invalid("not a cloned volume".into()));
+        };
+        // The first member of the clone's own lineage (its oldest snapshot, or itself).
+        let mut first = head;
+        for _ in 0..=t.ds.len() {
+            let l = &t.ds[&first];
+            if l.prev == origin {
+                break;
+            }
+            first = l.prev;
+        }
+        // The old origin's head: follow `next` from the origin snapshot.
+        let mut old = t.ds[&origin].next;
+        for _ in 0..=t.ds.len() {
+            match t.ds.get(&old) {
+                Some(l) if l.snapshot => old = l.next,
+                _ => break,
+            }
+        }
+        if t.ds.get(&old).is_none_or(|l| l.snapshot) {
+            return Err(PoolError::corrupt(
+                "snapshot table",
+                format!("no head after snapshot {origin}"),
+            ));
+        }
+        // What changes hands: the origin and every older snapshot of its lineage.
+        let mut moved = vec![origin];
+        let mut cur = origin;
+        for _ in 0..=t.ds.len() {
+            let p = t.ds[&cur].prev;
+            if !t.same_lineage(p, cur) {
+                break;
+            }
+            moved.push(p);
+            cur = p;
+        }
+        moved.reverse();
+        let grand = t.origin_of(old);
+        let t = self.snaps_mut()?;
+        let o = t.ds.get_mut(&origin).expect("checked");
+        o.next = first;
+        o.clones.retain(|&c| c != head);
+        o.clones.push(old);
+        if let Some(z) = grand.and_then(|z| t.ds.get_mut(&z)) {
+            for c in z.clones.iter_mut() {
+                if *c == old {
+                    *c = head;
+                }
+            }
+        }
+        Ok((moved, old))
+    }
+
     /// Space figures of every volume and snapshot in the table, and of `extra` objects.
     pub(crate) fn ds_space(&mut self, extra: &[u64]) -> Result<BTreeMap<u64, DsSpace>> {
         let vdevs = self.tree.tops.clone();
@@ -713,6 +774,9 @@ impl Tx<'_> {
     }
     pub fn rollback(&mut self, head: u64) -> Result<u64> {
         self.inner.rollback(head)
+    }
+    pub fn promote(&mut self, head: u64) -> Result<(Vec<u64>, u64)> {
+        self.inner.promote(head)
     }
     pub fn links(&mut self) -> Result<SnapTable> {
         Ok(self.inner.snaps()?.clone())

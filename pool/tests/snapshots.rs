@@ -175,8 +175,17 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
     };
     let v = new_volume(&pool);
     m.heads.insert(v, vec![0u8; VOL as usize]);
-    let mut seed = 0x5eed_u64;
-    for step in 0..400 {
+    // CAIRN_SNAP_SEED and CAIRN_SNAP_STEPS run other and longer sequences.
+    let mut seed = std::env::var("CAIRN_SNAP_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_u64);
+    let steps = std::env::var("CAIRN_SNAP_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(400);
+    let mut promotes = 0;
+    for step in 0..steps {
         let heads: Vec<u64> = m.heads.keys().copied().collect();
         let h = heads[(rnd(&mut seed) % heads.len() as u64) as usize];
         match rnd(&mut seed) % 12 {
@@ -228,7 +237,19 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
                     m.heads.remove(&h);
                 }
             }
-            10 => pool.sync().unwrap(),
+            10 => {
+                let links = pool.snapshot_links().unwrap();
+                if links.origin_of(h).is_some() {
+                    let (moved, old) = pool.atomically(|tx| tx.promote(h)).unwrap();
+                    promotes += 1;
+                    for sid in moved {
+                        m.snaps.get_mut(&sid).unwrap().0 = h;
+                    }
+                    assert!(m.heads.contains_key(&old));
+                } else {
+                    pool.sync().unwrap();
+                }
+            }
             _ => {
                 if step % 5 == 0 {
                     drop(pool);
@@ -252,6 +273,7 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
             audit(&pool, &format!("step {step}"));
         }
     }
+    eprintln!("{promotes} promotes");
 }
 
 #[test]
