@@ -1435,7 +1435,7 @@ fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) 
     Ok(ExitCode::SUCCESS)
 }
 
-const SIZE_PROPS: &[&str] = &["size", "allocated", "free", "scrub_rate_limit"];
+const SIZE_PROPS: &[&str] = &["size", "allocated", "free", "freeing", "scrub_rate_limit"];
 
 fn get(
     ctx: &mut Ctx,

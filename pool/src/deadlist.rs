@@ -116,6 +116,39 @@ pub fn read_entries(
     buf.chunks(BP_SIZE).map(BlockPtr::decode).collect()
 }
 
+/// Split the buckets of `dl` with keys below `below` along `boundaries` (new boundaries appeared
+/// under them: a promote gives a clone's lineage the origin's older snapshots). Reads and rewrites
+/// those buckets' entries; their old objects are destroyed.
+pub fn rebucket(
+    mos: &mut ObjSet,
+    vdevs: &[Arc<TopVdev>],
+    dl: &mut Deadlist,
+    boundaries: &[u64],
+    below: u64,
+) -> Result<()> {
+    let keys: Vec<u64> = dl.range(..below).map(|(&k, _)| k).collect();
+    let mut moved: BTreeMap<u64, Vec<BlockPtr>> = BTreeMap::new();
+    let mut old = Vec::new();
+    for k in keys {
+        for id in dl.remove(&k).unwrap_or_default() {
+            for bp in read_entries(mos, vdevs, id, 0, u64::MAX)? {
+                moved
+                    .entry(bucket_for(boundaries, bp.birth.0))
+                    .or_default()
+                    .push(bp);
+            }
+            old.push(id);
+        }
+    }
+    for id in old {
+        mos.destroy_object(vdevs, id)?;
+    }
+    for (k, v) in moved {
+        append(mos, vdevs, dl, k, &v)?;
+    }
+    Ok(())
+}
+
 /// Move every bucket of `from` into `to` (object lists are concatenated).
 pub fn merge(to: &mut Deadlist, from: Deadlist) {
     for (k, objs) in from {

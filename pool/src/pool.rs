@@ -190,6 +190,8 @@ pub(crate) struct Inner {
     pub(crate) snaps: Option<crate::snapshot::SnapTable>,
     /// The table changed in the open txg.
     pub(crate) snaps_dirty: bool,
+    /// Blocks a commit frees from the background queue at most (`snapshot::FREE_BUDGET`).
+    pub(crate) free_budget: usize,
 }
 
 /// A write of the open txg that failed on every copy: (object, block id, pointer).
@@ -675,6 +677,7 @@ impl Pool {
                 marked_in_use: false,
                 snaps: None,
                 snaps_dirty: false,
+                free_budget: crate::snapshot::FREE_BUDGET,
             }),
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
@@ -930,6 +933,7 @@ impl Pool {
             marked_in_use: false,
             snaps: None,
             snaps_dirty: false,
+            free_budget: crate::snapshot::FREE_BUDGET,
         };
         let vdevs = inner.tree.tops.clone();
         let dirblob = read_blob(&mut inner.mos, &vdevs, DIR_OBJ)?;
@@ -1226,6 +1230,7 @@ impl Pool {
                 "health" => (st.state.clone(), "-"),
                 "guid" => (st.pool_guid.to_string(), "-"),
                 "txg" => (st.txg.to_string(), "-"),
+                "freeing" => (g.snaps()?.freeing().to_string(), "-"),
                 _ => match user.get(n) {
                     Some(v) => (v.clone(), "local"),
                     None => (
@@ -2168,6 +2173,7 @@ impl Inner {
             &mut self.snaps_dirty,
             &self.dir,
             &mut ctx,
+            self.free_budget,
         )?;
         let meta = self.mos.sync(&mut ctx)?;
         // The objset block: allocate first so the recorded per-vdev usage includes it.

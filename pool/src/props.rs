@@ -44,6 +44,11 @@ pub const PROPS: &[PropDef] = &[
         default: "-",
     },
     PropDef {
+        name: "freeing",
+        settable: false,
+        default: "0",
+    },
+    PropDef {
         name: "health",
         settable: false,
         default: "",

@@ -527,6 +527,25 @@ impl Inner {
                 }
             }
         }
+        // The clone's lineage gained boundaries below the origin's txg: the buckets its members
+        // filled with the origin's blocks (keys below it) are split along them, so destroying one
+        // of the moved snapshots later finds exactly the blocks only it held.
+        let otxg = t.ds[&origin].txg;
+        let bounds = t.boundaries(head);
+        let mut members = vec![head];
+        let mut cur = head;
+        while cur != first {
+            cur = t.ds[&cur].prev;
+            members.push(cur);
+        }
+        let vdevs = self.tree.tops.clone();
+        for m in members {
+            let mut dl =
+                std::mem::take(&mut self.snaps_mut()?.ds.get_mut(&m).expect("member").deadlist);
+            let r = deadlist::rebucket(&mut self.mos, &vdevs, &mut dl, &bounds, otxg);
+            self.snaps_mut()?.ds.get_mut(&m).expect("member").deadlist = dl;
+            r?;
+        }
         Ok((moved, old))
     }
 
@@ -572,6 +591,7 @@ pub(crate) fn sync_snapshots(
     snaps_dirty: &mut bool,
     dir: &BTreeMap<String, u64>,
     ctx: &mut TxgCtx,
+    budget: usize,
 ) -> Result<()> {
     let dead = mos.take_dead();
     let Some(t) = snaps.as_mut() else {
@@ -601,7 +621,7 @@ pub(crate) fn sync_snapshots(
         *snaps_dirty = true;
     }
     if !t.freeing.is_empty() {
-        free_step(mos, &vdevs, t, ctx, FREE_BUDGET)?;
+        free_step(mos, &vdevs, t, ctx, budget.max(1))?;
         *snaps_dirty = true;
     }
     if *snaps_dirty {
@@ -835,6 +855,13 @@ impl Pool {
             out.insert(id, o.dnode.root.fill);
         }
         Ok(out)
+    }
+
+    /// Free at most `blocks` blocks per commit from the background queue (tests use small budgets
+    /// to spread a destroy over many txgs).
+    #[doc(hidden)]
+    pub fn set_free_budget(&self, blocks: usize) {
+        self.lock().free_budget = blocks.max(1);
     }
 
     /// Bytes the background free queue has still to free (the `freeing` property).

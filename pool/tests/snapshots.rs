@@ -173,6 +173,8 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
         heads: BTreeMap::new(),
         snaps: BTreeMap::new(),
     };
+    // Destroys and rollbacks spread over several txgs, with reopens and audits in between.
+    pool.set_free_budget(97);
     let v = new_volume(&pool);
     m.heads.insert(v, vec![0u8; VOL as usize]);
     // CAIRN_SNAP_SEED and CAIRN_SNAP_STEPS run other and longer sequences.
@@ -188,7 +190,8 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
     for step in 0..steps {
         let heads: Vec<u64> = m.heads.keys().copied().collect();
         let h = heads[(rnd(&mut seed) % heads.len() as u64) as usize];
-        match rnd(&mut seed) % 12 {
+        let op = rnd(&mut seed) % 12;
+        match op {
             0..=3 => {
                 let off = rnd(&mut seed) % (VOL - 1);
                 let len = (1 + rnd(&mut seed) % 40_000).min(VOL - off);
@@ -217,6 +220,14 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
                 let snaps: Vec<u64> = m.snaps.keys().copied().collect();
                 let s = snaps[(rnd(&mut seed) % snaps.len() as u64) as usize];
                 let links = pool.snapshot_links().unwrap();
+                if std::env::var("CAIRN_SNAP_TRACE").is_ok() {
+                    let l = &links.ds[&s];
+                    eprintln!(
+                        "destroy {s}: {l:?}; next {:?}; prev {:?}",
+                        links.ds.get(&l.next),
+                        links.ds.get(&l.prev)
+                    );
+                }
                 let r = pool.atomically(|tx| tx.destroy_snapshot(s));
                 if links.ds[&s].clones.is_empty() {
                     r.unwrap();
@@ -254,10 +265,35 @@ fn randomized_snapshots_clones_rollbacks_and_destroys_match_the_model() {
                 if step % 5 == 0 {
                     drop(pool);
                     pool = reopen(&devs, guid);
+                    pool.set_free_budget(97);
                 }
             }
         }
-        if step % 20 == 19 {
+        let every: u64 = std::env::var("CAIRN_SNAP_CHECK_EVERY")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
+        if std::env::var("CAIRN_SNAP_TRACE").is_ok() {
+            let l = pool.snapshot_links().unwrap();
+            let f: Vec<String> = l
+                .freeing
+                .iter()
+                .map(|t| match t {
+                    cairn_pool::snapshot::FreeTask::Tree { next, held, .. } => {
+                        format!("tree next {next} held {}", held.len())
+                    }
+                    cairn_pool::snapshot::FreeTask::Entries { objects, next, .. } => {
+                        format!("entries {objects:?} next {next}")
+                    }
+                })
+                .collect();
+            eprintln!("step {step}: op {op} head {h} freeing {f:?}");
+        }
+        let from: u64 = std::env::var("CAIRN_SNAP_CHECK_FROM")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(u64::MAX);
+        if step % every == every - 1 || step >= from {
             for (&id, d) in &m.heads {
                 assert!(
                     read_all(&pool, id) == *d,
