@@ -153,22 +153,20 @@ pub fn run(ctx: &mut Ctx, a: InjectArgs) -> CmdResult {
                 .ok_or_else(|| err("-t needs --offset".into()))?,
         )
         .map_err(err)?;
-        let vol = cairn_dataset::get(&pool, ds).map_err(|e| err(format!("{ds}: {e}")))?;
-        if offset >= vol.record.volsize {
+        let (object, volsize) =
+            cairn_dataset::object_and_size(&pool, ds).map_err(|e| err(format!("{ds}: {e}")))?;
+        if offset >= volsize {
             return Err(err(format!(
-                "offset {offset} is past the end of {ds} ({} bytes)",
-                vol.record.volsize
+                "offset {offset} is past the end of {ds} ({volsize} bytes)"
             )));
         }
-        let copies = pool
-            .block_copies(vol.record.object, offset)
-            .map_err(|e| match e {
-                cairn_pool::PoolError::NotFound(_) => err(format!(
-                    "offset {offset} of {ds} holds no data yet (an unwritten block has no copies \
+        let copies = pool.block_copies(object, offset).map_err(|e| match e {
+            cairn_pool::PoolError::NotFound(_) => err(format!(
+                "offset {offset} of {ds} holds no data yet (an unwritten block has no copies \
                      to damage): write it first"
-                )),
-                e => err(e.to_string()),
-            })?;
+            )),
+            e => err(e.to_string()),
+        })?;
         let fk = match kind.as_str() {
             "checksum" => FaultKind::CorruptRead,
             "io" => FaultKind::Io,

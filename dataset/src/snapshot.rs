@@ -943,3 +943,11 @@ pub fn promote(pool: &Pool, full: &str) -> Result<()> {
         save_tx(tx, &reg)
     })
 }
+
+/// The object and size of a volume or snapshot (for `cairn inject -t`).
+pub fn object_and_size(pool: &Pool, full: &str) -> Result<(u64, u64)> {
+    match get_any(pool, full)? {
+        DatasetInfo::Volume(v) => Ok((v.record.object, v.record.volsize)),
+        DatasetInfo::Snapshot(s) => Ok((s.record.object, s.record.volsize)),
+    }
+}

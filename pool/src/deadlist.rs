@@ -35,23 +35,24 @@ const SHIFT: u8 = 14;
 /// A deadlist: bucket key (births after it) -> the bucket's objects, oldest first.
 pub type Deadlist = BTreeMap<u64, Vec<u64>>;
 
-/// Append `bps` to bucket `key` of `dl` (a new object if the bucket has none).
+/// Append `bps` to bucket `key` of `dl` (a new object if the bucket has none). Returns whether
+/// `dl` itself changed (a new object), i.e. whether the table holding it must be rewritten.
 pub fn append(
     mos: &mut ObjSet,
     vdevs: &[Arc<TopVdev>],
     dl: &mut Deadlist,
     key: u64,
     bps: &[BlockPtr],
-) -> Result<()> {
+) -> Result<bool> {
     if bps.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    let id = match dl.get(&key).and_then(|v| v.last()) {
-        Some(&id) => id,
+    let (id, created) = match dl.get(&key).and_then(|v| v.last()) {
+        Some(&id) => (id, false),
         None => {
             let id = mos.create_object(vdevs, ObjType::Deadlist, SHIFT, MOS_COPIES)?;
             dl.entry(key).or_default().push(id);
-            id
+            (id, true)
         }
     };
     let mut buf = vec![0u8; bps.len() * BP_SIZE];
@@ -67,7 +68,7 @@ pub fn append(
     let b = o.dnode.dead_bytes() + bytes;
     o.dnode.set_dead_bytes(b);
     o.mark_dnode_dirty();
-    Ok(())
+    Ok(created)
 }
 
 /// (entries, allocated bytes) of one deadlist object.

@@ -614,11 +614,17 @@ pub(crate) fn sync_snapshots(
                 .or_default()
                 .push(bp);
         }
+        if !t.ds.contains_key(&obj) {
+            *snaps_dirty = true;
+        }
         let dl = &mut t.ds.entry(obj).or_default().deadlist;
         for (k, v) in groups {
-            deadlist::append(mos, &vdevs, dl, k, &v)?;
+            // The table changes only when a bucket gets a new object; the entries and their sizes
+            // live in the deadlist objects.
+            if deadlist::append(mos, &vdevs, dl, k, &v)? {
+                *snaps_dirty = true;
+            }
         }
-        *snaps_dirty = true;
     }
     if !t.freeing.is_empty() {
         free_step(mos, &vdevs, t, ctx, budget.max(1))?;
