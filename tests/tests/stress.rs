@@ -21,6 +21,11 @@
 //!   may hold any of the states it went through since the flush (the model keeps a hash of each), and
 //!   what is read back is adopted by the model;
 //! - SIGTERM and restart (a clean stop commits everything: the model stays exact);
+//! - snapshots (at most 3 kept): `dataset snapshot` (the model's copy), a snapshot's NBD export read
+//!   whole and compared with its copy (and a write to it refused with EPERM), `dataset diff -j`
+//!   covering every block that differs, `dataset rollback` (with `-r` to an older one), `destroy`, and
+//!   `used` = usedbydataset + usedbysnapshots + usedbyrefreservation; snapshots survive kills, restarts
+//!   and export/import with their contents;
 //! - `pool status -j`: never a permanent error, the leaves that are not victims never have an error,
 //!   the pool is ONLINE unless a victim is offline or may have been faulted.
 //!
@@ -192,6 +197,10 @@ struct Stress<'e> {
     counts: BTreeMap<&'static str, u64>,
     /// Long runs may wait for the txg timer before a kill.
     patient: bool,
+    /// Snapshots of the volume, oldest first: (name, what it holds).
+    snaps: Vec<(String, Vec<u8>)>,
+    /// Names given so far (for new ones).
+    snap_serial: u64,
 }
 
 /// Runs one seed in its own environment; panics with the seed, the operation number and the recent
@@ -265,6 +274,8 @@ impl<'e> Stress<'e> {
             log: Vec::new(),
             counts: BTreeMap::new(),
             patient: false,
+            snaps: Vec::new(),
+            snap_serial: 0,
         }
     }
 
@@ -422,7 +433,8 @@ impl<'e> Stress<'e> {
     fn step(&mut self) {
         let r = self.rng.below(1000);
         match r {
-            0..=289 => self.op_write(),
+            0..=274 => self.op_write(),
+            275..=289 => self.op_snapshot(),
             290..=479 => self.op_read(),
             480..=559 => self.op_trim(),
             560..=659 => self.op_flush(),
@@ -468,6 +480,10 @@ impl<'e> Stress<'e> {
         self.start_daemon();
         self.verify_all("after a clean stop and restart");
         self.verify_all("a second time after the restart");
+        for i in 0..self.snaps.len() {
+            self.check_snapshot(i);
+        }
+        self.check_space();
         self.disconnect();
         self.cairn(&["inject", "-c", "all", POOL]);
         self.cairn(&["pool", "clear", POOL]);
@@ -1048,6 +1064,133 @@ impl<'e> Stress<'e> {
     }
 
     // --- export/import, crashes, restarts ----------------------------------------------------------
+
+    // --- snapshots -------------------------------------------------------------------------------
+
+    /// One of: take a snapshot, check one's export, check `diff`, roll back, destroy one; and the
+    /// space figures.
+    fn op_snapshot(&mut self) {
+        let r = self.rng.below(100);
+        if self.snaps.is_empty() || (r < 30 && self.snaps.len() < 3) {
+            self.count("snapshot");
+            self.snap_serial += 1;
+            let name = format!("s{}", self.snap_serial);
+            // The command commits the open txg: the snapshot holds exactly what was written.
+            self.cairn(&["dataset", "snapshot", &format!("{VOL}@{name}")]);
+            self.pending.clear();
+            self.snaps.push((name, self.model.clone()));
+        } else if r < 50 {
+            self.count("snapshot-read");
+            let i = self.rng.below(self.snaps.len() as u64) as usize;
+            self.check_snapshot(i);
+        } else if r < 65 {
+            self.count("snapshot-diff");
+            let i = self.rng.below(self.snaps.len() as u64) as usize;
+            let name = format!("{VOL}@{}", self.snaps[i].0);
+            let out = self.cairn(&["dataset", "diff", "-j", &name]);
+            let v: Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| self.fail(format!("diff -j is not JSON: {e}: {out}")));
+            let ranges: Vec<(u64, u64)> = v["ranges"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| (r["offset"].as_u64().unwrap(), r["length"].as_u64().unwrap()))
+                        .collect()
+                })
+                .unwrap_or_else(|| self.fail(format!("diff -j has no ranges: {out}")));
+            for b in 0..VOL_SIZE / BS {
+                let r = (b * BS) as usize..((b + 1) * BS) as usize;
+                if self.snaps[i].1[r.clone()] != self.model[r] {
+                    let off = b * BS;
+                    if !ranges.iter().any(|&(o, l)| o <= off && off < o + l) {
+                        self.fail(format!(
+                            "diff of {name}: block {b} differs but is not listed"
+                        ));
+                    }
+                }
+            }
+        } else if r < 80 {
+            self.count("rollback");
+            // Mostly the newest; sometimes an older one with -r (later ones are destroyed).
+            let i = if self.rng.chance(70) {
+                self.snaps.len() - 1
+            } else {
+                self.rng.below(self.snaps.len() as u64) as usize
+            };
+            let name = format!("{VOL}@{}", self.snaps[i].0);
+            if i + 1 < self.snaps.len() {
+                let o = self.env.run(&["dataset", "rollback", &name]);
+                if o.code == 0 || !o.stderr.contains("more recent snapshots") {
+                    self.fail(format!(
+                        "rollback to an older snapshot without -r: exit {}: {}",
+                        o.code, o.stderr
+                    ));
+                }
+                self.cairn(&["dataset", "rollback", "-r", &name]);
+            } else {
+                self.cairn(&["dataset", "rollback", &name]);
+            }
+            self.snaps.truncate(i + 1);
+            self.model = self.snaps[i].1.clone();
+            self.pending.clear();
+            // The connected client sees the rolled-back contents at its next request.
+            let (off, len) = self.extent(256 * 1024);
+            self.check_range(off, len, "read after a rollback");
+        } else {
+            self.count("snapshot-destroy");
+            let i = self.rng.below(self.snaps.len() as u64) as usize;
+            let name = format!("{VOL}@{}", self.snaps[i].0);
+            self.cairn(&["dataset", "destroy", &name]);
+            self.snaps.remove(i);
+        }
+        self.check_space();
+    }
+
+    /// Read a snapshot's export whole and compare it with the model's copy; a write is refused.
+    fn check_snapshot(&mut self, i: usize) {
+        let export = format!("{VOL}@{}", self.snaps[i].0);
+        self.note(format!("read {export} over NBD"));
+        let mut c = match self.env.nbd_connect(&export) {
+            Ok(c) => c,
+            Err(e) => self.fail(format!("connecting to {export}: {e}")),
+        };
+        let mut at = 0;
+        while at < VOL_SIZE {
+            let n = READ_CHUNK.min(VOL_SIZE - at);
+            let got = c
+                .read(at, n as u32)
+                .unwrap_or_else(|e| self.fail(format!("{export}: READ at {at}: {e}")));
+            if got[..] != self.snaps[i].1[at as usize..(at + n) as usize] {
+                self.fail(format!("{export}: data differs in the {n} bytes at {at}"));
+            }
+            at += n;
+        }
+        match c.write(0, &[1u8; 4096]) {
+            Err(cairn_tests::NbdError::Server(1)) => {}
+            other => self.fail(format!("a write to {export} gave {other:?}, not EPERM")),
+        }
+        if let Err(e) = c.disconnect() {
+            self.fail(format!("disconnecting from {export}: {e}"));
+        }
+    }
+
+    /// The volume's space figures add up.
+    fn check_space(&mut self) {
+        let out = self.cairn(&[
+            "dataset",
+            "get",
+            "-H",
+            "-p",
+            "-o",
+            "value",
+            "used,usedbydataset,usedbysnapshots,usedbyrefreservation",
+            VOL,
+        ]);
+        let v: Vec<u64> = out.lines().map(|l| l.trim().parse().unwrap_or(0)).collect();
+        if v.len() != 4 || v[0] != v[1] + v[2] + v[3] {
+            self.fail(format!("space does not add up: {v:?}"));
+        }
+    }
 
     fn op_export_import(&mut self) {
         self.count("export");
