@@ -712,6 +712,8 @@ pub mod nbd_proto {
     pub const CMD_FLUSH: u16 = 3;
     /// Command: TRIM.
     pub const CMD_TRIM: u16 = 4;
+    /// Command: WRITE_ZEROES.
+    pub const CMD_WRITE_ZEROES: u16 = 6;
     /// Command flag: FUA (force unit access).
     pub const CMDF_FUA: u16 = 1;
     /// Transmission flag: the export is read-only.
@@ -753,9 +755,10 @@ impl From<std::io::Error> for NbdError {
 
 /// A small, correct, synchronous NBD client for tests: fixed newstyle handshake with NO_ZEROES,
 /// `NBD_OPT_GO` for one export, then one request at a time with simple replies (READ, WRITE with or
-/// without FUA, TRIM, FLUSH, DISC); [`NbdClient::send_write`] and [`NbdClient::send_flush`] leave
-/// requests in flight, e.g. to kill the server under them. Every socket read and write has a timeout
-/// ([`NbdClient::TIMEOUT`]), so a hung server fails the test instead of hanging it.
+/// without FUA, TRIM, WRITE_ZEROES, FLUSH, DISC); [`NbdClient::send_write`] and
+/// [`NbdClient::send_flush`] leave requests in flight, e.g. to kill the server under them. Every
+/// socket read and write has a timeout ([`NbdClient::TIMEOUT`]), so a hung server fails the test
+/// instead of hanging it.
 ///
 /// ```no_run
 /// let env = cairn_tests::Env::new();
@@ -952,6 +955,11 @@ impl NbdClient {
     /// TRIM `len` bytes at `offset`.
     pub fn trim(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
         self.request(nbd_proto::CMD_TRIM, 0, offset, len, &[])
+    }
+
+    /// WRITE_ZEROES of `len` bytes at `offset`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u32) -> Result<(), NbdError> {
+        self.request(nbd_proto::CMD_WRITE_ZEROES, 0, offset, len, &[])
     }
 
     /// FLUSH: every write acknowledged before it is durable when it returns.

@@ -342,17 +342,23 @@ impl LeafVdev {
 
     /// How attractive this child is for a read (lower is better), before latency: its outstanding
     /// reads, in steps of 4 (a child is passed over only when it is clearly busier, so equal children
-    /// keep serving their own regions even while reads wait on the device). `None` when the child has not been sampled for 2 s: it gets the next read, so a slow
-    /// child that recovered is noticed. (No seek penalty: leaves are files or SSDs, where a fixed
-    /// child per 2 MiB region spreads sequential streams over both children and keeps each block
-    /// read from the same child, so a read after a repair finds the copy it healed.)
-    fn read_score(&self) -> Option<u64> {
+    /// keep serving their own regions even while reads wait on the device). (No seek penalty: leaves
+    /// are files or SSDs, where a fixed child per 2 MiB region spreads sequential streams over both
+    /// children and keeps each block read from the same child, so a read after a repair finds the
+    /// copy it healed.)
+    fn read_score(&self) -> u64 {
+        self.stats.pending.load(Ordering::Relaxed) / 4 + 1
+    }
+
+    /// Is this child due a probe read: no latency sample for 2 s and no read of it in flight? A child
+    /// passed over as slow gets one such read now and then, so that a recovered child is noticed;
+    /// only one at a time, so a probe costs one slow read however many reads wait.
+    fn probe_due(&self) -> bool {
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.stats.last_sample_ms.load(Ordering::Relaxed);
-        if last != 0 && now.saturating_sub(last) > 2000 {
-            return None;
-        }
-        Some(self.stats.pending.load(Ordering::Relaxed) / 4 + 1)
+        last != 0
+            && now.saturating_sub(last) > 2000
+            && self.stats.pending.load(Ordering::Relaxed) == 0
     }
 
     /// Observed read latency (ns), with a 4 ms floor: page-cache hits and fast SSDs all look alike, so
@@ -620,7 +626,7 @@ impl TopVdev {
         let start = ((off >> 21) % n as u64) as usize;
         let mut fresh: Vec<(u64, usize, usize)> = Vec::new();
         let mut stale: Vec<usize> = Vec::new();
-        let mut cands: Vec<(usize, usize, Option<u64>, u64)> = Vec::new();
+        let mut cands: Vec<(usize, usize, u64, u64)> = Vec::new();
         for i in 0..n {
             let ci = (start + i) % n;
             let c = &self.children[ci];
@@ -634,11 +640,18 @@ impl TopVdev {
             }
         }
         // Latency counts only when a child is clearly slower (4x) than the fastest: equal devices
-        // are then chosen by load and region alone, which keeps reads deterministic and spread.
+        // are then chosen by load and region alone, which keeps reads deterministic and spread. A
+        // slow child due a probe goes first, once.
         let fastest = cands.iter().map(|c| c.3).min().unwrap_or(1).max(1);
         for (i, ci, score, lat) in cands {
-            let slow = if lat > 4 * fastest { lat / fastest } else { 1 };
-            fresh.push((score.map_or(0, |s| s * slow), i, ci));
+            let key = if lat <= 4 * fastest {
+                score
+            } else if self.children[ci].probe_due() {
+                0
+            } else {
+                score * (lat / fastest)
+            };
+            fresh.push((key, i, ci));
         }
         fresh.sort_unstable();
         fresh
