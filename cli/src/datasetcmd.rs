@@ -107,6 +107,12 @@ pub(crate) fn reason(e: DatasetError) -> String {
             format_compact(needed),
             format_compact(available)
         ),
+        DatasetError::SnapshotNoSpace { needed, available } => format!(
+            "out of space: keeping the refreservation after the snapshot needs {} outside \
+             reservations, {} available",
+            format_compact(needed),
+            format_compact(available)
+        ),
         e => e.to_string(),
     }
 }
@@ -503,12 +509,25 @@ fn get(
                 Some(snap) => written_at(ctx, v, snap, flags.parsable),
                 None => prop_value(v, &p, flags.parsable),
             };
-            let Some((val, src)) = got else {
-                return Err(one(CmdError::new(
-                    "get",
-                    v.name(),
-                    format!("invalid property '{p}'"),
-                )));
+            // A property of the other dataset type (`origin` of a snapshot, `clones` of a
+            // volume) and an unset user property read `-`, as in zfs; an unknown one is an error.
+            let known = || {
+                LIST_COLS.contains(&p.as_str())
+                    || p.contains(':')
+                    || vols
+                        .iter()
+                        .any(|o| o.props().iter().any(|(k, _, _)| *k == p))
+            };
+            let (val, src) = match got {
+                Some(g) => g,
+                None if known() => ("-".to_string(), "-".to_string()),
+                None => {
+                    return Err(one(CmdError::new(
+                        "get",
+                        v.name(),
+                        format!("invalid property '{p}'"),
+                    )))
+                }
             };
             pj.insert(
                 p.clone(),

@@ -60,6 +60,12 @@ pub enum DatasetError {
     /// A reservation (refreservation, or volsize of a thick volume) larger than the pool can keep.
     #[error("size is greater than available space ({needed} bytes needed, {available} available)")]
     TooBig { needed: u64, available: u64 },
+    /// A snapshot of a volume with a refreservation, which would then need new room to overwrite it.
+    #[error(
+        "out of space: keeping the refreservation after the snapshot needs {needed} bytes, \
+         {available} available outside reservations"
+    )]
+    SnapshotNoSpace { needed: u64, available: u64 },
     #[error("request beyond the end of the volume ({end} > {size})")]
     OutOfRange { end: u64, size: u64 },
 }

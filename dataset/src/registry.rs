@@ -11,7 +11,6 @@
 
 use crate::{DatasetError, Result};
 use bincode::Options;
-use cairn_pool::object::ObjType;
 use cairn_pool::snapshot::Tx;
 use cairn_pool::{Pool, PoolError};
 use serde::{Deserialize, Serialize};
@@ -155,25 +154,26 @@ pub(crate) fn save_tx(tx: &mut Tx, reg: &Registry) -> Result<()> {
 /// What the space figures need from the pool: the same through an unlocked pool or inside
 /// `Pool::atomically`.
 pub(crate) trait PoolView {
-    fn object_info(&mut self, id: u64) -> cairn_pool::Result<(ObjType, u64, u64, usize)>;
     fn space(&mut self) -> (u64, u64, u64);
+    /// Bytes only this volume references (born after its newest snapshot or origin).
+    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64>;
 }
 
 impl PoolView for &Pool {
-    fn object_info(&mut self, id: u64) -> cairn_pool::Result<(ObjType, u64, u64, usize)> {
-        Pool::object_info(self, id)
-    }
     fn space(&mut self) -> (u64, u64, u64) {
         Pool::space(self)
+    }
+    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64> {
+        Pool::unique_bytes(self, id)
     }
 }
 
 impl PoolView for Tx<'_> {
-    fn object_info(&mut self, id: u64) -> cairn_pool::Result<(ObjType, u64, u64, usize)> {
-        Tx::object_info(self, id)
-    }
     fn space(&mut self) -> (u64, u64, u64) {
         Tx::space(self)
+    }
+    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64> {
+        Tx::unique_bytes(self, id)
     }
 }
 

@@ -247,6 +247,25 @@ pub fn snapshot(pool: &Pool, names: &[String]) -> Result<()> {
             }
             objs.push(rec.object);
         }
+        // A volume with a reservation must still be able to overwrite all of it after the
+        // snapshot (which then holds its blocks): the pool needs room, outside every reservation,
+        // for the part of the reservation its data had consumed (as zfs refuses such snapshots).
+        let mut needed = 0;
+        for (v, _) in &want {
+            let rec = &reg[v];
+            if rec.refreservation > 0 {
+                needed += rec.refreservation.min(tx.unique_bytes(rec.object)?);
+            }
+        }
+        if needed > 0 {
+            let avail = crate::volume::available(tx, &reg, None)?;
+            if needed > avail {
+                return Err(DatasetError::SnapshotNoSpace {
+                    needed,
+                    available: avail,
+                });
+            }
+        }
         let (ids, txg) = tx.snapshot(&objs)?;
         let now = cairn_pool::now_secs();
         for ((v, s), id) in want.iter().zip(ids) {
@@ -403,6 +422,7 @@ fn parse_snap_spec(rec: &VolumeRecord, spec: &str) -> Result<Vec<String>> {
 type Doomed = (Vec<String>, Vec<(String, String)>);
 
 fn volume_tree(
+    pn: &str,
     reg: &crate::registry::Registry,
     sp: &SpaceCtx,
     v: &str,
@@ -423,11 +443,12 @@ fn volume_tree(
             };
             if !clones {
                 return Err(DatasetError::Busy(format!(
-                    "snapshot {v}@{s} has dependent clones: use -R to destroy {cn} too"
+                    "snapshot {pn}/{v}@{s} has dependent clones\nuse '-R' to destroy the \
+                     following datasets:\n{pn}/{cn}"
                 )));
             }
             if !out.0.contains(cn) {
-                volume_tree(reg, sp, cn, clones, out)?;
+                volume_tree(pn, reg, sp, cn, clones, out)?;
             }
         }
         out.1.push((v.to_string(), s.clone()));
@@ -492,7 +513,7 @@ pub fn destroy(pool: &Pool, full: &str, o: DestroyOpts) -> Result<DestroyPlan> {
                     for c in cl {
                         let cs = short(pool, &c)?;
                         if !d.0.contains(&cs) {
-                            volume_tree(&reg, &sp, &cs, true, &mut d)?;
+                            volume_tree(&pn, &reg, &sp, &cs, true, &mut d)?;
                         }
                     }
                 }
@@ -503,7 +524,8 @@ pub fn destroy(pool: &Pool, full: &str, o: DestroyOpts) -> Result<DestroyPlan> {
         None => {
             let v = short(pool, full)?;
             let rec = reg.get(&v).ok_or(DatasetError::NotFound)?;
-            if !rec.snapshots.is_empty() && !o.recursive {
+            // -R implies -r, as in zfs.
+            if !rec.snapshots.is_empty() && !o.recursive && !o.clones {
                 let names: Vec<String> = by_txg(rec)
                     .into_iter()
                     .map(|(s, _)| format!("{pn}/{v}@{s}"))
@@ -514,7 +536,7 @@ pub fn destroy(pool: &Pool, full: &str, o: DestroyOpts) -> Result<DestroyPlan> {
                 )));
             }
             let mut d: Doomed = (Vec::new(), Vec::new());
-            volume_tree(&reg, &sp, &v, o.clones, &mut d)?;
+            volume_tree(&pn, &reg, &sp, &v, o.clones, &mut d)?;
             d
         }
     };
@@ -663,7 +685,7 @@ pub fn rollback(pool: &Pool, full: &str, o: DestroyOpts) -> Result<Vec<String>> 
             }
             let cs = short(pool, &c)?;
             if !doomed.0.contains(&cs) {
-                volume_tree(&reg, &sp, &cs, true, &mut doomed)?;
+                volume_tree(&pn, &reg, &sp, &cs, true, &mut doomed)?;
             }
         }
         if !sr.holds.is_empty() {

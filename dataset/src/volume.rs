@@ -58,7 +58,9 @@ pub(crate) fn reserved_by_others(
         if Some(n.as_str()) == except || v.refreservation == 0 {
             continue;
         }
-        let (_, _, used, _) = pool.object_info(v.object)?;
+        // Blocks a snapshot also holds do not count against the reservation: overwriting them
+        // needs new space.
+        let used = pool.unique(v.object)?;
         r += v.refreservation.saturating_sub(used);
     }
     Ok(r)
@@ -74,7 +76,7 @@ pub(crate) fn available(
     let others = reserved_by_others(pool, reg, name)?;
     let own = match name.and_then(|n| reg.get(n)) {
         Some(v) => {
-            let (_, _, used, _) = pool.object_info(v.object)?;
+            let used = pool.unique(v.object)?;
             v.refreservation.saturating_sub(used)
         }
         None => 0,

@@ -575,6 +575,28 @@ impl Inner {
         Ok(out)
     }
 
+    /// Bytes of `id`'s tree born after its previous snapshot (a clone's: its origin), every copy
+    /// counted: what it alone references, and so how much of a reservation it has consumed (zfs's
+    /// `usedbydataset`). Without a previous snapshot, everything it references.
+    pub(crate) fn unique_bytes(&mut self, id: u64) -> Result<u64> {
+        let vdevs = self.tree.tops.clone();
+        let used = self.mos.obj(&vdevs, id)?.dnode.used;
+        let Some(l) = self.snaps()?.ds.get(&id).cloned() else {
+            return Ok(used);
+        };
+        if l.prev == 0 {
+            return Ok(used);
+        }
+        let prev = self.mos.obj(&vdevs, l.prev)?.dnode.used;
+        let mut dead = 0;
+        for objs in l.deadlist.values() {
+            for &o in objs {
+                dead += deadlist::object_size(&mut self.mos, &vdevs, o)?.1;
+            }
+        }
+        Ok(used.saturating_sub(prev.saturating_sub(dead)))
+    }
+
     /// True while the background queue has work (so the sync thread keeps committing).
     pub(crate) fn freeing_pending(&self) -> bool {
         self.snaps.as_ref().is_some_and(|t| !t.freeing.is_empty())
@@ -810,6 +832,10 @@ impl Tx<'_> {
     pub fn ds_space(&mut self, extra: &[u64]) -> Result<BTreeMap<u64, DsSpace>> {
         self.inner.ds_space(extra)
     }
+    /// See [`Pool::unique_bytes`].
+    pub fn unique_bytes(&mut self, id: u64) -> Result<u64> {
+        self.inner.unique_bytes(id)
+    }
     /// Create an object (committed with the txg).
     pub fn create_object(&mut self, otype: ObjType, data_shift: u8, copies: u8) -> Result<u64> {
         let vdevs = self.inner.tree.tops.clone();
@@ -843,6 +869,12 @@ impl Pool {
     /// The links of every snapshot and clone.
     pub fn snapshot_links(&self) -> Result<SnapTable> {
         Ok(self.lock().snaps()?.clone())
+    }
+
+    /// Bytes of `id`'s tree born after its previous snapshot or origin (every copy): the part of a
+    /// reservation it has consumed.
+    pub fn unique_bytes(&self, id: u64) -> Result<u64> {
+        self.lock().unique_bytes(id)
     }
 
     /// Space figures of every volume and snapshot with links, and of `extra` objects.
