@@ -441,6 +441,8 @@ fn main() -> ExitCode {
         )
         .without_time()
         .with_target(false)
+        // Colour only on a terminal: a log file or a pipe gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         // A log line that cannot be written (stderr on a full disk, a closed pipe) is dropped: the
         // default reports it with eprintln!, which panics when stderr fails, in whatever thread was
         // logging (a write in flight, wedging every later commit).
@@ -521,6 +523,14 @@ pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
                         e.reason
                     );
                     code = 2;
+                } else if e.name.is_empty() {
+                    // Nothing to name (an empty argument): say so rather than print ''.
+                    errln!(
+                        ctx,
+                        "cannot {}: {} (the name given is empty)",
+                        e.verb,
+                        e.reason
+                    );
                 } else {
                     errln!(ctx, "cannot {} '{}': {}", e.verb, e.name, e.reason);
                 }

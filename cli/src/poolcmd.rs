@@ -754,6 +754,7 @@ fn create(
     for w in warnings {
         errln!(ctx, "warning: {w}");
     }
+    warn_open_modes(ctx, &pool);
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
@@ -1322,12 +1323,36 @@ fn import_cmd(
         host: host(ctx),
     };
     let pool = Pool::open(&c.paths(), c.guid(), &opts).map_err(|e| err(e.to_string()))?;
+    warn_open_modes(ctx, &pool);
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;
     save_entry(ctx, cache_entry(&pool)).map_err(|e| err(e.to_string()))?;
     ctx.pools.added(Arc::new(pool));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Warns about leaf files that users other than the owner may read or write: they hold every
+/// volume's data. (Cairn creates its files 0600; a file made by someone else keeps its mode.)
+fn warn_open_modes(ctx: &mut Ctx, pool: &Pool) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    for p in pool.leaf_paths() {
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
+        // Block devices are guarded by their group (disk) as the system sets them up.
+        if m.file_type().is_block_device() {
+            continue;
+        }
+        let mode = m.mode() & 0o777;
+        if mode & 0o066 != 0 {
+            errln!(
+                ctx,
+                "warning: leaf {p} can be read or written by other users (mode {mode:04o}): \
+                 'chmod 600 {p}' keeps the pool's data private"
+            );
+        }
+    }
 }
 
 /// No leaf at the recorded paths carries the pool's label any more (deleted, or overwritten).
@@ -1428,6 +1453,7 @@ fn add(ctx: &mut Ctx, force: bool, name: &str, vdevs: &[String], cmdline: &str) 
     for w in warnings {
         errln!(ctx, "warning: {w}");
     }
+    warn_open_modes(ctx, &pool);
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())
         .map_err(|e| err(e.to_string()))?;

@@ -923,6 +923,13 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Sends raw bytes, whatever they are (a misbehaving client).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), NbdError> {
+        use std::io::Write;
+        self.sock.write_all(bytes)?;
+        Ok(())
+    }
+
     /// Sends a FLUSH without waiting for its reply (see [`NbdClient::send_write`]).
     pub fn send_flush(&mut self) -> Result<(), NbdError> {
         use std::io::Write;

@@ -380,9 +380,11 @@ impl FileLeaf {
             path: path.display().to_string(),
             source,
         };
+        // 0600 whatever the umask: a leaf holds every volume's data.
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(path)
             .map_err(open_err)?;
         // A file we created and could not size is removed: a failed create leaves nothing behind.
