@@ -85,6 +85,8 @@ pub struct LeafStats {
     pub lat_ewma_ns: AtomicU64,
     /// When the last latency sample was taken (ms since the tree was built).
     last_sample_ms: AtomicU64,
+    /// Reads that passed this child over as slow since its last probe.
+    passed_over: AtomicU64,
 }
 
 impl LeafStats {
@@ -127,6 +129,13 @@ pub struct LeafVdev {
     pub dtl: Mutex<Vec<(Txg, Txg)>>,
     /// A write to this leaf was skipped or failed in the txg being written.
     pub missed: AtomicBool,
+    /// Blocks born before this txg should be on the leaf but are unproven (a leaf attached again
+    /// after a detach, or brought online after its file changed): they are in the dirty time log
+    /// too, so the leaf is no full copy and reads avoid it, but a resilver reads and verifies them
+    /// instead of copying, and rewrites only the bad ones. 0: none.
+    pub verify_below: AtomicU64,
+    /// The leaf file's modification time when it was taken offline (to notice other writers).
+    pub offline_mtime: Mutex<Option<std::time::SystemTime>>,
     recent_errors: Mutex<VecDeque<Instant>>,
     events: Arc<EventLog>,
     epoch: Instant,
@@ -159,6 +168,8 @@ impl LeafVdev {
             temp_offline: AtomicBool::new(false),
             dtl: Mutex::new(Vec::new()),
             missed: AtomicBool::new(false),
+            verify_below: AtomicU64::new(0),
+            offline_mtime: Mutex::new(None),
             recent_errors: Mutex::new(VecDeque::new()),
             events,
             epoch: Instant::now(),
@@ -210,6 +221,22 @@ impl LeafVdev {
     /// Does this leaf lack the writes of `txg`?
     pub fn dtl_contains(&self, txg: Txg) -> bool {
         lock(&self.dtl).iter().any(|&(a, b)| a <= txg && txg <= b)
+    }
+
+    /// Is this leaf's copy of a block born in `birth` to be verified rather than copied by a
+    /// resilver (see [`LeafVdev::verify_below`])?
+    pub fn verifying(&self, birth: Txg) -> bool {
+        birth.0 < self.verify_below.load(Ordering::Relaxed) && self.dtl_contains(birth)
+    }
+
+    /// The dirty time log lost ranges (a resilver or scrub completed): what no longer lies in it
+    /// needs no verifying either.
+    pub fn dtl_settled(&self) {
+        let first = lock(&self.dtl).first().map(|r| r.0 .0);
+        let v = self.verify_below.load(Ordering::Relaxed);
+        if first.is_none_or(|f| f >= v) {
+            self.verify_below.store(0, Ordering::Relaxed);
+        }
     }
 
     /// Does this leaf hold every txg (no dirty time log)?
@@ -350,15 +377,25 @@ impl LeafVdev {
         self.stats.pending.load(Ordering::Relaxed) / 4 + 1
     }
 
-    /// Is this child due a probe read: no latency sample for 2 s and no read of it in flight? A child
-    /// passed over as slow gets one such read now and then, so that a recovered child is noticed;
-    /// only one at a time, so a probe costs one slow read however many reads wait.
+    /// Is this child, judged slow, due a probe read: no read of it in flight, and no latency sample
+    /// for 2 s or [`PROBE_EVERY`] reads passed it over since its last probe? A child passed over as
+    /// slow gets one such read now and then, so that a recovered child is noticed (by time on an
+    /// idle pool, by count under load, so that one outlier on a busy host cannot keep a child out
+    /// of a long run of reads); only one at a time, so a probe costs one slow read however many
+    /// reads wait. Counts the passing over when it is not due.
     fn probe_due(&self) -> bool {
+        if self.stats.pending.load(Ordering::Relaxed) != 0 {
+            return false;
+        }
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.stats.last_sample_ms.load(Ordering::Relaxed);
-        last != 0
-            && now.saturating_sub(last) > 2000
-            && self.stats.pending.load(Ordering::Relaxed) == 0
+        let by_time = last != 0 && now.saturating_sub(last) > 2000;
+        let by_count = self.stats.passed_over.fetch_add(1, Ordering::Relaxed) + 1 >= PROBE_EVERY;
+        if by_time || by_count {
+            self.stats.passed_over.store(0, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// Observed read latency (ns), with a 4 ms floor: page-cache hits and fast SSDs all look alike, so
@@ -371,6 +408,10 @@ impl LeafVdev {
             .max(4_000_000)
     }
 }
+
+/// A child judged slow gets a probe read after this many reads passed it over (see
+/// `LeafVdev::probe_due`).
+const PROBE_EVERY: u64 = 32;
 
 /// Something that happened to a vdev (`pool events`).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -1163,6 +1204,26 @@ mod tests {
             .read_at(&mut b, DATA_START + 4096 * 600)
             .unwrap();
         assert_eq!(b, data);
+    }
+
+    /// A child judged slow from one outlier is passed over, but gets one probe every
+    /// `PROBE_EVERY` reads however fast they come (not only after 2 s without a sample).
+    #[test]
+    fn a_child_judged_slow_is_probed_by_count() {
+        let (t, _) = top(TopKind::Mirror, 2);
+        t.children[0]
+            .stats
+            .lat_ewma_ns
+            .store(1_000_000, Ordering::Relaxed);
+        t.children[1].record_latency(500_000_000);
+        let firsts: Vec<usize> = (0..PROBE_EVERY * 4)
+            .map(|i| t.read_order(i << 21, Txg(0))[0])
+            .collect();
+        let probes = firsts.iter().filter(|&&c| c == 1).count() as u64;
+        assert_eq!(probes, 4, "one probe per {PROBE_EVERY} reads: {firsts:?}");
+        // Never while a read of it is in flight.
+        t.children[1].stats.pending.store(1, Ordering::Relaxed);
+        assert!((0..PROBE_EVERY * 2).all(|i| t.read_order(i << 21, Txg(0))[0] == 0));
     }
 
     #[test]
