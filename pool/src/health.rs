@@ -24,6 +24,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 const HEALTH: &str = "health";
+/// Leaf guid -> `verify_below` of leaves whose older copies a resilver verifies (a blob of its
+/// own, so that pools without it read as before).
+const UNPROVEN: &str = "unproven";
 
 #[derive(Serialize, Deserialize, Default, PartialEq)]
 struct Health {
@@ -80,6 +83,20 @@ impl Inner {
         self.tree.events.restore(h.events);
         *lock(&self.errlog) = h.errlog;
         self.health_written = b;
+        let b = self.read_named_blob(UNPROVEN)?.unwrap_or_default();
+        let u: BTreeMap<u64, u64> = if b.is_empty() {
+            BTreeMap::new()
+        } else {
+            blob_opts()
+                .deserialize(&b)
+                .map_err(|e| PoolError::corrupt("pool unproven-copies record", e.to_string()))?
+        };
+        for (_, lv) in self.tree.leaves() {
+            let v = u.get(&lv.guid.0).copied().unwrap_or(0);
+            lv.verify_below.store(v, Ordering::Relaxed);
+            lv.dtl_settled();
+        }
+        self.unproven_written = b;
         Ok(())
     }
 
@@ -222,6 +239,20 @@ impl Inner {
             write_blob(self, id, &b)?;
             self.health_written = b;
         }
+        let u: BTreeMap<u64, u64> = self
+            .tree
+            .leaves()
+            .map(|(_, lv)| (lv.guid.0, lv.verify_below.load(Ordering::Relaxed)))
+            .filter(|&(_, v)| v > 0)
+            .collect();
+        let b = blob_opts()
+            .serialize(&u)
+            .map_err(|e| PoolError::Invalid(e.to_string()))?;
+        // Written once there is something to say, and on every change after.
+        if b != self.unproven_written && (!u.is_empty() || self.dir.contains_key(UNPROVEN)) {
+            self.write_named_blob(UNPROVEN, &b)?;
+            self.unproven_written = b;
+        }
         Ok(())
     }
 }
@@ -282,6 +313,8 @@ impl Pool {
                 "no valid replicas (it holds the only usable copy of its data)".into()
             }));
         }
+        // Remember the file's modification time: an online that finds it changed verifies it.
+        *lock(&lv.offline_mtime) = std::fs::metadata(lv.path()).and_then(|m| m.modified()).ok();
         if temporary {
             lv.temp_offline.store(true, Ordering::Relaxed);
         } else {
@@ -302,8 +335,36 @@ impl Pool {
     pub fn online(&self, name: &str) -> Result<Option<String>> {
         let mut g = self.lock();
         g.check_writable()?;
-        let (_, lv) = self.find_leaf(&g, name)?;
+        let (t, lv) = self.find_leaf(&g, name)?;
+        let was_usable = lv.state().usable();
         self.reopen_leaf(&g, &lv)?;
+        // While the leaf was out, the pool wrote nothing to it, and its dirty time log holds what
+        // it missed; but someone else may have written to its file. Unless the file is provably
+        // unchanged since the offline (same modification time; a regular file), every block on it
+        // is verified by the resilver before it counts as a full copy.
+        if !was_usable && t.kind == TopKind::Mirror {
+            let then = lock(&lv.offline_mtime).take();
+            let meta = std::fs::metadata(lv.path()).ok();
+            let unchanged = meta.as_ref().is_some_and(|m| {
+                m.file_type().is_file() && then.is_some() && m.modified().ok() == then
+            });
+            if !unchanged {
+                let first = lock(&lv.dtl).first().map_or(g.committed.next(), |r| r.0);
+                lv.dtl_add_range(Txg(1), g.committed.next());
+                lv.verify_below.store(first.0, Ordering::Relaxed);
+                g.tree.events.push(Event {
+                    time: now(),
+                    class: "config".into(),
+                    vdev: lv.path(),
+                    offset: None,
+                    detail: format!(
+                        "changed while out of the pool (or not known unchanged): verifies txgs \
+                         1..{}",
+                        first.0.saturating_sub(1)
+                    ),
+                });
+            }
+        }
         lv.temp_offline.store(false, Ordering::Relaxed);
         {
             let mut c = lock(&lv.config);

@@ -186,6 +186,8 @@ pub(crate) struct Inner {
     pub(crate) marked_in_use: bool,
     /// The health blob last written (to write it only when it changed).
     pub(crate) health_written: Vec<u8>,
+    /// The unproven-copies blob last written (`health.rs`: leaves a resilver verifies).
+    pub(crate) unproven_written: Vec<u8>,
     /// Snapshot links and the background free queue (`snapshot.rs`), loaded on first use.
     pub(crate) snaps: Option<crate::snapshot::SnapTable>,
     /// The table changed in the open txg.
@@ -673,6 +675,7 @@ impl Pool {
                 inflight: Arc::default(),
                 errlog: Default::default(),
                 health_written: Vec::new(),
+                unproven_written: Vec::new(),
                 opened_ub: None,
                 marked_in_use: false,
                 snaps: None,
@@ -929,6 +932,7 @@ impl Pool {
             inflight: Arc::default(),
             errlog: Default::default(),
             health_written: Vec::new(),
+            unproven_written: Vec::new(),
             opened_ub: Some(ub.clone()),
             marked_in_use: false,
             snaps: None,
@@ -1187,15 +1191,26 @@ impl Pool {
             }
         }
         st.root.checksum_errors += st.error_count;
-        fn mark(v: &mut VdevStatus, copying: &[u64]) {
+        // A leaf whose unchanged part is being proven says so: "(resilvering: verifying)".
+        let verifying: Vec<u64> = g
+            .tree
+            .leaves()
+            .filter(|(_, l)| l.verify_below.load(std::sync::atomic::Ordering::Relaxed) > 0)
+            .map(|(_, l)| l.guid.0)
+            .collect();
+        fn mark(v: &mut VdevStatus, copying: &[u64], verifying: &[u64]) {
             if v.reason.as_deref() == Some("(resilver needed)") && copying.contains(&v.guid) {
-                v.reason = Some("(resilvering)".into());
+                v.reason = Some(if verifying.contains(&v.guid) {
+                    "(resilvering: verifying)".into()
+                } else {
+                    "(resilvering)".into()
+                });
             }
             for c in &mut v.children {
-                mark(c, copying);
+                mark(c, copying, verifying);
             }
         }
-        mark(&mut st.root, &copying);
+        mark(&mut st.root, &copying, &verifying);
         st
     }
 
@@ -1952,6 +1967,7 @@ impl Inner {
         self.opened_ub = Some(ub);
         self.marked_in_use = false;
         self.health_written = Vec::new();
+        self.unproven_written = Vec::new();
         self.snaps = None;
         self.snaps_dirty = false;
         self.suspended = None;

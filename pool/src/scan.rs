@@ -337,6 +337,8 @@ impl Pool {
             let mut d = lock(&l.dtl);
             if !d.is_empty() && d.iter().all(|&(_, b)| b <= start_txg) && l.state().usable() {
                 d.clear();
+                drop(d);
+                l.dtl_settled();
                 l.note(
                     "resilver_done",
                     None,
@@ -377,6 +379,8 @@ impl Pool {
                 kept.push((a.max(Txg(start_txg.0 + 1)), b));
             }
             *d = kept;
+            drop(d);
+            l.dtl_settled();
         }
         g.tree.events.push(cairn_vdev::tree::Event {
             time: cairn_vdev::units::now_secs(),

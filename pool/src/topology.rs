@@ -15,6 +15,7 @@ use cairn_vdev::tree::{Event, LeafVdev, TopVdev};
 use cairn_vdev::units::{lock, now_secs as now};
 use cairn_vdev::{Guid, Leaf, Txg, VdevError};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 impl Pool {
@@ -154,7 +155,13 @@ impl Pool {
         // It lacks the open txg too: blocks written since the last commit went to the other children
         // only, and this attach commits them.
         let upto = txg;
-        lock(&lv.dtl).push((lacks_from, upto));
+        // A leaf detached from this vdev should still hold what it had then, but anyone may have
+        // written to it since: it is no full copy until a resilver has read and verified that
+        // part (rewriting only bad blocks) and copied the rest.
+        lock(&lv.dtl).push((Txg(1), upto));
+        if lacks_from > Txg(1) {
+            lv.verify_below.store(lacks_from.0, Ordering::Relaxed);
+        }
         let mut children = t.children.clone();
         match after.and_then(|a| children.iter().position(|c| c.guid == a)) {
             Some(i) => children.insert(i + 1, lv.clone()),
@@ -166,7 +173,14 @@ impl Pool {
             class: "config".into(),
             vdev: lv.path(),
             offset: None,
-            detail: format!("attached; lacks txgs {lacks_from}..{upto}"),
+            detail: if lacks_from > Txg(1) {
+                format!(
+                    "attached; verifies txgs 1..{}, lacks txgs {lacks_from}..{upto}",
+                    lacks_from.0 - 1
+                )
+            } else {
+                format!("attached; lacks txgs {lacks_from}..{upto}")
+            },
         });
         g.commit(false)?;
         Ok((lacks_from, upto))

@@ -588,6 +588,13 @@ fn is_stale(c: &Copy, birth: Txg) -> bool {
     c.pieces.iter().any(|p| p.leaf.dtl_contains(birth))
 }
 
+/// Is this copy on a leaf that should hold the block but has not proven it (see
+/// `LeafVdev::verify_below`)? A resilver verifies such copies instead of copying over them, and
+/// counts the bad ones as checksum errors.
+fn is_unproven(c: &Copy, birth: Txg) -> bool {
+    !c.pieces.is_empty() && c.pieces.iter().all(|p| p.leaf.verifying(birth))
+}
+
 /// A batch whose reads are done, waiting to be verified and repaired.
 struct Fetched {
     batch: ScanBatch,
@@ -614,6 +621,7 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
     let resilver = !resilver_targets.is_empty();
     let mut missing: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
     let mut sources: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
+    let mut verify: Vec<Vec<Copy>> = Vec::with_capacity(batch.blocks.len());
     for b in &batch.blocks {
         let cs = copies(&batch.vdevs, &b.bp);
         if resilver {
@@ -623,6 +631,10 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
                     .any(|p| resilver_targets.contains(&p.leaf.guid.0))
                     && is_stale(c, b.bp.birth)
             });
+            // Copies that should be there but are unproven (a leaf attached again): read and
+            // verified with the source, rewritten only if bad; the rest are copied.
+            let (v, m): (Vec<Copy>, Vec<Copy>) =
+                m.into_iter().partition(|c| is_unproven(c, b.bp.birth));
             // Every copy is on a leaf whose dirty time log covers the block: the log is
             // conservative (a write may have landed though it was counted as missed), so try them;
             // one that verifies is the source, and only if none does is the block lost.
@@ -635,9 +647,11 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
             }
             missing.push(m);
             sources.push(s);
+            verify.push(v);
         } else {
             missing.push(Vec::new());
             sources.push(cs);
+            verify.push(Vec::new());
         }
     }
     // What to read now: every copy (scrub), or the first source of blocks that need copying.
@@ -645,10 +659,14 @@ fn fetch(batch: ScanBatch, resilver_targets: &[u64]) -> Fetched {
         .map(|i| {
             if !resilver {
                 sources[i].clone()
-            } else if missing[i].is_empty() {
+            } else if missing[i].is_empty() && verify[i].is_empty() {
                 Vec::new()
             } else {
-                sources[i].iter().take(1).cloned().collect()
+                // The first source, and the unproven copies (a source that turns out bad is
+                // followed by the next one in `finish`).
+                let mut v: Vec<Copy> = sources[i].iter().take(1).cloned().collect();
+                v.extend(verify[i].iter().cloned());
+                v
             }
         })
         .collect();
@@ -686,7 +704,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
     let had_errors = pool.has_data_errors();
     for (bi, b) in batch.blocks.iter().enumerate() {
         r.examined += b.bp.psize as u64;
-        if resilver && missing[bi].is_empty() {
+        if resilver && all[bi].is_empty() {
             continue;
         }
         r.issued += b.bp.psize as u64 * all[bi].len() as u64;
@@ -737,7 +755,7 @@ fn finish(pool: &Pool, f: &Fetched) -> BatchResult {
         }
         // Copies that were read and failed: count (unless expected stale) and rewrite.
         for (c, read) in bad {
-            if read && !is_stale(c, b.bp.birth) {
+            if read && (!is_stale(c, b.bp.birth) || is_unproven(c, b.bp.birth)) {
                 for p in &c.pieces {
                     p.leaf.stats.cksum_errors.fetch_add(1, Ordering::Relaxed);
                     p.leaf

@@ -20,6 +20,8 @@
 //! assert_eq!(env.pool_names(), ["tank"]);
 //! ```
 
+pub mod raid10;
+
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -12,9 +12,15 @@ use std::path::Path;
 /// The size of one label (4 per leaf: 2 at the front, 2 at the end).
 const LABEL: u64 = 256 * 1024;
 
-/// Asserts that `stderr` is `cannot <verb> '<name>': <reason>` and that the reason holds every needle.
+/// Asserts that `stderr` is `cannot <verb> '<name>': <reason>` (for an empty name `cannot <verb>:
+/// <reason> (the name given is empty)`) and that the reason holds every needle.
 fn assert_cannot(stderr: &str, verb: &str, name: &str, needles: &[&str]) {
-    let prefix = format!("cannot {verb} '{name}': ");
+    let prefix = if name.is_empty() {
+        assert!(stderr.contains("(the name given is empty)"), "{stderr}");
+        format!("cannot {verb}: ")
+    } else {
+        format!("cannot {verb} '{name}': ")
+    };
     let line = stderr
         .lines()
         .find(|l| l.starts_with("cannot "))

@@ -896,7 +896,7 @@ impl<'e> Stress<'e> {
             .unwrap_or_else(|| {
                 self.fail(format!("`pool status -P` does not list {leaf}:\n{text}"))
             });
-        if line.contains("resilver needed") || line.contains("(resilvering)") {
+        if line.contains("resilver needed") || line.contains("(resilvering") {
             self.fail(format!(
                 "{when}, leaf {leaf} still lacks writes (\"resilver needed\"):\n{text}"
             ));
