@@ -13,7 +13,7 @@ use crate::ctx::{open_from_cache, Ctx, Pools};
 use crate::nbd::{self, Exports};
 use crate::statedir::StateDir;
 use crate::CmdError;
-use cairn_dataset::Volume;
+use cairn_dataset::{DatasetError, Volume};
 use cairn_pool::Pool;
 use cairn_vdev::units::lock;
 use serde::{Deserialize, Serialize};
@@ -207,9 +207,11 @@ impl Exports for Daemon {
             .get(pool_name)
             .cloned()
             .ok_or_else(|| "no such export".to_string())?;
-        Volume::open(pool, name)
-            .map(Arc::new)
-            .map_err(|_| "no such export".to_string())
+        // Only a name that is not there is "no such export"; anything else says what went wrong.
+        Volume::open(pool, name).map(Arc::new).map_err(|e| match e {
+            DatasetError::NotFound | DatasetError::Invalid(_) => "no such export".to_string(),
+            e => format!("cannot open: {e}"),
+        })
     }
 
     fn attach(&self, name: &str, conn: u64, stop: watch::Sender<bool>) {

@@ -25,9 +25,11 @@ pub mod scan;
 pub mod schedule;
 pub mod snapshot;
 pub mod topology;
+pub mod view;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
 pub use cairn_vdev::units::{lock, now_secs};
 pub use cairn_vdev::{Guid, Txg};
 pub use error::{PoolError, Result};
 pub use pool::{CreateOptions, HostInfo, OpenOptions, Pool, SpaceRule, TopSpec};
+pub use view::View;
