@@ -13,7 +13,7 @@ use crate::ctx::{open_from_cache, Ctx, Pools};
 use crate::nbd::{self, Exports};
 use crate::statedir::StateDir;
 use crate::CmdError;
-use cairn_dataset::Volume;
+use cairn_dataset::{DatasetError, Volume};
 use cairn_pool::Pool;
 use cairn_vdev::units::lock;
 use serde::{Deserialize, Serialize};
@@ -207,9 +207,11 @@ impl Exports for Daemon {
             .get(pool_name)
             .cloned()
             .ok_or_else(|| "no such export".to_string())?;
-        Volume::open(pool, name)
-            .map(Arc::new)
-            .map_err(|_| "no such export".to_string())
+        // Only a name that is not there is "no such export"; anything else says what went wrong.
+        Volume::open(pool, name).map(Arc::new).map_err(|e| match e {
+            DatasetError::NotFound | DatasetError::Invalid(_) => "no such export".to_string(),
+            e => format!("cannot open: {e}"),
+        })
     }
 
     fn attach(&self, name: &str, conn: u64, stop: watch::Sender<bool>) {
@@ -351,12 +353,35 @@ impl NoDelay for tokio::net::UnixStream {
     fn no_delay(&self) {}
 }
 
-fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        // A socket left by a daemon that died; the daemon lock says none is running.
-        std::fs::remove_file(path)?;
+/// A listener bound by [`crate::sockets::bind`], for tokio (inside the runtime).
+fn tokio_listener(
+    l: std::os::unix::net::UnixListener,
+    path: &Path,
+) -> Result<UnixListener, String> {
+    l.set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(l))
+        .map_err(|e| format!("cannot listen on '{}': {e}", path.display()))
+}
+
+/// The sockets this daemon made, removed when it stops (however it stops).
+#[derive(Default)]
+struct OwnSockets(Vec<(PathBuf, Option<FileId>)>);
+
+impl OwnSockets {
+    /// Bind a unix socket at `path` with `mode` (only a stale socket there is replaced).
+    fn bind(&mut self, path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, String> {
+        let l = crate::sockets::bind(path, mode)?;
+        self.0.push((path.to_path_buf(), file_id(path)));
+        Ok(l)
     }
-    UnixListener::bind(path)
+}
+
+impl Drop for OwnSockets {
+    fn drop(&mut self) {
+        for (path, id) in self.0.drain(..) {
+            remove_own(&path, id);
+        }
+    }
 }
 
 /// A file's device and inode.
@@ -378,12 +403,16 @@ fn remove_own(path: &Path, id: Option<FileId>) {
     }
 }
 
+/// Where NBD clients connect on this host.
+pub struct NbdSocket {
+    /// The socket's path; None for nbd.sock in the state directory.
+    pub path: Option<PathBuf>,
+    /// Its permissions (`--nbd-socket-mode`; the control socket is always 0600).
+    pub mode: u32,
+}
+
 /// Run the daemon until SIGTERM/SIGINT.
-pub fn serve(
-    sd: &StateDir,
-    nbd_socket: Option<PathBuf>,
-    nbd_listen: Option<String>,
-) -> Result<(), String> {
+pub fn serve(sd: &StateDir, nbd: NbdSocket, nbd_listen: Option<String>) -> Result<(), String> {
     let lockf = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -393,6 +422,14 @@ pub fn serve(
     if lockf.try_lock().is_err() {
         return Err("a daemon is already running for this state directory".into());
     }
+    // The sockets first: a path that holds anything but a stale socket is refused before any pool
+    // is opened.
+    let ctl_path = sd.path(CONTROL_SOCKET);
+    let nbd_path = nbd.path.unwrap_or_else(|| sd.path(NBD_SOCKET));
+    // The control socket last: once it answers, NBD clients can connect too.
+    let mut sockets = OwnSockets::default();
+    let nbd_unix = sockets.bind(&nbd_path, nbd.mode)?;
+    let ctl = sockets.bind(&ctl_path, crate::sockets::PRIVATE)?;
     let d = Arc::new(Daemon {
         root: sd.root().to_path_buf(),
         pools: Mutex::new(HashMap::new()),
@@ -422,16 +459,9 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let ctl_path = sd.path(CONTROL_SOCKET);
-    let nbd_path = nbd_socket.unwrap_or_else(|| sd.path(NBD_SOCKET));
-    let sockets: Mutex<Vec<(PathBuf, Option<FileId>)>> = Mutex::new(Vec::new());
     let result = rt.block_on(async {
-        let ctl = bind_unix(&ctl_path)
-            .map_err(|e| format!("cannot listen on {}: {e}", ctl_path.display()))?;
-        lock(&sockets).push((ctl_path.clone(), file_id(&ctl_path)));
-        let nbd_unix = bind_unix(&nbd_path)
-            .map_err(|e| format!("cannot listen on {}: {e}", nbd_path.display()))?;
-        lock(&sockets).push((nbd_path.clone(), file_id(&nbd_path)));
+        let ctl = tokio_listener(ctl, &ctl_path)?;
+        let nbd_unix = tokio_listener(nbd_unix, &nbd_path)?;
         let tcp = match &nbd_listen {
             Some(addr) => {
                 let addr = if addr.starts_with(':') {
@@ -544,9 +574,7 @@ pub fn serve(
         .await;
         Ok::<(), String>(())
     });
-    for (path, id) in lock(&sockets).drain(..) {
-        remove_own(&path, id);
-    }
+    drop(sockets);
     let pools: Vec<Arc<Pool>> = lock(&d.pools).drain().map(|(_, p)| p).collect();
     let mut err = None;
     for p in pools {

@@ -14,6 +14,7 @@ mod output;
 mod poolcmd;
 mod size;
 mod snapcmd;
+mod sockets;
 mod statedir;
 mod vdevspec;
 
@@ -47,9 +48,14 @@ pub enum Top {
     Inject(InjectArgs),
     /// Run the daemon: hold the pools open, serve volumes over NBD, answer the CLI.
     Serve {
-        /// Unix socket for NBD clients (default: nbd.sock in the state directory).
+        /// Unix socket for NBD clients (default: nbd.sock in the state directory). Only a stale
+        /// socket there is replaced; anything else is refused.
         #[arg(long, value_name = "PATH")]
         nbd_socket: Option<PathBuf>,
+        /// Mode of the NBD socket, in octal (default 600: only this user may connect; 660 lets
+        /// the socket's group in too).
+        #[arg(long, value_name = "MODE", value_parser = sockets::parse_mode)]
+        nbd_socket_mode: Option<u32>,
         /// Also listen for NBD clients on TCP (HOST:PORT, or :PORT for loopback).
         #[arg(long, value_name = "HOST:PORT")]
         nbd_listen: Option<String>,
@@ -450,15 +456,8 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let state_dir = statedir::resolve_state_dir(cli.state_dir.as_deref());
-    if !matches!(cli.cmd, Top::Serve { .. }) {
-        // A running daemon holds the pools: let it run the command.
-        if let Some(r) = daemon::forward(&state_dir, std::env::args().collect()) {
-            use std::io::Write;
-            let _ = std::io::stdout().write_all(r.out.as_bytes());
-            let _ = std::io::stderr().write_all(r.err.as_bytes());
-            return ExitCode::from(r.code);
-        }
-    }
+    // Checked first, also for commands a daemon runs: a state directory others may write is no
+    // place to trust a control socket in.
     let sd = match statedir::StateDir::open(&state_dir) {
         Ok(sd) => sd,
         Err(e) => {
@@ -470,6 +469,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if !matches!(cli.cmd, Top::Serve { .. }) {
+        // A running daemon holds the pools: let it run the command.
+        if let Some(r) = daemon::forward(&state_dir, std::env::args().collect()) {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(r.out.as_bytes());
+            let _ = std::io::stderr().write_all(r.err.as_bytes());
+            return ExitCode::from(r.code);
+        }
+    }
     let cmdline = std::env::args()
         .enumerate()
         .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
@@ -477,10 +485,15 @@ fn main() -> ExitCode {
         .join(" ");
     if let Top::Serve {
         nbd_socket,
+        nbd_socket_mode,
         nbd_listen,
     } = cli.cmd
     {
-        return match daemon::serve(&sd, nbd_socket, nbd_listen) {
+        let nbd = daemon::NbdSocket {
+            path: nbd_socket,
+            mode: nbd_socket_mode.unwrap_or(sockets::PRIVATE),
+        };
+        return match daemon::serve(&sd, nbd, nbd_listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "cannot serve: {e}");

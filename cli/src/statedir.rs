@@ -16,7 +16,7 @@
 use std::ffi::{CStr, OsString};
 use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -179,6 +179,48 @@ fn with_path(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
+/// Refuses a state directory that is not private to the user running
+/// cairn: owned by another user, or writable by its group or by others.
+/// The message names the directory, what is wrong and the fix.
+pub fn check_private(root: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(root).map_err(|e| with_path(e, "cannot read", root))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mode = m.mode() & 0o7777;
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{why}: whoever can write there can replace the daemon's sockets and the pool \
+                 cache; {}",
+                if m.uid() != me {
+                    format!(
+                        "use a state directory of your own (--state-dir), or make it yours with \
+                         'chown {me} {0} && chmod 700 {0}'",
+                        root.display()
+                    )
+                } else {
+                    format!("make it private with 'chmod 700 {}'", root.display())
+                }
+            ),
+        ))
+    };
+    if m.uid() != me {
+        return refuse(format!(
+            "it is owned by uid {}, not by the user running cairn (uid {me})",
+            m.uid()
+        ));
+    }
+    let writable = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+        (true, true) => "its group and others",
+        (true, false) => "its group",
+        (false, true) => "others",
+        (false, false) => return Ok(()),
+    };
+    refuse(format!("it is writable by {writable} (mode {mode:04o})"))
+}
+
 /// One imported pool, as remembered in the cache.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct CacheEntry {
@@ -219,9 +261,14 @@ pub struct StateDir {
 
 impl StateDir {
     /// Opens the state directory at `root`, creating it (and its missing
-    /// parents) with mode 0700 if it does not exist.
+    /// parents) with mode 0700 if it does not exist, whatever the umask.
+    ///
+    /// A directory that another user owns, or that group or others may
+    /// write, is refused (see [`check_private`]): whoever can write there can
+    /// replace the daemon's sockets and the pool cache.
     pub fn open(root: impl Into<PathBuf>) -> io::Result<StateDir> {
         let root = root.into();
+        let existed = fs::symlink_metadata(&root).is_ok();
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -233,6 +280,12 @@ impl StateDir {
                 format!("state directory {} is not a directory", root.display()),
             ));
         }
+        if !existed {
+            // The umask may have taken bits of 0700 away; ours is exactly 0700.
+            fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
+                .map_err(|e| with_path(e, "cannot set the mode of state directory", &root))?;
+        }
+        check_private(&root)?;
         Ok(StateDir { root })
     }
 
@@ -507,6 +560,31 @@ mod tests {
         StateDir::open(&root).unwrap();
         let mode = fs::metadata(&root).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o750);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("state");
+        StateDir::open(&root).unwrap();
+        for (mode, says) in [
+            (0o770, "writable by its group (mode 0770)"),
+            (0o757, "writable by others (mode 0757)"),
+            (0o1777, "writable by its group and others (mode 1777)"),
+        ] {
+            fs::set_permissions(&root, fs::Permissions::from_mode(mode)).unwrap();
+            let err = StateDir::open(&root).unwrap_err().to_string();
+            assert!(err.contains(says), "{mode:o}: {err}");
+            assert!(
+                err.contains(&format!("chmod 700 {}", root.display())),
+                "{err}"
+            );
+            // Nothing changed.
+            let now = fs::metadata(&root).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(now, mode);
+        }
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        StateDir::open(&root).unwrap();
     }
 
     #[test]

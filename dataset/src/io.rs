@@ -1,7 +1,7 @@
 //! Open volumes and snapshots: the I/O interface the NBD server uses, and the live state every
 //! handle of a volume shares.
 
-use crate::registry::{load, SnapRecord, VolumeRecord};
+use crate::registry::{load, load_view, SnapRecord, VolumeRecord};
 use crate::volume::{reserved_by_others, short};
 use crate::{DatasetError, Result};
 use cairn_pool::lock;
@@ -103,8 +103,17 @@ impl Volume {
             None => (full, None),
         };
         let name = short(&pool, vol)?;
-        let reg = load(&pool)?;
-        let rec = reg.get(&name).cloned().ok_or(DatasetError::NotFound)?;
+        // The record and the other volumes' reservations of one state: a volume created or
+        // destroyed meanwhile is wholly there or wholly gone.
+        let (rec, headroom) = pool.consistently(|v| -> Result<(VolumeRecord, u64)> {
+            let reg = load_view(v)?;
+            let rec = reg.get(&name).cloned().ok_or(DatasetError::NotFound)?;
+            let h = match snap {
+                Some(_) => 0,
+                None => reserved_by_others(v, &reg, Some(&name))?,
+            };
+            Ok((rec, h))
+        })?;
         if let Some(s) = snap {
             let sr = rec
                 .snapshots
@@ -121,7 +130,6 @@ impl Volume {
                 headroom: Mutex::new((Instant::now(), 0)),
             });
         }
-        let h = reserved_by_others(&mut &*pool, &reg, Some(&name))?;
         let live = live(&pool, &rec);
         Ok(Volume {
             pool,
@@ -129,7 +137,7 @@ impl Volume {
             object: rec.object,
             volblocksize: rec.volblocksize,
             live,
-            headroom: Mutex::new((Instant::now(), h)),
+            headroom: Mutex::new((Instant::now(), headroom)),
         })
     }
 
@@ -176,11 +184,13 @@ impl Volume {
     fn headroom(&self) -> Result<u64> {
         let mut h = lock(&self.headroom);
         if h.0.elapsed() > Duration::from_secs(1) && !self.name.contains('@') {
-            let reg = load(&self.pool)?;
-            *h = (
-                Instant::now(),
-                reserved_by_others(&mut &*self.pool, &reg, Some(&self.name))?,
-            );
+            // The registry and the objects it names of one state (a volume destroyed meanwhile
+            // is not half seen: this must never fail a write).
+            let others = self.pool.consistently(|v| {
+                let reg = load_view(v)?;
+                reserved_by_others(v, &reg, Some(&self.name))
+            })?;
+            *h = (Instant::now(), others);
         }
         Ok(h.1)
     }

@@ -5,14 +5,15 @@
 //! (volumes only, as written before snapshots existed) and is read as a registry without
 //! snapshots. It is always written as format 2. Byte layout: docs/on-disk-format.md.
 //!
-//! Every change loads, edits and saves the registry under the pool's registry lock and, when it
-//! also changes snapshot links or objects, under the pool lock (`Pool::atomically`), so the
-//! registry and the pool's snapshot table always commit together.
+//! Every change loads, edits and saves the registry under the pool's registry lock and in one
+//! `Pool::atomically` with the objects and snapshot links it changes, so they commit together and
+//! nobody sees one without the other. Readers that look at the objects a registry names (space
+//! figures, reservations) read both through one `Pool::consistently` view.
 
 use crate::{DatasetError, Result};
 use bincode::Options;
 use cairn_pool::snapshot::Tx;
-use cairn_pool::{Pool, PoolError};
+use cairn_pool::{Pool, PoolError, View};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -127,54 +128,28 @@ pub(crate) fn encode(reg: &Registry) -> Result<Vec<u8>> {
     Ok(b)
 }
 
+/// The registry alone (one read: consistent by itself, but see [`load_view`] for anything that
+/// also reads the objects it names).
 pub(crate) fn load(pool: &Pool) -> Result<Registry> {
-    match pool.read_named_blob(REGISTRY)? {
+    pool.consistently(load_view)
+}
+
+/// The registry as a [`View`] sees it: read the objects it names through the same view, so they
+/// are of the same state (a volume destroyed in between cannot be half seen).
+pub(crate) fn load_view(v: &mut View) -> Result<Registry> {
+    match v.read_named_blob(REGISTRY)? {
         None => Ok(Registry::new()),
         Some(b) => decode(&b),
     }
-}
-
-pub(crate) fn save(pool: &Pool, reg: &Registry) -> Result<()> {
-    pool.write_named_blob(REGISTRY, &encode(reg)?)?;
-    Ok(())
 }
 
 pub(crate) fn load_tx(tx: &mut Tx) -> Result<Registry> {
-    match tx.read_named_blob(REGISTRY)? {
-        None => Ok(Registry::new()),
-        Some(b) => decode(&b),
-    }
+    load_view(&mut tx.view())
 }
 
 pub(crate) fn save_tx(tx: &mut Tx, reg: &Registry) -> Result<()> {
     tx.write_named_blob(REGISTRY, &encode(reg)?)?;
     Ok(())
-}
-
-/// What the space figures need from the pool: the same through an unlocked pool or inside
-/// `Pool::atomically`.
-pub(crate) trait PoolView {
-    fn space(&mut self) -> (u64, u64, u64);
-    /// Bytes only this volume references (born after its newest snapshot or origin).
-    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64>;
-}
-
-impl PoolView for &Pool {
-    fn space(&mut self) -> (u64, u64, u64) {
-        Pool::space(self)
-    }
-    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64> {
-        Pool::unique_bytes(self, id)
-    }
-}
-
-impl PoolView for Tx<'_> {
-    fn space(&mut self) -> (u64, u64, u64) {
-        Tx::space(self)
-    }
-    fn unique(&mut self, id: u64) -> cairn_pool::Result<u64> {
-        Tx::unique_bytes(self, id)
-    }
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! links in one `Pool::atomically` (one txg): a crash leaves all of a command or none of it.
 
 use crate::io::{forget_live, live, write_live};
-use crate::registry::{load, load_tx, save_tx, RegistryLock, SnapRecord, VolumeRecord};
-use crate::space::{snapshot_name, Figures, SpaceCtx};
+use crate::registry::{load, load_tx, load_view, save_tx, RegistryLock, SnapRecord, VolumeRecord};
+use crate::space::{read_state, snapshot_name, Figures, SpaceCtx};
 use crate::volume::{
     check_name_part, info, is_user_prop, parse_bool, parse_copies, parse_refreservation, short,
     VolumeInfo,
@@ -108,7 +108,7 @@ pub fn split_snapshot(full: &str) -> Result<(&str, &str)> {
 }
 
 fn snapshot_info(
-    pool: &Pool,
+    pn: &str,
     vol: &str,
     rec: &VolumeRecord,
     snap: &str,
@@ -117,11 +117,11 @@ fn snapshot_info(
     reg: &crate::registry::Registry,
 ) -> SnapshotInfo {
     SnapshotInfo {
-        name: format!("{}/{vol}@{snap}", pool.name()),
+        name: format!("{pn}/{vol}@{snap}"),
         record: sr.clone(),
         volblocksize: rec.volblocksize,
         space: sp.snapshot(sr.object, rec.volblocksize),
-        clones: sp.clone_names(pool, reg, sr.object),
+        clones: sp.clone_names(pn, reg, sr.object),
     }
 }
 
@@ -140,31 +140,34 @@ pub fn list_all(
     snapshots: bool,
     only: Option<&str>,
 ) -> Result<Vec<DatasetInfo>> {
-    let reg = load(pool)?;
     let only = only.map(|o| short(pool, o)).transpose()?;
-    if let Some(o) = &only {
-        if !reg.contains_key(o) {
-            return Err(DatasetError::NotFound);
-        }
-    }
-    let sp = SpaceCtx::load(pool, &reg)?;
-    let mut out = Vec::new();
-    for (n, r) in &reg {
-        if only.as_ref().is_some_and(|o| o != n) {
-            continue;
-        }
-        if volumes {
-            out.push(DatasetInfo::Volume(info(pool, &reg, &sp, n, r)?));
-        }
-        if snapshots {
-            for (s, sr) in by_txg(r) {
-                out.push(DatasetInfo::Snapshot(snapshot_info(
-                    pool, n, r, s, sr, &sp, &reg,
-                )));
+    let pn = pool.name();
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        if let Some(o) = &only {
+            if !reg.contains_key(o) {
+                return Err(DatasetError::NotFound);
             }
         }
-    }
-    Ok(out)
+        let sp = SpaceCtx::load(v, &reg)?;
+        let mut out = Vec::new();
+        for (n, r) in &reg {
+            if only.as_ref().is_some_and(|o| o != n) {
+                continue;
+            }
+            if volumes {
+                out.push(DatasetInfo::Volume(info(v, &pn, &reg, &sp, n, r)?));
+            }
+            if snapshots {
+                for (s, sr) in by_txg(r) {
+                    out.push(DatasetInfo::Snapshot(snapshot_info(
+                        &pn, n, r, s, sr, &sp, &reg,
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    })
 }
 
 /// One volume or snapshot by name.
@@ -173,23 +176,28 @@ pub fn get_any(pool: &Pool, full: &str) -> Result<DatasetInfo> {
         return crate::get(pool, full).map(DatasetInfo::Volume);
     };
     let name = short(pool, vol)?;
-    let reg = load(pool)?;
-    let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
-    let sr = rec.snapshots.get(snap).ok_or(DatasetError::NotFound)?;
-    let sp = SpaceCtx::load(pool, &reg)?;
-    Ok(DatasetInfo::Snapshot(snapshot_info(
-        pool, &name, rec, snap, sr, &sp, &reg,
-    )))
+    let pn = pool.name();
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
+        let sr = rec.snapshots.get(snap).ok_or(DatasetError::NotFound)?;
+        let sp = SpaceCtx::load(v, &reg)?;
+        Ok(DatasetInfo::Snapshot(snapshot_info(
+            &pn, &name, rec, snap, sr, &sp, &reg,
+        )))
+    })
 }
 
 /// `written@SNAP` of a volume.
 pub fn written_since(pool: &Pool, vol: &str, snap: &str) -> Result<u64> {
     let name = short(pool, vol)?;
-    let reg = load(pool)?;
-    let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
-    let sr = rec.snapshots.get(snap).ok_or(DatasetError::NotFound)?;
-    let sp = SpaceCtx::load(pool, &reg)?;
-    Ok(sp.written_since(rec.object, sr.object))
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
+        let sr = rec.snapshots.get(snap).ok_or(DatasetError::NotFound)?;
+        let sp = SpaceCtx::load(v, &reg)?;
+        Ok(sp.written_since(rec.object, sr.object))
+    })
 }
 
 /// Every NBD export name of the pool: volumes and their snapshots.
@@ -258,7 +266,7 @@ pub fn snapshot(pool: &Pool, names: &[String]) -> Result<()> {
             }
         }
         if needed > 0 {
-            let avail = crate::volume::available(tx, &reg, None)?;
+            let avail = crate::volume::available(&mut tx.view(), &reg, None)?;
             if needed > avail {
                 return Err(DatasetError::SnapshotNoSpace {
                     needed,
@@ -344,7 +352,7 @@ pub fn clone(pool: &Pool, origin: &str, target: &str, props: &[(String, String)]
         if let Some(r) = refres {
             new.refreservation =
                 parse_refreservation(&r, new.volsize, new.copies, new.volblocksize)?;
-            let avail = crate::volume::available(tx, &reg, None)?;
+            let avail = crate::volume::available(&mut tx.view(), &reg, None)?;
             if new.refreservation > avail {
                 return Err(DatasetError::TooBig {
                     needed: new.refreservation,
@@ -491,8 +499,7 @@ fn reclaim_of_snapshots(sp: &SpaceCtx, rec: &VolumeRecord, snaps: &[u64]) -> u64
 pub fn destroy(pool: &Pool, full: &str, o: DestroyOpts) -> Result<DestroyPlan> {
     let rl = pool.extension::<RegistryLock>();
     let _changing = lock(&rl.0);
-    let reg = load(pool)?;
-    let sp = SpaceCtx::load(pool, &reg)?;
+    let (reg, sp) = read_state(pool)?;
     let pn = pool.name();
     let (vols, snaps): Doomed = match full.split_once('@') {
         Some((vol, spec)) => {
@@ -501,7 +508,7 @@ pub fn destroy(pool: &Pool, full: &str, o: DestroyOpts) -> Result<DestroyPlan> {
             let mut d: Doomed = (Vec::new(), Vec::new());
             for s in parse_snap_spec(rec, spec)? {
                 let sr = &rec.snapshots[&s];
-                let cl = sp.clone_names(pool, &reg, sr.object);
+                let cl = sp.clone_names(&pn, &reg, sr.object);
                 if !cl.is_empty() {
                     if !o.clones {
                         return Err(DatasetError::Busy(format!(
@@ -648,7 +655,7 @@ pub fn rollback(pool: &Pool, full: &str, o: DestroyOpts) -> Result<Vec<String>> 
     let v = short(pool, vol)?;
     let rl = pool.extension::<RegistryLock>();
     let _changing = lock(&rl.0);
-    let reg = load(pool)?;
+    let (reg, sp) = read_state(pool)?;
     let rec = reg.get(&v).ok_or(DatasetError::NotFound)?.clone();
     let target = rec
         .snapshots
@@ -672,11 +679,10 @@ pub fn rollback(pool: &Pool, full: &str, o: DestroyOpts) -> Result<Vec<String>> 
                 .join("\n")
         )));
     }
-    let sp = SpaceCtx::load(pool, &reg)?;
     let mut doomed: Doomed = (Vec::new(), Vec::new());
     for s in &later {
         let sr = &rec.snapshots[s];
-        for c in sp.clone_names(pool, &reg, sr.object) {
+        for c in sp.clone_names(&pn, &reg, sr.object) {
             if !o.clones {
                 return Err(DatasetError::Busy(format!(
                     "more recent snapshots have dependent clones\nuse '-R' to destroy the \
@@ -855,7 +861,7 @@ pub(crate) fn set_snapshot_prop(pool: &Pool, full: &str, prop: &str, value: &str
 /// The name of a snapshot object, if it is one (for messages).
 pub fn name_of_snapshot(pool: &Pool, obj: u64) -> Option<String> {
     let reg = load(pool).ok()?;
-    snapshot_name(pool, &reg, obj)
+    snapshot_name(&pool.name(), &reg, obj)
 }
 
 /// Object and block size of a volume (`POOL/VOL`) or snapshot (`POOL/VOL@SNAP`).

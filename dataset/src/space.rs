@@ -12,10 +12,10 @@
 //! before S (exactly what destroying S alone frees), `written` = referenced(S) - (referenced(P) -
 //! D(S)). Sizes count every copy, as the pool's `alloc` does.
 
-use crate::registry::Registry;
+use crate::registry::{load_view, Registry};
 use crate::Result;
 use cairn_pool::snapshot::{DsSpace, SnapTable};
-use cairn_pool::Pool;
+use cairn_pool::{Pool, View};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -32,7 +32,8 @@ pub struct Figures {
     pub logicalreferenced: u64,
 }
 
-/// The pool's links and deadlist sizes, read once per command.
+/// The pool's links and deadlist sizes, read once per command through the view that read the
+/// registry (one state: every object the registry names is there).
 pub(crate) struct SpaceCtx {
     pub(crate) links: SnapTable,
     space: BTreeMap<u64, DsSpace>,
@@ -41,12 +42,12 @@ pub(crate) struct SpaceCtx {
 }
 
 impl SpaceCtx {
-    pub(crate) fn load(pool: &Pool, reg: &Registry) -> Result<SpaceCtx> {
+    pub(crate) fn load(pool: &mut View, reg: &Registry) -> Result<SpaceCtx> {
         let mut extra: Vec<u64> = reg.values().map(|r| r.object).collect();
         for r in reg.values() {
             extra.extend(r.snapshots.values().map(|s| s.object));
         }
-        let links = pool.snapshot_links()?;
+        let links = pool.links()?;
         let space = pool.ds_space(&extra)?;
         let filled = pool.objects_filled(&extra)?;
         Ok(SpaceCtx {
@@ -143,13 +144,13 @@ impl SpaceCtx {
     }
 
     /// `POOL/VOL@SNAP` of a clone's origin.
-    pub(crate) fn origin_name(&self, pool: &Pool, reg: &Registry, head: u64) -> Option<String> {
+    pub(crate) fn origin_name(&self, pn: &str, reg: &Registry, head: u64) -> Option<String> {
         let o = self.links.origin_of(head)?;
-        snapshot_name(pool, reg, o)
+        snapshot_name(pn, reg, o)
     }
 
     /// The clones of a snapshot, by name.
-    pub(crate) fn clone_names(&self, pool: &Pool, reg: &Registry, snap: u64) -> Vec<String> {
+    pub(crate) fn clone_names(&self, pn: &str, reg: &Registry, snap: u64) -> Vec<String> {
         let Some(l) = self.links.ds.get(&snap) else {
             return Vec::new();
         };
@@ -159,7 +160,7 @@ impl SpaceCtx {
             .filter_map(|c| {
                 reg.iter()
                     .find(|(_, r)| r.object == *c)
-                    .map(|(n, _)| format!("{}/{n}", pool.name()))
+                    .map(|(n, _)| format!("{pn}/{n}"))
             })
             .collect();
         out.sort();
@@ -167,12 +168,21 @@ impl SpaceCtx {
     }
 }
 
-/// The full name of the snapshot whose object is `obj`.
-pub(crate) fn snapshot_name(pool: &Pool, reg: &Registry, obj: u64) -> Option<String> {
+/// The registry and the space context of its datasets, of one state of the pool.
+pub(crate) fn read_state(pool: &Pool) -> Result<(Registry, SpaceCtx)> {
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        let sp = SpaceCtx::load(v, &reg)?;
+        Ok((reg, sp))
+    })
+}
+
+/// The full name of the snapshot whose object is `obj` (in pool `pn`).
+pub(crate) fn snapshot_name(pn: &str, reg: &Registry, obj: u64) -> Option<String> {
     reg.iter().find_map(|(v, r)| {
         r.snapshots
             .iter()
             .find(|(_, s)| s.object == obj)
-            .map(|(s, _)| format!("{}/{v}@{s}", pool.name()))
+            .map(|(s, _)| format!("{pn}/{v}@{s}"))
     })
 }

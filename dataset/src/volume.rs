@@ -1,14 +1,13 @@
 //! Volumes: create, properties (get, set, list) and the reservation rules.
 
 use crate::io::{forget_live, live, write_live, LiveState};
-use crate::registry::{
-    load, load_tx, save, save_tx, PoolView, Registry, RegistryLock, VolumeRecord,
-};
+use crate::registry::{load, load_tx, load_view, save_tx, Registry, RegistryLock, VolumeRecord};
 use crate::space::{Figures, SpaceCtx};
 use crate::{DatasetError, Result, MAX_BLOCKSIZE, MIN_BLOCKSIZE};
 use cairn_pool::lock;
 use cairn_pool::object::ObjType;
-use cairn_pool::Pool;
+use cairn_pool::snapshot::Tx;
+use cairn_pool::{Pool, View};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -47,9 +46,10 @@ pub struct CreateVolume {
     pub props: Vec<(String, String)>,
 }
 
-/// Unused reservations of every volume except `except`.
+/// Unused reservations of every volume except `except`. `reg` must be what `pool` reads
+/// ([`load_view`] through the same view): the objects it names exist.
 pub(crate) fn reserved_by_others(
-    pool: &mut impl PoolView,
+    pool: &mut View,
     reg: &Registry,
     except: Option<&str>,
 ) -> Result<u64> {
@@ -60,23 +60,19 @@ pub(crate) fn reserved_by_others(
         }
         // Blocks a snapshot also holds do not count against the reservation: overwriting them
         // needs new space.
-        let used = pool.unique(v.object)?;
+        let used = pool.unique_bytes(v.object)?;
         r += v.refreservation.saturating_sub(used);
     }
     Ok(r)
 }
 
-/// Bytes a dataset could still write (zfs's `available`).
-pub(crate) fn available(
-    pool: &mut impl PoolView,
-    reg: &Registry,
-    name: Option<&str>,
-) -> Result<u64> {
+/// Bytes a dataset could still write (zfs's `available`); `reg` as for [`reserved_by_others`].
+pub(crate) fn available(pool: &mut View, reg: &Registry, name: Option<&str>) -> Result<u64> {
     let (size, alloc, slop) = pool.space();
     let others = reserved_by_others(pool, reg, name)?;
     let own = match name.and_then(|n| reg.get(n)) {
         Some(v) => {
-            let used = pool.unique(v.object)?;
+            let used = pool.unique_bytes(v.object)?;
             v.refreservation.saturating_sub(used)
         }
         None => 0,
@@ -218,7 +214,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
             return Err(DatasetError::Exists);
         }
         if rec.refreservation > 0 {
-            let avail = available(tx, &reg, None)?;
+            let avail = available(&mut tx.view(), &reg, None)?;
             if rec.refreservation > avail {
                 return Err(DatasetError::Invalid(format!(
                     "out of space: the volume reserves {} bytes and {} are available (use -s for \
@@ -337,8 +333,11 @@ impl VolumeInfo {
     }
 }
 
+/// The properties of volume `name` (of pool `pn`), from a registry and space context read through
+/// `v` (the same state).
 pub(crate) fn info(
-    pool: &Pool,
+    v: &mut View,
+    pn: &str,
     reg: &Registry,
     sp: &SpaceCtx,
     name: &str,
@@ -346,31 +345,37 @@ pub(crate) fn info(
 ) -> Result<VolumeInfo> {
     let f = sp.volume(rec.object, rec.refreservation, rec.volblocksize);
     Ok(VolumeInfo {
-        name: format!("{}/{}", pool.name(), name),
+        name: format!("{pn}/{name}"),
         record: rec.clone(),
         used: f.used,
         referenced: f.referenced,
-        available: available(&mut &*pool, reg, Some(name))?,
+        available: available(v, reg, Some(name))?,
         space: f,
-        origin: sp.origin_name(pool, reg, rec.object),
+        origin: sp.origin_name(pn, reg, rec.object),
     })
 }
 
 /// All volumes of a pool, by name.
 pub fn list(pool: &Pool) -> Result<Vec<VolumeInfo>> {
-    let reg = load(pool)?;
-    let sp = SpaceCtx::load(pool, &reg)?;
-    reg.iter()
-        .map(|(n, r)| info(pool, &reg, &sp, n, r))
-        .collect()
+    let pn = pool.name();
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        let sp = SpaceCtx::load(v, &reg)?;
+        reg.iter()
+            .map(|(n, r)| info(v, &pn, &reg, &sp, n, r))
+            .collect()
+    })
 }
 
 pub fn get(pool: &Pool, full: &str) -> Result<VolumeInfo> {
     let name = short(pool, full)?;
-    let reg = load(pool)?;
-    let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
-    let sp = SpaceCtx::load(pool, &reg)?;
-    info(pool, &reg, &sp, &name, rec)
+    let pn = pool.name();
+    pool.consistently(|v| {
+        let reg = load_view(v)?;
+        let rec = reg.get(&name).ok_or(DatasetError::NotFound)?;
+        let sp = SpaceCtx::load(v, &reg)?;
+        info(v, &pn, &reg, &sp, &name, rec)
+    })
 }
 
 /// Set a property. Sizes arrive as bytes.
@@ -381,13 +386,41 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
     let name = short(pool, full)?;
     let rl = pool.extension::<RegistryLock>();
     let _changing = lock(&rl.0);
-    let mut reg = load(pool)?;
-    let others = reserved_by_others(&mut &*pool, &reg, Some(&name))?;
-    let rec = reg.get_mut(&name).ok_or(DatasetError::NotFound)?;
+    // The registry cannot change while the registry lock is held.
+    let reg = load(pool)?;
+    let before = reg.get(&name).ok_or(DatasetError::NotFound)?;
+    let object = before.object;
     // Open handles wait here: writes in flight finish before a shrink frees the tail, and no request
     // is checked against the old values once the new ones are saved.
-    let live = live(pool, rec);
+    let live = live(pool, before);
     let mut state = write_live(&live);
+    // The object and the record change in one txg, under one hold of the pool lock: no reader sees
+    // one without the other.
+    let now = pool.atomically(|tx| -> Result<LiveState> {
+        let mut reg = load_tx(tx)?;
+        let others = reserved_by_others(&mut tx.view(), &reg, Some(&name))?;
+        let rec = reg.get_mut(&name).ok_or(DatasetError::NotFound)?;
+        if rec.object != object {
+            return Err(DatasetError::NotFound);
+        }
+        set_prop(tx, rec, others, prop, value)?;
+        let now = LiveState::of(rec);
+        save_tx(tx, &reg)?;
+        Ok(now)
+    })?;
+    *state = now;
+    Ok(())
+}
+
+/// Change property `prop` of a volume's record (and its object) inside a transaction; `others` is
+/// what the other volumes' reservations hold.
+fn set_prop(
+    tx: &mut Tx,
+    rec: &mut VolumeRecord,
+    others: u64,
+    prop: &str,
+    value: &str,
+) -> Result<()> {
     match prop {
         "volsize" => {
             let n: u64 = value
@@ -396,8 +429,8 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
             check_volsize(n, rec.volblocksize)?;
             if rec.refreservation > 0 {
                 let newres = reservation_for(n, rec.copies, rec.volblocksize);
-                let (size, alloc, slop) = pool.space();
-                let (_, _, used, _) = pool.object_info(rec.object)?;
+                let (size, alloc, slop) = tx.space();
+                let (_, _, used, _) = tx.object_info(rec.object)?;
                 let free_now = size.saturating_sub(alloc + slop + others);
                 if newres > rec.refreservation && newres.saturating_sub(used) > free_now {
                     return Err(DatasetError::TooBig {
@@ -407,7 +440,7 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
                 }
                 rec.refreservation = newres;
             }
-            pool.set_object_size(rec.object, n)?;
+            tx.set_object_size(rec.object, n)?;
             rec.volsize = n;
         }
         "volblocksize" => {
@@ -418,15 +451,15 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
         "readonly" => rec.readonly = parse_bool(prop, value)?,
         "copies" => {
             rec.copies = parse_copies(value)?;
-            pool.set_object_copies(rec.object, rec.copies)?;
+            tx.set_object_copies(rec.object, rec.copies)?;
         }
         "checksum" => check_checksum(value)?,
         "refreservation" => {
             let r = parse_refreservation(value, rec.volsize, rec.copies, rec.volblocksize)?;
             // Growing the reservation needs its unused part free beside the others' (as zfs).
             if r > rec.refreservation {
-                let (size, alloc, slop) = pool.space();
-                let (_, _, used, _) = pool.object_info(rec.object)?;
+                let (size, alloc, slop) = tx.space();
+                let (_, _, used, _) = tx.object_info(rec.object)?;
                 let free_now = size.saturating_sub(alloc + slop + others);
                 if r.saturating_sub(used) > free_now {
                     return Err(DatasetError::TooBig {
@@ -460,8 +493,5 @@ pub fn set(pool: &Pool, full: &str, prop: &str, value: &str) -> Result<()> {
         }
         p => return Err(DatasetError::Invalid(format!("invalid property '{p}'"))),
     }
-    let now = LiveState::of(rec);
-    save(pool, &reg)?;
-    *state = now;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! Layers, bottom-up: [`alloc`] (per-vdev allocation bitmaps in double-buffered pages), [`blkptr`]
 //! (block pointers with DVAs and blake3 checksums), [`object`] (copy-on-write object trees, the object
 //! set), [`pool`] (the pool: txg commit, configuration, properties, history), [`import`] (finding pools on
-//! devices).
+//! devices), [`view`] (reads of one consistent state, under one hold of the pool lock).
 //!
 //! Invariants: a txg commits by writing all new blocks, the changed allocation pages and the objset block,
 //! flushing, then writing the uberblock (and labels when the configuration changed) and flushing again;
@@ -25,9 +25,11 @@ pub mod scan;
 pub mod schedule;
 pub mod snapshot;
 pub mod topology;
+pub mod view;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};
 pub use cairn_vdev::units::{lock, now_secs};
 pub use cairn_vdev::{Guid, Txg};
 pub use error::{PoolError, Result};
 pub use pool::{CreateOptions, HostInfo, OpenOptions, Pool, SpaceRule, TopSpec};
+pub use view::View;

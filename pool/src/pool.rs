@@ -1592,11 +1592,7 @@ impl Pool {
 
     /// (type, logical size, allocated bytes, block size) of an object.
     pub fn object_info(&self, id: u64) -> Result<(ObjType, u64, u64, usize)> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let vdevs = inner.tree.tops.clone();
-        let d = inner.mos.obj(&vdevs, id)?.dnode;
-        Ok((d.otype, d.size, d.used, d.block_size()))
+        self.consistently(|v| v.object_info(id))
     }
 
     pub fn set_object_size(&self, id: u64, size: u64) -> Result<()> {
@@ -1605,19 +1601,7 @@ impl Pool {
 
     /// Set the number of copies new blocks of an object get (1..=3).
     pub fn set_object_copies(&self, id: u64, copies: u8) -> Result<()> {
-        if !(1..=3).contains(&copies) {
-            return Err(PoolError::Invalid(format!(
-                "copies must be 1, 2 or 3, not {copies}"
-            )));
-        }
-        let mut g = self.lock();
-        let inner = &mut *g;
-        inner.check_writable()?;
-        let vdevs = inner.tree.tops.clone();
-        let o = inner.mos.obj(&vdevs, id)?;
-        o.dnode.copies = copies;
-        o.mark_dnode_dirty();
-        Ok(())
+        self.atomically(|tx| tx.set_object_copies(id, copies))
     }
 
     /// The one value of type `T` kept with this open pool, made with `Default` on first use. Upper

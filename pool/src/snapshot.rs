@@ -793,16 +793,14 @@ pub struct Tx<'a> {
 
 impl Tx<'_> {
     pub fn read_named_blob(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
-        self.inner.read_named_blob(name)
+        self.view().read_named_blob(name)
     }
     pub fn write_named_blob(&mut self, name: &str, data: &[u8]) -> Result<()> {
         self.inner.write_named_blob(name, data)
     }
     /// (type, logical size, allocated bytes, block size) of an object.
     pub fn object_info(&mut self, id: u64) -> Result<(ObjType, u64, u64, usize)> {
-        let vdevs = self.inner.tree.tops.clone();
-        let d = self.inner.mos.obj(&vdevs, id)?.dnode;
-        Ok((d.otype, d.size, d.used, d.block_size()))
+        self.view().object_info(id)
     }
     /// See [`Pool::space`].
     pub fn space(&self) -> (u64, u64, u64) {
@@ -827,14 +825,14 @@ impl Tx<'_> {
         self.inner.promote(head)
     }
     pub fn links(&mut self) -> Result<SnapTable> {
-        Ok(self.inner.snaps()?.clone())
+        self.view().links()
     }
     pub fn ds_space(&mut self, extra: &[u64]) -> Result<BTreeMap<u64, DsSpace>> {
-        self.inner.ds_space(extra)
+        self.view().ds_space(extra)
     }
     /// See [`Pool::unique_bytes`].
     pub fn unique_bytes(&mut self, id: u64) -> Result<u64> {
-        self.inner.unique_bytes(id)
+        self.view().unique_bytes(id)
     }
     /// Create an object (committed with the txg).
     pub fn create_object(&mut self, otype: ObjType, data_shift: u8, copies: u8) -> Result<u64> {
@@ -846,6 +844,19 @@ impl Tx<'_> {
     /// Set an object's logical size (freeing what lies past it).
     pub fn set_object_size(&mut self, id: u64, size: u64) -> Result<()> {
         self.inner.set_object_size(id, size)
+    }
+    /// Set the number of copies new blocks of an object get (1..=3).
+    pub fn set_object_copies(&mut self, id: u64, copies: u8) -> Result<()> {
+        if !(1..=3).contains(&copies) {
+            return Err(PoolError::Invalid(format!(
+                "copies must be 1, 2 or 3, not {copies}"
+            )));
+        }
+        let vdevs = self.inner.tree.tops.clone();
+        let o = self.inner.mos.obj(&vdevs, id)?;
+        o.dnode.copies = copies;
+        o.mark_dnode_dirty();
+        Ok(())
     }
     /// Commit the open txg now.
     pub fn commit(&mut self) -> Result<()> {
@@ -884,15 +895,7 @@ impl Pool {
 
     /// The number of level-0 blocks holding data of each object (its root pointer's fill).
     pub fn objects_filled(&self, ids: &[u64]) -> Result<BTreeMap<u64, u64>> {
-        let mut g = self.lock();
-        let inner = &mut *g;
-        let vdevs = inner.tree.tops.clone();
-        let mut out = BTreeMap::new();
-        for &id in ids {
-            let o = inner.mos.obj(&vdevs, id)?;
-            out.insert(id, o.dnode.root.fill);
-        }
-        Ok(out)
+        self.consistently(|v| v.objects_filled(ids))
     }
 
     /// Free at most `blocks` blocks per commit from the background queue (tests use small budgets

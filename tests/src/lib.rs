@@ -24,6 +24,7 @@ pub mod raid10;
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -114,7 +115,12 @@ impl Env {
             .tempdir()
             .expect("cannot create a temporary directory");
         let state = dir.path().join("state");
-        std::fs::create_dir(&state).expect("cannot create the state directory");
+        // Private, as cairn makes one (cairn refuses a state directory group or others may write,
+        // which a umask of 002 would give).
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&state)
+            .expect("cannot create the state directory");
         Env {
             dir,
             state,
@@ -166,10 +172,13 @@ impl Env {
         p
     }
 
-    /// Creates a subdirectory of the temporary directory and returns its path.
+    /// Creates a subdirectory of the temporary directory (mode 0755 whatever the umask: it may
+    /// serve as a state directory, which cairn refuses when group or others may write it) and
+    /// returns its path.
     pub fn mkdir(&self, name: &str) -> PathBuf {
         let p = self.path(name);
         std::fs::create_dir_all(&p).expect("mkdir");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         p
     }
 
@@ -337,6 +346,16 @@ impl Env {
     /// [`Env::serve_with`] with the daemon's stderr opened on `stderr` (say `/dev/full`, where every
     /// write fails) instead of a log file; the returned daemon has no log to show.
     pub fn serve_logging_to(&self, args: &[&str], stderr: Option<&Path>) -> Daemon {
+        self.spawn_daemon(args, stderr, None)
+    }
+
+    /// [`Env::serve_with`] with the daemon started under `umask` (through `sh -c 'umask U; exec
+    /// cairn ...'`), to check what it makes does not follow a permissive umask.
+    pub fn serve_with_umask(&self, umask: u32, args: &[&str]) -> Daemon {
+        self.spawn_daemon(args, None, Some(umask))
+    }
+
+    fn spawn_daemon(&self, args: &[&str], stderr: Option<&Path>, umask: Option<u32>) -> Daemon {
         let n = self.daemons.fetch_add(1, Ordering::Relaxed) + 1;
         let log = self.dir.path().join(format!("serve-{n}.log"));
         let logf = match stderr {
@@ -346,7 +365,18 @@ impl Env {
                 .open(p)
                 .unwrap_or_else(|e| panic!("cannot open {}: {e}", p.display())),
         };
-        let child = Command::new(cairn_bin())
+        let mut cmd = match umask {
+            None => Command::new(cairn_bin()),
+            Some(u) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("umask {u:03o}; exec \"$@\""))
+                    .arg("sh")
+                    .arg(cairn_bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state)
             .arg("serve")
@@ -366,7 +396,10 @@ impl Env {
             status: None,
         };
         let mut sockets = vec![self.state.join(CONTROL_SOCKET)];
-        if !args.iter().any(|a| a.starts_with("--nbd-socket")) {
+        if !args
+            .iter()
+            .any(|a| *a == "--nbd-socket" || a.starts_with("--nbd-socket="))
+        {
             sockets.push(self.nbd_socket());
         }
         let start = Instant::now();
