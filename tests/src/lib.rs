@@ -335,6 +335,16 @@ impl Env {
     /// [`Env::serve_with`] with the daemon's stderr opened on `stderr` (say `/dev/full`, where every
     /// write fails) instead of a log file; the returned daemon has no log to show.
     pub fn serve_logging_to(&self, args: &[&str], stderr: Option<&Path>) -> Daemon {
+        self.serve_full(args, stderr, None)
+    }
+
+    /// [`Env::serve_with`] with the daemon's open-file limit (soft and hard) set to `nofile`, as
+    /// `prlimit --nofile=N:N` would.
+    pub fn serve_with_nofile(&self, nofile: u64, args: &[&str]) -> Daemon {
+        self.serve_full(args, None, Some(nofile))
+    }
+
+    fn serve_full(&self, args: &[&str], stderr: Option<&Path>, nofile: Option<u64>) -> Daemon {
         let n = self.daemons.fetch_add(1, Ordering::Relaxed) + 1;
         let log = self.dir.path().join(format!("serve-{n}.log"));
         let logf = match stderr {
@@ -344,8 +354,8 @@ impl Env {
                 .open(p)
                 .unwrap_or_else(|e| panic!("cannot open {}: {e}", p.display())),
         };
-        let child = Command::new(cairn_bin())
-            .arg("--state-dir")
+        let mut cmd = Command::new(cairn_bin());
+        cmd.arg("--state-dir")
             .arg(&self.state)
             .arg("serve")
             .args(args)
@@ -355,9 +365,26 @@ impl Env {
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .expect("cannot run `cairn serve`");
+            .stderr(Stdio::from(logf));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
+            // which is async-signal-safe, on a struct it owns; it allocates nothing
+            // (`last_os_error` builds an error from errno without allocating).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("cannot run `cairn serve`");
         let mut d = Daemon {
             child,
             log,
@@ -533,6 +560,14 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A figure in KiB from `/proc/PID/status` (`VmRSS`, `VmHWM`...), or `None` once the daemon is gone.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        st.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     /// What the daemon wrote to stderr so far.
