@@ -38,7 +38,7 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const MAX_REFUSING: usize = 4;
 /// Control connections served at once; more wait in the listen backlog (they are not dropped: a CLI
 /// whose connection is dropped would run its command itself, beside the daemon).
-pub const MAX_CONTROL: usize = 16;
+pub const MAX_CONTROL: usize = 64;
 
 /// Logs a recurring event at most once per [`LOG_INTERVAL`], with the count of those not logged.
 #[derive(Default)]
