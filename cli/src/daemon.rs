@@ -406,7 +406,6 @@ pub fn serve(
     nbd_listen: Option<String>,
     limits: ServeLimits,
 ) -> Result<(), String> {
-    nbd_limits::tune_allocator();
     let nofile = nbd_limits::raise_nofile();
     let lockf = std::fs::OpenOptions::new()
         .create(true)
