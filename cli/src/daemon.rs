@@ -11,6 +11,7 @@
 
 use crate::ctx::{open_from_cache, Ctx, Pools};
 use crate::nbd::{self, Exports};
+use crate::nbd_limits::{self, Admission, Limits, RateLog, SpareFd};
 use crate::statedir::StateDir;
 use crate::CmdError;
 use cairn_dataset::{DatasetError, Volume};
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 pub const CONTROL_SOCKET: &str = "cairn.sock";
 pub const NBD_SOCKET: &str = "nbd.sock";
@@ -291,11 +292,15 @@ fn control(d: &Arc<Daemon>, req: ControlRequest) -> ControlReply {
     }
 }
 
-async fn control_conn(d: Arc<Daemon>, s: tokio::net::UnixStream) {
+async fn control_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, deadline: Duration) {
     let (rd, mut wr) = s.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd.take(MAX_CONTROL_REQUEST));
-    if rd.read_line(&mut line).await.is_err() {
+    // A client that connects and sends nothing is not waited for forever.
+    if !matches!(
+        tokio::time::timeout(deadline, rd.read_line(&mut line)).await,
+        Ok(Ok(_))
+    ) {
         return;
     }
     let reply = match serde_json::from_str::<ControlRequest>(&line) {
@@ -411,8 +416,30 @@ pub struct NbdSocket {
     pub mode: u32,
 }
 
+/// The limits `serve` is given on its command line.
+pub struct ServeLimits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub reply_timeout: Duration,
+}
+
+/// A failed accept: logged at most once per interval, then the loop sleeps a little (an accept that
+/// fails for want of descriptors would otherwise fail again at once, in a loop).
+async fn accept_failed(what: &str, e: &std::io::Error, log: &RateLog) {
+    if let Some(n) = log.hit() {
+        tracing::warn!("{what} accept failed {n} time(s): {e}; retrying");
+    }
+    tokio::time::sleep(nbd_limits::ACCEPT_BACKOFF).await;
+}
+
 /// Run the daemon until SIGTERM/SIGINT.
-pub fn serve(sd: &StateDir, nbd: NbdSocket, nbd_listen: Option<String>) -> Result<(), String> {
+pub fn serve(
+    sd: &StateDir,
+    nbd: NbdSocket,
+    nbd_listen: Option<String>,
+    limits: ServeLimits,
+) -> Result<(), String> {
+    let nofile = nbd_limits::raise_nofile();
     let lockf = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -477,17 +504,52 @@ pub fn serve(sd: &StateDir, nbd: NbdSocket, nbd_listen: Option<String>) -> Resul
             }
             None => None,
         };
+        // NBD connections leave a reserve of descriptors for the control socket and the pools.
+        let max_connections = nbd_limits::connection_cap(
+            limits.max_connections,
+            nofile,
+            nbd_limits::open_fds().unwrap_or(0),
+        );
+        if max_connections < limits.max_connections {
+            let _ = writeln!(
+                std::io::stderr(),
+                "cairn: at most {max_connections} NBD connections (not {}): the open-file limit is {}",
+                limits.max_connections,
+                nofile.unwrap_or(0)
+            );
+        }
+        let limits = Arc::new(Limits::new(
+            max_connections,
+            limits.handshake_timeout,
+            limits.reply_timeout,
+        ));
         let (shut_tx, shut_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         {
             let d = d.clone();
             let mut shut = shut_rx.clone();
+            let deadline = limits.handshake_timeout;
             tasks.spawn(async move {
+                // Commands served at once are bounded; more wait in the backlog (not dropped: a CLI
+                // whose connection is dropped runs its command itself).
+                let slots = Arc::new(Semaphore::new(nbd_limits::MAX_CONTROL));
+                let log = RateLog::default();
                 loop {
+                    let slot = tokio::select! {
+                        p = slots.clone().acquire_owned() => p,
+                        _ = shut.changed() => break,
+                    };
+                    let Ok(slot) = slot else { break };
                     tokio::select! {
                         a = ctl.accept() => match a {
-                            Ok((s, _)) => { tokio::spawn(control_conn(d.clone(), s)); }
-                            Err(e) => tracing::warn!("control accept: {e}"),
+                            Ok((s, _)) => {
+                                let d = d.clone();
+                                tokio::spawn(async move {
+                                    control_conn(d, s, deadline).await;
+                                    drop(slot);
+                                });
+                            }
+                            Err(e) => accept_failed("control", &e, &log).await,
                         },
                         _ = shut.changed() => break,
                     }
@@ -495,25 +557,57 @@ pub fn serve(sd: &StateDir, nbd: NbdSocket, nbd_listen: Option<String>) -> Resul
             });
         }
         // NBD clients on the unix socket and, if asked, on TCP: the same loop for both listeners.
+        // Connections over the limit are refused; out of descriptors, the loop sleeps a little and
+        // closes one waiting connection with its spare descriptor (the client sees a close, not a hang).
         macro_rules! nbd_accept_loop {
             ($listener:expr) => {{
                 let listener = $listener;
                 let d = d.clone();
+                let limits = limits.clone();
                 let mut shut = shut_rx.clone();
                 let conn_shut = shut_rx.clone();
                 tasks.spawn(async move {
                     let mut conns = tokio::task::JoinSet::new();
+                    let mut spare = SpareFd::new();
+                    let log = RateLog::default();
                     loop {
                         tokio::select! {
                             a = listener.accept() => match a {
                                 Ok((s, _)) => {
-                                    s.no_delay();
-                                    let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
-                                    let ex: Arc<dyn Exports> = d.clone();
-                                    conns.spawn(nbd::serve_conn(s, ex, id, conn_shut.clone()));
+                                    let (l, sh) = (limits.clone(), conn_shut.clone());
+                                    match limits.admit() {
+                                        Admission::Serve(slot) => {
+                                            s.no_delay();
+                                            let id = d.next_conn.fetch_add(1, Ordering::Relaxed);
+                                            let ex: Arc<dyn Exports> = d.clone();
+                                            conns.spawn(async move {
+                                                nbd::serve_conn(s, ex, id, sh, l).await;
+                                                drop(slot);
+                                            });
+                                        }
+                                        Admission::Refuse(slot) => {
+                                            conns.spawn(async move {
+                                                nbd::refuse_conn(s, l, sh).await;
+                                                drop(slot);
+                                            });
+                                        }
+                                        Admission::Close => drop(s),
+                                    }
                                 }
-                                Err(e) => tracing::warn!("nbd accept: {e}"),
+                                Err(e) => {
+                                    if nbd_limits::out_of_descriptors(&e) && spare.release() {
+                                        tokio::select! {
+                                            biased;
+                                            a = listener.accept() => drop(a),
+                                            _ = std::future::ready(()) => {}
+                                        }
+                                        spare.restore();
+                                    }
+                                    accept_failed("nbd", &e, &log).await;
+                                }
                             },
+                            // Finished connections are reaped as they end.
+                            Some(_) = conns.join_next(), if !conns.is_empty() => {}
                             _ = shut.changed() => break,
                         }
                     }

@@ -10,6 +10,7 @@ mod datasetcmd;
 mod injectcmd;
 mod names;
 mod nbd;
+mod nbd_limits;
 mod output;
 mod poolcmd;
 mod size;
@@ -59,6 +60,19 @@ pub enum Top {
         /// Also listen for NBD clients on TCP (HOST:PORT, or :PORT for loopback).
         #[arg(long, value_name = "HOST:PORT")]
         nbd_listen: Option<String>,
+        /// Most NBD connections served at once; more are refused (lowered to keep a reserve of
+        /// the open-file limit).
+        #[arg(long, value_name = "N", default_value_t = nbd_limits::DEFAULT_MAX_CONNECTIONS,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        max_connections: u64,
+        /// Seconds a client has to finish the NBD handshake (or to send a control request).
+        #[arg(long, value_name = "SECS", default_value_t = nbd_limits::DEFAULT_HANDSHAKE_TIMEOUT,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        handshake_timeout: u64,
+        /// Seconds a connection's socket may take no byte of its replies before it is closed.
+        #[arg(long, value_name = "SECS", default_value_t = nbd_limits::DEFAULT_REPLY_TIMEOUT,
+              value_parser = clap::value_parser!(u64).range(1..))]
+        reply_timeout: u64,
     },
 }
 
@@ -487,13 +501,21 @@ fn main() -> ExitCode {
         nbd_socket,
         nbd_socket_mode,
         nbd_listen,
+        max_connections,
+        handshake_timeout,
+        reply_timeout,
     } = cli.cmd
     {
         let nbd = daemon::NbdSocket {
             path: nbd_socket,
             mode: nbd_socket_mode.unwrap_or(sockets::PRIVATE),
         };
-        return match daemon::serve(&sd, nbd, nbd_listen) {
+        let limits = daemon::ServeLimits {
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            handshake_timeout: std::time::Duration::from_secs(handshake_timeout),
+            reply_timeout: std::time::Duration::from_secs(reply_timeout),
+        };
+        return match daemon::serve(&sd, nbd, nbd_listen, limits) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 let _ = writeln!(std::io::stderr(), "cannot serve: {e}");

@@ -11,6 +11,7 @@
 // The NBD protocol is big-endian on the wire (on-disk structures stay little-endian).
 #![allow(clippy::big_endian_bytes)]
 
+use crate::nbd_limits::{Charge, Limits};
 use cairn_dataset::{DatasetError, Volume};
 use cairn_vdev::file::AlignedBuf;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
 const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = 0x8000_0001;
+const REP_ERR_POLICY: u32 = 0x8000_0002;
 const REP_ERR_INVALID: u32 = 0x8000_0003;
 const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
 const REP_ERR_TOO_BIG: u32 = 0x8000_0009;
@@ -111,6 +113,10 @@ const STATE_DIRTY: u32 = 1;
 const MAX_STATUS_EXTENTS: usize = 4096;
 /// ...and looks at most this many allocated blocks (its cost is bounded on any volume size).
 const MAX_STATUS_BLOCKS: usize = 4096;
+/// The largest block status chunk (header, context id, extents), charged per selected context.
+const MAX_STATUS_CHUNK: usize = 20 + 4 + 8 * MAX_STATUS_EXTENTS;
+/// Options a refused client may send before it is closed.
+const MAX_REFUSED_OPTIONS: usize = 16;
 
 /// What the server needs from the daemon.
 pub trait Exports: Send + Sync + 'static {
@@ -251,16 +257,20 @@ fn select_meta(vol: &Volume, queries: &[String], list: bool) -> Vec<Meta> {
     out
 }
 
+fn greeting() -> Vec<u8> {
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    hello
+}
+
 /// The handshake. `Ok(None)`: the client left or aborted.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     exports: &dyn Exports,
 ) -> std::io::Result<Option<Negotiated>> {
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
-    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&hello).await?;
+    s.write_all(&greeting()).await?;
     let cflags = s.read_u32().await?;
     if cflags & !(CFLAG_FIXED_NEWSTYLE | CFLAG_NO_ZEROES) != 0 {
         return Ok(None);
@@ -473,15 +483,29 @@ enum Out {
 struct Reply {
     head: Vec<u8>,
     body: Option<AlignedBuf>,
+    /// The request's bytes charged to the connection's budget, released once the reply is written.
+    charge: Charge,
+}
+
+impl Reply {
+    fn charged(mut self, charge: Charge) -> Reply {
+        self.charge = charge;
+        self
+    }
 }
 
 /// The reply to a request: success (with read data or block status) or an error.
 fn reply(structured: bool, cookie: u64, result: Result<Out, (u32, String)>, offset: u64) -> Reply {
-    let head = |head| Reply { head, body: None };
+    let head = |head| Reply {
+        head,
+        body: None,
+        charge: Charge::default(),
+    };
     match (structured, result) {
         (false, Ok(Out::Read(data))) => Reply {
             head: simple_reply(cookie, 0, &[]),
             body: Some(data),
+            charge: Charge::default(),
         },
         (false, Ok(_)) => head(simple_reply(cookie, 0, &[])),
         (false, Err((e, _))) => head(simple_reply(cookie, e, &[])),
@@ -496,6 +520,7 @@ fn reply(structured: bool, cookie: u64, result: Result<Out, (u32, String)>, offs
             Reply {
                 head: h,
                 body: Some(data),
+                charge: Charge::default(),
             }
         }
         (true, Ok(Out::Status(ps))) => {
@@ -649,69 +674,179 @@ fn execute(vol: &Volume, r: &Req, data: &[u8], meta: &[Meta]) -> Result<Out, (u3
     }
 }
 
+/// Bytes of payload a request will hold until its reply is written: the data of a READ or WRITE, the
+/// largest block status answer for the selected contexts.
+fn cost(r: &Req, contexts: usize) -> usize {
+    match r.typ {
+        CMD_READ | CMD_WRITE => r.len as usize,
+        CMD_BLOCK_STATUS => contexts.saturating_mul(MAX_STATUS_CHUNK),
+        _ => 0,
+    }
+}
+
+/// Tell a client over the connection limit so: the greeting, then `NBD_REP_ERR_POLICY` with the reason
+/// to each option (an `EXPORT_NAME` has no error reply: it is closed), within the handshake deadline.
+pub async fn refuse_conn<S>(mut s: S, limits: Arc<Limits>, mut shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let why = format!(
+        "too many connections: the server serves at most {} (serve --max-connections)",
+        limits.max_connections
+    );
+    let talk = async {
+        s.write_all(&greeting()).await?;
+        s.read_u32().await?;
+        for _ in 0..MAX_REFUSED_OPTIONS {
+            if s.read_u64().await? != IHAVEOPT {
+                break;
+            }
+            let opt = s.read_u32().await?;
+            let len = s.read_u32().await?;
+            if len > MAX_OPTION {
+                break;
+            }
+            tokio::io::copy(&mut (&mut s).take(len as u64), &mut tokio::io::sink()).await?;
+            match opt {
+                OPT_EXPORT_NAME => break,
+                OPT_ABORT => {
+                    send_opt_reply(&mut s, opt, REP_ACK, &[]).await?;
+                    break;
+                }
+                _ => send_opt_err(&mut s, opt, REP_ERR_POLICY, &why).await?,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(limits.handshake_timeout, talk) => {}
+        _ = shutdown.changed() => {}
+    }
+    let _ = s.shutdown().await;
+}
+
+/// Writes `b`, failing with `TimedOut` when the socket takes no byte for `stall`: a client that does
+/// not read its replies is closed then, which frees what its requests hold.
+async fn write_all_progress<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut b: &[u8],
+    stall: std::time::Duration,
+) -> std::io::Result<()> {
+    while !b.is_empty() {
+        match tokio::time::timeout(stall, w.write(b)).await {
+            Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => b = &b[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Sends the replies of one connection. Replies that are ready together go out in one write; large
+/// read data is written from its own buffer (no copy), which then goes back for reuse. A reply's
+/// charge is released when it is dropped, after its bytes were written (or copied into the batch,
+/// which is bounded).
+async fn reply_writer<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Reply>,
+    limits: Arc<Limits>,
+) {
+    let stall = limits.reply_timeout;
+    let mut batch: Vec<u8> = Vec::new();
+    let mut res = Ok(());
+    'out: while let Some(mut r) = rx.recv().await {
+        loop {
+            batch.extend_from_slice(&r.head);
+            if let Some(body) = r.body.take() {
+                if body.len() < INLINE_MAX {
+                    batch.extend_from_slice(body.as_slice());
+                    body.give();
+                } else {
+                    res = write_all_progress(&mut wr, &batch, stall).await;
+                    if res.is_ok() {
+                        res = write_all_progress(&mut wr, body.as_slice(), stall).await;
+                    }
+                    batch.clear();
+                    body.give();
+                    if res.is_err() {
+                        break 'out;
+                    }
+                }
+            }
+            if batch.len() >= 1 << 20 {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(more) => r = more,
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            res = write_all_progress(&mut wr, &batch, stall).await;
+            if res.is_err() {
+                break;
+            }
+        }
+        batch.clear();
+    }
+    if res.is_err_and(|e| e.kind() == std::io::ErrorKind::TimedOut) {
+        if let Some(n) = limits.stall_log.hit() {
+            tracing::warn!(
+                "nbd: closed {n} connection(s) that took no reply bytes for {stall:?} \
+                 (serve --reply-timeout)"
+            );
+        }
+    }
+    // The reader sees the channel closed and stops reading requests.
+    drop(rx);
+    let _ = wr.shutdown().await;
+}
+
 /// Serve one client connection until it disconnects or `stop` fires.
 pub async fn serve_conn<S>(
     mut s: S,
     exports: Arc<dyn Exports>,
     conn: u64,
     mut shutdown: watch::Receiver<bool>,
+    limits: Arc<Limits>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let neg = tokio::select! {
-        r = handshake(&mut s, exports.as_ref()) => r,
+        r = tokio::time::timeout(limits.handshake_timeout, handshake(&mut s, exports.as_ref())) => r,
         _ = shutdown.changed() => return,
     };
-    let Ok(Some(neg)) = neg else { return };
+    let neg = match neg {
+        Ok(Ok(Some(neg))) => neg,
+        Ok(_) => return,
+        Err(_) => {
+            if let Some(n) = limits.handshake_log.hit() {
+                tracing::warn!(
+                    "nbd: closed {n} connection(s) that did not finish the handshake within {:?}",
+                    limits.handshake_timeout
+                );
+            }
+            return;
+        }
+    };
     let (stop_tx, mut stop_rx) = watch::channel(false);
     exports.attach(&neg.name, conn, stop_tx);
-    let (rd, mut wr) = tokio::io::split(s);
+    let (rd, wr) = tokio::io::split(s);
     // Buffered: a request header is 28 bytes; one read brings in many of them.
     let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT * 2);
-    let writer = tokio::spawn(async move {
-        // Replies that are ready together go out in one write; large read data is written from its
-        // own buffer (no copy), which then goes back for reuse.
-        let mut batch: Vec<u8> = Vec::new();
-        'out: while let Some(mut r) = rx.recv().await {
-            loop {
-                batch.extend_from_slice(&r.head);
-                if let Some(body) = r.body.take() {
-                    if body.len() < INLINE_MAX {
-                        batch.extend_from_slice(body.as_slice());
-                        body.give();
-                    } else {
-                        let ok = wr.write_all(&batch).await.is_ok()
-                            && wr.write_all(body.as_slice()).await.is_ok();
-                        batch.clear();
-                        body.give();
-                        if !ok {
-                            break 'out;
-                        }
-                    }
-                }
-                if batch.len() >= 1 << 20 {
-                    break;
-                }
-                match rx.try_recv() {
-                    Ok(more) => r = more,
-                    Err(_) => break,
-                }
-            }
-            if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
-                break;
-            }
-            batch.clear();
-        }
-        let _ = wr.shutdown().await;
-    });
+    let (tx, rx) = mpsc::channel::<Reply>(MAX_INFLIGHT * 2);
+    let writer = tokio::spawn(reply_writer(wr, rx, limits.clone()));
     let sem = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let budget = limits.budget();
+    let mut moved_payload = false;
     loop {
         let mut hdr = [0u8; 28];
         let got = tokio::select! {
             r = rd.read_exact(&mut hdr) => r.is_ok(),
             _ = shutdown.changed() => false,
             _ = stop_rx.changed() => false,
+            _ = tx.closed() => false,
         };
         if !got {
             break;
@@ -732,6 +867,7 @@ pub async fn serve_conn<S>(
             break;
         }
         let mut payload = AlignedBuf::default();
+        let mut charge = Charge::default();
         if r.typ == CMD_WRITE {
             if r.len > MAX_PAYLOAD {
                 // Cannot stay in sync without reading it; refuse and close.
@@ -745,12 +881,22 @@ pub async fn serve_conn<S>(
                     .await;
                 break;
             }
+            // The payload is read only once the budget has room for it: a client that does not read
+            // its replies is not read from either.
+            charge = tokio::select! {
+                c = budget.charge(r.len as usize) => c,
+                _ = shutdown.changed() => break,
+                _ = stop_rx.changed() => break,
+                _ = tx.closed() => break,
+            };
+            moved_payload = true;
             payload = AlignedBuf::take(r.len as usize);
             // A client that sent part of a payload and stalls must not hold up a shutdown.
             let got = tokio::select! {
                 r = rd.read_exact(payload.as_mut_slice()) => r.is_ok(),
                 _ = shutdown.changed() => false,
                 _ = stop_rx.changed() => false,
+                _ = tx.closed() => false,
             };
             if !got {
                 payload.give();
@@ -762,9 +908,19 @@ pub async fn serve_conn<S>(
         if let Err(e) = validate(&r, neg.vol.size(), neg.vol.readonly(), !neg.meta.is_empty()) {
             payload.give();
             let _ = tx
-                .send(reply(neg.structured, r.cookie, Err(e), r.offset))
+                .send(reply(neg.structured, r.cookie, Err(e), r.offset).charged(charge))
                 .await;
             continue;
+        }
+        if r.typ != CMD_WRITE {
+            // A READ's buffer is made only once its bytes are charged.
+            charge = tokio::select! {
+                c = budget.charge(cost(&r, neg.meta.len())) => c,
+                _ = shutdown.changed() => break,
+                _ = stop_rx.changed() => break,
+                _ = tx.closed() => break,
+            };
+            moved_payload |= r.typ == CMD_READ;
         }
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
@@ -782,7 +938,9 @@ pub async fn serve_conn<S>(
             })
             .await
             .unwrap_or_else(|_| Err((EIO, "internal error".into())));
-            let _ = tx.send(reply(structured, cookie, res, offset)).await;
+            let _ = tx
+                .send(reply(structured, cookie, res, offset).charged(charge))
+                .await;
             drop(permit);
         });
     }
@@ -806,6 +964,10 @@ pub async fn serve_conn<S>(
         }
     }
     exports.detach(conn);
+    if moved_payload {
+        // Buffers freed by this connection go back to the system.
+        let _ = tokio::task::spawn_blocking(crate::nbd_limits::trim_allocator).await;
+    }
 }
 
 #[cfg(test)]

@@ -346,16 +346,28 @@ impl Env {
     /// [`Env::serve_with`] with the daemon's stderr opened on `stderr` (say `/dev/full`, where every
     /// write fails) instead of a log file; the returned daemon has no log to show.
     pub fn serve_logging_to(&self, args: &[&str], stderr: Option<&Path>) -> Daemon {
-        self.spawn_daemon(args, stderr, None)
+        self.spawn_daemon(args, stderr, None, None)
     }
 
     /// [`Env::serve_with`] with the daemon started under `umask` (through `sh -c 'umask U; exec
     /// cairn ...'`), to check what it makes does not follow a permissive umask.
     pub fn serve_with_umask(&self, umask: u32, args: &[&str]) -> Daemon {
-        self.spawn_daemon(args, None, Some(umask))
+        self.spawn_daemon(args, None, Some(umask), None)
     }
 
-    fn spawn_daemon(&self, args: &[&str], stderr: Option<&Path>, umask: Option<u32>) -> Daemon {
+    /// [`Env::serve_with`] with the daemon's open-file limit (soft and hard) set to `nofile`, as
+    /// `prlimit --nofile=N:N` would.
+    pub fn serve_with_nofile(&self, nofile: u64, args: &[&str]) -> Daemon {
+        self.spawn_daemon(args, None, None, Some(nofile))
+    }
+
+    fn spawn_daemon(
+        &self,
+        args: &[&str],
+        stderr: Option<&Path>,
+        umask: Option<u32>,
+        nofile: Option<u64>,
+    ) -> Daemon {
         let n = self.daemons.fetch_add(1, Ordering::Relaxed) + 1;
         let log = self.dir.path().join(format!("serve-{n}.log"));
         let logf = match stderr {
@@ -376,8 +388,7 @@ impl Env {
                 c
             }
         };
-        let child = cmd
-            .arg("--state-dir")
+        cmd.arg("--state-dir")
             .arg(&self.state)
             .arg("serve")
             .args(args)
@@ -387,9 +398,26 @@ impl Env {
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(logf))
-            .spawn()
-            .expect("cannot run `cairn serve`");
+            .stderr(Stdio::from(logf));
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: n as libc::rlim_t,
+                rlim_max: n as libc::rlim_t,
+            };
+            // SAFETY: the closure runs in the child between fork and exec and only calls setrlimit,
+            // which is async-signal-safe, on a struct it owns; it allocates nothing
+            // (`last_os_error` builds an error from errno without allocating).
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().expect("cannot run `cairn serve`");
         let mut d = Daemon {
             child,
             log,
@@ -568,6 +596,14 @@ impl Daemon {
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A figure in KiB from `/proc/PID/status` (`VmRSS`, `VmHWM`...), or `None` once the daemon is gone.
+    pub fn status_kib(&self, field: &str) -> Option<u64> {
+        let st = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        st.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
     }
 
     /// What the daemon wrote to stderr so far.
