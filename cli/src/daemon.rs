@@ -73,6 +73,8 @@ impl Daemon {
             let _ = cairn_scrub::request_resilver(&pool);
         }
         self.scans.ensure_running(&pool.name(), pool.clone());
+        // And a manual trim that was running when the pool was last open.
+        pool.start_trim_thread();
     }
 
     fn clients_of(&self, pred: impl Fn(&str) -> bool) -> Vec<u64> {
@@ -454,6 +456,22 @@ pub fn serve(
     let ctl_path = sd.path(CONTROL_SOCKET);
     let nbd_path = nbd.path.unwrap_or_else(|| sd.path(NBD_SOCKET));
     // The control socket last: once it answers, NBD clients can connect too.
+    // The runtime and the signal handlers before the sockets: a SIGTERM that comes as soon as the
+    // sockets exist (while the pools are being opened) shuts the daemon down cleanly instead of
+    // killing it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate()).map_err(|e| e.to_string())?,
+            signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
+        )
+    };
     let mut sockets = OwnSockets::default();
     let nbd_unix = sockets.bind(&nbd_path, nbd.mode)?;
     let ctl = sockets.bind(&ctl_path, crate::sockets::PRIVATE)?;
@@ -481,11 +499,6 @@ pub fn serve(
             }
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
     let result = rt.block_on(async {
         let ctl = tokio_listener(ctl, &ctl_path)?;
         let nbd_unix = tokio_listener(nbd_unix, &nbd_path)?;
@@ -654,11 +667,9 @@ pub fn serve(
                 .unwrap_or_default(),
             ctl_path.display()
         );
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .map_err(|e| e.to_string())?;
         tokio::select! {
             _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
         }
         let _ = writeln!(std::io::stderr(), "cairn: shutting down");
         let _ = shut_tx.send(true);

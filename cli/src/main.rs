@@ -8,6 +8,7 @@ mod ctx;
 mod daemon;
 mod datasetcmd;
 mod injectcmd;
+mod interrupt;
 mod names;
 mod nbd;
 mod nbd_limits;
@@ -17,6 +18,7 @@ mod size;
 mod snapcmd;
 mod sockets;
 mod statedir;
+mod trimcmd;
 mod vdevspec;
 
 use clap::{Args, Parser, Subcommand};
@@ -255,6 +257,9 @@ pub enum PoolCmd {
         /// Full paths of leaves.
         #[arg(short = 'P')]
         full_paths: bool,
+        /// Every leaf's trim state (untrimmed, percent trimmed, suspended, completed).
+        #[arg(short = 't')]
+        trim: bool,
         #[arg(short = 'j')]
         json: bool,
         pools: Vec<String>,
@@ -318,6 +323,24 @@ pub enum PoolCmd {
         wait: bool,
         #[arg(required = true)]
         pools: Vec<String>,
+    },
+    /// Hand free space back to the leaves: punch holes over it in leaf files, discard it on
+    /// devices. Every leaf of POOL, or the LEAFs given; runs in the background under the daemon.
+    Trim {
+        /// Wait until the trim has finished.
+        #[arg(short = 'w')]
+        wait: bool,
+        /// Suspend the trim (resume with another 'trim').
+        #[arg(short = 's', conflicts_with = "cancel")]
+        suspend: bool,
+        /// Cancel the trim (the next one starts over).
+        #[arg(short = 'c')]
+        cancel: bool,
+        /// Secure trim (not supported: refused).
+        #[arg(short = 'd')]
+        secure: bool,
+        pool: String,
+        leaves: Vec<String>,
     },
     /// Attach NEW_LEAF as a mirror of EXISTING_LEAF (a single leaf becomes a mirror).
     Attach {

@@ -10,11 +10,13 @@ use crate::{errln, out, outln};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
 use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
+use cairn_pool::trim::{LeafTrim, TrimState};
 use cairn_pool::{
     CreateOptions, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
 };
 use cairn_vdev::units::now_secs;
 use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -40,9 +42,10 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         PoolCmd::Status {
             verbose,
             full_paths,
+            trim,
             json,
             pools,
-        } => status(ctx, verbose, full_paths, json, &pools),
+        } => status(ctx, verbose, full_paths, trim, json, &pools),
         PoolCmd::Import {
             dirs,
             force,
@@ -155,6 +158,14 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             }
             Ok(ExitCode::SUCCESS)
         }
+        PoolCmd::Trim {
+            wait,
+            suspend,
+            cancel,
+            secure,
+            pool,
+            leaves,
+        } => crate::trimcmd::trim(ctx, &pool, &leaves, wait, suspend, cancel, secure),
         PoolCmd::Clear { pool, leaf } => {
             let p = ctx.pools.get(ctx.sd, &pool, "clear").map_err(one)?;
             p.clear(leaf.as_deref())
@@ -914,7 +925,10 @@ fn vdev_rows<'a>(
     }
 }
 
-fn render_config(root: &VdevStatus, full: bool, counters: bool) -> String {
+/// What status adds after a leaf's state and reason, by leaf guid (its trim, `-t`).
+type LeafNotes = BTreeMap<u64, String>;
+
+fn render_config(root: &VdevStatus, full: bool, counters: bool, notes: &LeafNotes) -> String {
     let mut rows = Vec::new();
     vdev_rows(root, 0, full, &mut rows);
     let w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(10);
@@ -939,16 +953,20 @@ fn render_config(root: &VdevStatus, full: bool, counters: bool) -> String {
             line.push_str("  ");
             line.push_str(r);
         }
+        if let Some(n) = notes.get(&v.guid).filter(|_| v.children.is_empty()) {
+            line.push_str("  ");
+            line.push_str(n);
+        }
         s.push_str(line.trim_end());
         s.push('\n');
     }
     s
 }
 
-fn vdev_json(v: &VdevStatus) -> Value {
+fn vdev_json(v: &VdevStatus, trims: &BTreeMap<u64, LeafTrim>) -> Value {
     let mut children = Map::new();
     for c in &v.children {
-        children.insert(c.name.clone(), vdev_json(c));
+        children.insert(c.name.clone(), vdev_json(c, trims));
     }
     let mut o = json!({
         "name": v.name, "vdev_type": v.vdev_type, "guid": v.guid.to_string(),
@@ -969,10 +987,71 @@ fn vdev_json(v: &VdevStatus) -> Value {
     if let Some(r) = &v.reason {
         o["reason"] = json!(r);
     }
+    if let Some(t) = trims.get(&v.guid).filter(|_| v.children.is_empty()) {
+        o["trim_state"] = json!(trim_state_name(t.state));
+        o["trim_percent"] = json!(t.percent().to_string());
+        o["trimmed_bytes"] = json!(t.trimmed.to_string());
+        o["trim_start_time"] = json!(t.start_time.to_string());
+        o["trim_end_time"] = json!(t.end_time.to_string());
+    } else if v.children.is_empty() {
+        o["trim_state"] = json!("UNTRIMMED");
+    }
     if !v.children.is_empty() {
         o["vdevs"] = Value::Object(children);
     }
     o
+}
+
+/// zpool's names of the trim states.
+fn trim_state_name(s: TrimState) -> &'static str {
+    match s {
+        TrimState::Active => "ACTIVE",
+        TrimState::Suspended => "SUSPENDED",
+        TrimState::Complete => "COMPLETE",
+    }
+}
+
+/// The trim notes of status: `(trimming)` on leaves being trimmed; with `-t` (`details`) every
+/// leaf's state as zpool prints it.
+fn trim_notes(root: &VdevStatus, trims: &BTreeMap<u64, LeafTrim>, details: bool) -> LeafNotes {
+    fn walk(v: &VdevStatus, out: &mut Vec<u64>) {
+        if v.children.is_empty() {
+            out.push(v.guid);
+        }
+        for c in &v.children {
+            walk(c, out);
+        }
+    }
+    let mut leaves = Vec::new();
+    for c in &root.children {
+        walk(c, &mut leaves);
+    }
+    let mut notes = LeafNotes::new();
+    for g in leaves {
+        let t = trims.get(&g);
+        let note = match (t, details) {
+            (Some(t), false) if t.state == TrimState::Active => "(trimming)".to_string(),
+            (_, false) => continue,
+            (None, true) => "(untrimmed)".to_string(),
+            (Some(t), true) => match t.state {
+                TrimState::Active => format!(
+                    "({}% trimmed, started at {})",
+                    t.percent(),
+                    format_time(t.start_time)
+                ),
+                TrimState::Suspended => format!(
+                    "({}% trimmed, suspended at {})",
+                    t.percent(),
+                    format_time(t.end_time)
+                ),
+                TrimState::Complete => {
+                    format!("(100% trimmed, completed at {})", format_time(t.end_time))
+                }
+            },
+        };
+        notes.insert(g, note);
+    }
+    notes
 }
 
 fn status_text(
@@ -981,6 +1060,7 @@ fn status_text(
     verbose: bool,
     errors: &[String],
     scan: &str,
+    notes: &LeafNotes,
 ) -> String {
     let mut s = format!("  pool: {}\n state: {}\n", st.name, st.state);
     if let Some(x) = &st.status {
@@ -990,7 +1070,7 @@ fn status_text(
         s.push_str(&format!("action: {x}\n"));
     }
     s.push_str(&format!("  scan: {scan}\nconfig:\n\n"));
-    s.push_str(&render_config(&st.root, full, true));
+    s.push_str(&render_config(&st.root, full, true, notes));
     s.push('\n');
     if st.error_count == 0 {
         s.push_str("errors: No known data errors\n");
@@ -1086,7 +1166,14 @@ fn flat_unavailable(leaves: &[String]) -> Vec<VdevStatus> {
         .collect()
 }
 
-fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[String]) -> CmdResult {
+fn status(
+    ctx: &mut Ctx,
+    verbose: bool,
+    full: bool,
+    trim_details: bool,
+    json_out: bool,
+    pools: &[String],
+) -> CmdResult {
     let names = targets(ctx, pools, "status")?;
     let mut errs = Vec::new();
     let mut texts = Vec::new();
@@ -1113,9 +1200,18 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                         last.map(format_time).unwrap_or_else(|| "never".into())
                     ));
                 }
-                texts.push(status_text(&st, full, verbose, &errors, &scan_lines));
+                let trims = p.trim_status();
+                let notes = trim_notes(&st.root, &trims, trim_details);
+                texts.push(status_text(
+                    &st,
+                    full,
+                    verbose,
+                    &errors,
+                    &scan_lines,
+                    &notes,
+                ));
                 let mut vdevs = Map::new();
-                vdevs.insert(st.name.clone(), vdev_json(&st.root));
+                vdevs.insert(st.name.clone(), vdev_json(&st.root, &trims));
                 jp.insert(
                     st.name.clone(),
                     json!({"name": st.name, "state": st.state,
@@ -1148,9 +1244,16 @@ fn status(ctx: &mut Ctx, verbose: bool, full: bool, json_out: bool, pools: &[Str
                 let cache = ctx.sd.load_cache().unwrap_or_default();
                 let entry = cache.iter().find(|c| &c.name == n);
                 let st = unavailable_status(n, entry, &e.reason);
-                texts.push(status_text(&st, full, verbose, &[], "none requested"));
+                texts.push(status_text(
+                    &st,
+                    full,
+                    verbose,
+                    &[],
+                    "none requested",
+                    &LeafNotes::new(),
+                ));
                 let mut vdevs = Map::new();
-                vdevs.insert(st.name.clone(), vdev_json(&st.root));
+                vdevs.insert(st.name.clone(), vdev_json(&st.root, &BTreeMap::new()));
                 jp.insert(
                     st.name.clone(),
                     json!({"name": st.name, "state": st.state,
@@ -1233,7 +1336,7 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
         s.push_str(" action: The pool can be imported using its name or numeric identifier.\n");
     }
     s.push_str(" config:\n\n");
-    s.push_str(&render_config(&root, false, false));
+    s.push_str(&render_config(&root, false, false, &LeafNotes::new()));
     s
 }
 

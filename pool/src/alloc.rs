@@ -405,8 +405,10 @@ impl TopAlloc {
         Ok(())
     }
 
-    /// Release frees of txgs up to `upto` for allocation.
-    fn release(&mut self, upto: Txg) {
+    /// Release frees of txgs up to `upto` for allocation; pushes the released byte ranges (offsets
+    /// in the vdev's space, adjacent ones merged) onto `out`.
+    fn release(&mut self, upto: Txg, out: &mut Vec<(u64, u64)>) {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
         for (&p, page) in self.pages.iter_mut() {
             let mut released = Vec::new();
             page.deferred.retain(|&(t, s, n)| {
@@ -421,9 +423,49 @@ impl TopAlloc {
                 page.set_range(s, n, false);
                 page.free += n;
                 self.deferred_bytes = self.deferred_bytes.saturating_sub(n * SECTOR);
+                ranges.push(((p * BITS_PER_PAGE + s) * SECTOR, n * SECTOR));
             }
             self.page_free[p as usize] = page.free as u32;
         }
+        ranges.sort_unstable();
+        for (off, len) in ranges {
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => out.push((off, len)),
+            }
+        }
+    }
+
+    /// Free byte ranges within `[from, to)` of the vdev's space (allocated and deferred blocks, and
+    /// the map region, excluded), merged.
+    fn free_ranges(
+        &mut self,
+        vdev: &TopVdev,
+        from: u64,
+        to: u64,
+        committed: Txg,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut blk = (from / SECTOR).max(2 * self.npages);
+        let end_blk = (to / SECTOR).min(self.nblocks);
+        while blk < end_blk {
+            let p = blk / BITS_PER_PAGE;
+            self.load(vdev, p, committed)?;
+            let page = &self.pages[&p];
+            let end = ((p + 1) * BITS_PER_PAGE).min(end_blk);
+            while blk < end {
+                if !page.get(blk % BITS_PER_PAGE) {
+                    let off = blk * SECTOR;
+                    match out.last_mut() {
+                        Some(last) if last.0 + last.1 == off => last.1 += SECTOR,
+                        _ => out.push((off, SECTOR)),
+                    }
+                }
+                blk += 1;
+            }
+        }
+        self.evict();
+        Ok(out)
     }
 }
 
@@ -635,15 +677,39 @@ impl Allocator {
     /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable, but none made
     /// after `oldest_reader` (the committed txg whose block pointers an unlocked reader may still be
     /// following).
-    pub fn txg_done(&mut self, txg: Txg, oldest_reader: Option<Txg>) {
+    ///
+    /// Returns the byte ranges released, per top-level vdev index (what autotrim may punch: no
+    /// committed state within the deferral window, nor any reader, references them).
+    pub fn txg_done(&mut self, txg: Txg, oldest_reader: Option<Txg>) -> Vec<(usize, u64, u64)> {
+        let mut out = Vec::new();
         if txg.0 > DEFER_TXGS {
             let mut upto = Txg(txg.0 - DEFER_TXGS);
             if let Some(r) = oldest_reader {
                 upto = upto.min(r);
             }
-            for t in &mut self.tops {
-                t.release(upto);
+            for (i, t) in self.tops.iter_mut().enumerate() {
+                let mut r = Vec::new();
+                t.release(upto, &mut r);
+                out.extend(r.into_iter().map(|(o, l)| (i, o, l)));
             }
+        }
+        out
+    }
+
+    /// Free byte ranges of top-level vdev `top` within `[from, to)` (see `TopAlloc::free_ranges`):
+    /// what a manual trim may punch while the caller holds the pool, so nothing allocates them
+    /// meanwhile.
+    pub fn free_ranges(
+        &mut self,
+        vdevs: &[std::sync::Arc<TopVdev>],
+        top: usize,
+        from: u64,
+        to: u64,
+        committed: Txg,
+    ) -> Result<Vec<(u64, u64)>> {
+        match self.tops.get_mut(top) {
+            Some(t) => t.free_ranges(&vdevs[top], from, to, committed),
+            None => Ok(Vec::new()),
         }
     }
 }

@@ -269,7 +269,11 @@ pub struct BlockCopy {
 
 impl Pool {
     /// The leaf named `name`: its full path, its last path component (as status shows it) or its guid.
-    fn find_leaf(&self, inner: &Inner, name: &str) -> Result<(Arc<TopVdev>, Arc<LeafVdev>)> {
+    pub(crate) fn find_leaf(
+        &self,
+        inner: &Inner,
+        name: &str,
+    ) -> Result<(Arc<TopVdev>, Arc<LeafVdev>)> {
         let mut found = None;
         for (t, lv) in inner.tree.leaves() {
             let path = lv.path();

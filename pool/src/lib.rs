@@ -25,6 +25,7 @@ pub mod scan;
 pub mod schedule;
 pub mod snapshot;
 pub mod topology;
+pub mod trim;
 pub mod view;
 
 pub use cairn_vdev::config::{PoolConfig, PoolState, TopKind};

@@ -188,6 +188,8 @@ pub(crate) struct Inner {
     pub(crate) health_written: Vec<u8>,
     /// The unproven-copies blob last written (`health.rs`: leaves a resilver verifies).
     pub(crate) unproven_written: Vec<u8>,
+    /// Manual trim progress and the autotrim property (`trim.rs`).
+    pub(crate) trim: crate::trim::TrimInner,
     /// Snapshot links and the background free queue (`snapshot.rs`), loaded on first use.
     pub(crate) snaps: Option<crate::snapshot::SnapTable>,
     /// The table changed in the open txg.
@@ -310,6 +312,8 @@ pub struct Pool {
     extensions: Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>,
     /// Which sync thread is the current one: an older one still asleep exits when it wakes.
     sync_gen: std::sync::atomic::AtomicU64,
+    /// The background manual trim (`trim.rs`).
+    pub(crate) trim_control: crate::trim::TrimControl,
 }
 
 pub(crate) fn blob_opts() -> impl bincode::Options {
@@ -676,6 +680,9 @@ impl Pool {
                 errlog: Default::default(),
                 health_written: Vec::new(),
                 unproven_written: Vec::new(),
+                trim: crate::trim::TrimInner::new_pool(
+                    user_props.get("autotrim").is_none_or(|v| v == "on"),
+                ),
                 opened_ub: None,
                 marked_in_use: false,
                 snaps: None,
@@ -685,6 +692,7 @@ impl Pool {
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
             sync_gen: Default::default(),
+            trim_control: Default::default(),
         };
         {
             let mut g = pool.lock();
@@ -933,6 +941,7 @@ impl Pool {
             errlog: Default::default(),
             health_written: Vec::new(),
             unproven_written: Vec::new(),
+            trim: Default::default(),
             opened_ub: Some(ub.clone()),
             marked_in_use: false,
             snaps: None,
@@ -946,6 +955,9 @@ impl Pool {
             .map_err(|e| PoolError::corrupt("pool directory", e.to_string()))?;
         inner.load_health()?;
         inner.check_behind(&behind, ub.txg)?;
+        // After check_behind: reading more blocks from a device that is an older copy would heal
+        // it, writing to a device the open then refuses.
+        inner.load_trim()?;
         if opts.import {
             inner.config.state = PoolState::Active;
             inner.config.host_id = opts.host.host_id;
@@ -978,6 +990,7 @@ impl Pool {
             stop_sync: Mutex::new(false),
             extensions: Mutex::new(HashMap::new()),
             sync_gen: Default::default(),
+            trim_control: Default::default(),
         })
     }
 
@@ -1269,6 +1282,9 @@ impl Pool {
             .map_err(|e| PoolError::Invalid(e.to_string()))?;
         let id = g.dir_obj("props")?;
         write_blob(&mut g, id, &blob)?;
+        if name == "autotrim" {
+            g.trim.autotrim = value == "on";
+        }
         g.sync_txg()
     }
 
@@ -2038,7 +2054,7 @@ impl Inner {
             .ok_or_else(|| PoolError::corrupt("pool directory", format!("no '{name}' entry")))
     }
 
-    fn user_props(&mut self) -> Result<BTreeMap<String, String>> {
+    pub(crate) fn user_props(&mut self) -> Result<BTreeMap<String, String>> {
         let id = self.dir_obj("props")?;
         let vdevs = self.tree.tops.clone();
         let blob = read_blob(&mut self.mos, &vdevs, id)?;
@@ -2225,7 +2241,8 @@ impl Inner {
         self.session_commits += 1;
         self.config_dirty = false;
         let oldest_reader = lock(&self.readers).keys().next().copied();
-        self.alloc.txg_done(txg, oldest_reader);
+        let released = self.alloc.txg_done(txg, oldest_reader);
+        self.autotrim_released(&released);
         Ok(())
     }
 

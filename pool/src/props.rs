@@ -83,6 +83,11 @@ pub const PROPS: &[PropDef] = &[
         settable: true,
         default: "0",
     },
+    PropDef {
+        name: "autotrim",
+        settable: true,
+        default: "on",
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static PropDef> {
@@ -111,6 +116,12 @@ pub fn validate(name: &str, value: &str) -> Result<String> {
             }
             Ok(value.to_string())
         }
+        "autotrim" => match value {
+            "on" | "off" => Ok(value.to_string()),
+            _ => Err(PoolError::Invalid(format!(
+                "invalid autotrim '{value}': expected on or off"
+            ))),
+        },
         "scrub_schedule" => validate_schedule(value).map(|()| value.to_string()),
         "scrub_rate_limit" => value.parse::<u64>().map(|v| v.to_string()).map_err(|_| {
             PoolError::Invalid(format!("invalid scrub_rate_limit '{value}': not a size"))

@@ -206,7 +206,7 @@ impl LeafVdev {
     }
 
     /// The device, if the leaf is in a state that takes I/O.
-    fn usable_dev(&self) -> Option<Arc<dyn Leaf>> {
+    pub fn usable_dev(&self) -> Option<Arc<dyn Leaf>> {
         if self.state().usable() {
             self.dev()
         } else {
@@ -892,6 +892,40 @@ impl TopVdev {
             Ok(())
         } else {
             Err(err.unwrap_or_else(|| self.no_replicas("flush")))
+        }
+    }
+
+    /// Release range `[off, off + len)` of this vdev's space on child `child` only (a manual trim of
+    /// one leaf). Returns the bytes handed to the device, or the device's error; 0 if the child is not
+    /// usable or the range is outside the vdev.
+    pub fn discard_child(&self, child: usize, off: u64, len: u64) -> io::Result<u64> {
+        if self
+            .check_bounds(off, len.min(usize::MAX as u64) as usize)
+            .is_err()
+        {
+            return Ok(0);
+        }
+        let Some(c) = self.children.get(child) else {
+            return Ok(0);
+        };
+        let Some(dev) = c.usable_dev() else {
+            return Ok(0);
+        };
+        match self.kind {
+            TopKind::Single | TopKind::Mirror => {
+                dev.discard(DATA_START + off, len)?;
+                Ok(len)
+            }
+            TopKind::Stripe { .. } => {
+                let mut n = 0;
+                for s in self.segments(off, len as usize) {
+                    if s.child == child {
+                        dev.discard(s.leaf_off, s.len as u64)?;
+                        n += s.len as u64;
+                    }
+                }
+                Ok(n)
+            }
         }
     }
 
