@@ -1234,6 +1234,13 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
     }
     s.push_str(" config:\n\n");
     s.push_str(&render_config(&root, false, false));
+    // Copies of a leaf next to the real one: listed, never opened.
+    if !c.duplicates.is_empty() {
+        s.push_str("\n duplicates:\n");
+        for d in &c.duplicates {
+            s.push_str(&format!("\t{}\n", d.describe(&c.config)));
+        }
+    }
     s
 }
 

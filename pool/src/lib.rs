@@ -14,6 +14,7 @@
 pub mod alloc;
 pub mod blkptr;
 pub mod deadlist;
+pub mod devmatch;
 pub mod diff;
 pub mod error;
 pub mod health;

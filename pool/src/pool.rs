@@ -716,7 +716,12 @@ impl Pool {
     pub fn open(paths: &[PathBuf], guid: Guid, opts: &OpenOptions) -> Result<Pool> {
         let mut devs: Vec<(PathBuf, Arc<dyn Leaf>)> = Vec::new();
         let mut busy: Option<String> = None;
+        // The same file named twice (a path given twice, or through a symlink) is one device.
+        let mut seen: HashSet<PathBuf> = HashSet::new();
         for p in paths {
+            if !seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| absolute(p))) {
+                continue;
+            }
             let Ok(probe) = FileLeaf::open(
                 p,
                 LeafOpen {
@@ -822,23 +827,44 @@ impl Pool {
         // Match devices to leaves by GUID. Two devices with the same GUID are copies of one leaf
         // (a backup next to the live file): the one that took part in the newest txg wins, then the
         // one at the stored path, then the one with more valid labels.
+        // (`devmatch`: the import listing chooses by the same rule.) The other is not used.
         let mut devmap: HashMap<Guid, (Arc<dyn Leaf>, PathBuf)> = HashMap::new();
-        let mut scores: HashMap<Guid, (Txg, bool, usize)> = HashMap::new();
+        let mut scores: HashMap<Guid, crate::devmatch::Claim> = HashMap::new();
         for f in &found {
             let Some((ti, ci)) = config.find_leaf(f.leaf_guid) else {
                 continue;
             };
             let lc = &config.tops[ti].children[ci];
-            let score = (
-                f.txg,
-                absolute(&f.path).to_string_lossy() == lc.identity.path,
-                f.scan.valid_count(),
-            );
+            let score =
+                crate::devmatch::Claim::of(&f.path, &lc.identity, f.txg, f.scan.valid_count());
             if scores.get(&f.leaf_guid).is_none_or(|s| score > *s) {
+                if let Some((_, old)) = devmap.get(&f.leaf_guid) {
+                    tracing::info!(
+                        "{} and {} carry the same leaf of pool '{}': using {}",
+                        old.display(),
+                        f.path.display(),
+                        config.name,
+                        f.path.display()
+                    );
+                }
                 scores.insert(f.leaf_guid, score);
                 devmap.insert(f.leaf_guid, (f.dev.clone(), f.path.clone()));
+            } else if let Some((_, used)) = devmap.get(&f.leaf_guid) {
+                tracing::info!(
+                    "{} and {} carry the same leaf of pool '{}': using {}",
+                    used.display(),
+                    f.path.display(),
+                    config.name,
+                    used.display()
+                );
             }
         }
+        // Only the devices used stay open (a duplicate's lock is let go).
+        found.retain(|f| {
+            devmap
+                .get(&f.leaf_guid)
+                .is_some_and(|(d, _)| Arc::ptr_eq(d, &f.dev))
+        });
         let mut reasons: HashMap<Guid, String> = HashMap::new();
         for t in &config.tops {
             for lc in &t.children {
@@ -890,7 +916,7 @@ impl Pool {
         let behind: Vec<Behind> = tree
             .leaves()
             .filter_map(|(_, lv)| {
-                let (t, _, _) = scores.get(&lv.guid)?;
+                let t = scores.get(&lv.guid)?.txg;
                 let (_, path) = devmap.get(&lv.guid)?;
                 (t.0 + 1 < ub.txg.0).then(|| Behind {
                     leaf: lv.clone(),
@@ -963,6 +989,13 @@ impl Pool {
                     }
                 }
             }
+            // Never record one path for two leaves: refuse the import, nothing written yet.
+            crate::devmatch::check_distinct_paths(&inner.config).map_err(|r| {
+                PoolError::Invalid(format!(
+                    "{r}; a leaf that is not found may have been replaced by another file at its \
+                     path: move that file away, or attach the missing device, and import again"
+                ))
+            })?;
             for (_, lv) in inner.tree.leaves() {
                 let (ti, ci) = inner
                     .config
@@ -2145,6 +2178,12 @@ impl Inner {
     fn sync_inner(&mut self, clean: bool) -> Result<()> {
         let txg = self.committed.next();
         let vdevs = self.tree.tops.clone();
+        // A configuration that records one path for two leaves is never written (opening that path
+        // would open one device as two leaves): the commit fails before it writes anything.
+        if self.config_dirty {
+            crate::devmatch::check_distinct_paths(&self.config)
+                .map_err(|r| PoolError::Invalid(format!("bad pool configuration: {r}")))?;
+        }
         if self.opened_clean && !self.marked_in_use {
             if let Some(ub) = &self.opened_ub {
                 let mut u = ub.clone();
@@ -2463,9 +2502,14 @@ pub fn missing_leaf_reason(path: &str, pool: Guid, leaf: Guid) -> String {
             "corrupted data: the device now carries a label of pool '{}'",
             l.config.name
         ),
-        Some(l) if l.header.leaf_guid != leaf => {
-            "corrupted data: the label is not this leaf's".into()
-        }
+        Some(l) if l.header.leaf_guid != leaf => match l.config.find_leaf(l.header.leaf_guid) {
+            // A copy of another leaf of the pool written over this one's file.
+            Some((t, c)) => format!(
+                "corrupted data: the device holds a copy of leaf {}",
+                leaf_name(&l.config.tops[t].children[c].identity.path)
+            ),
+            None => "corrupted data: the label is not this leaf's".into(),
+        },
         // Its label is fine: it was only not among the devices searched or given.
         Some(_) => "cannot open".into(),
     }
