@@ -22,6 +22,7 @@ pub mod import;
 pub mod object;
 pub mod pool;
 pub mod props;
+pub mod rewind;
 pub mod scan;
 pub mod schedule;
 pub mod snapshot;

@@ -206,7 +206,7 @@ impl LeafVdev {
     }
 
     /// The device, if the leaf is in a state that takes I/O.
-    fn usable_dev(&self) -> Option<Arc<dyn Leaf>> {
+    pub fn usable_dev(&self) -> Option<Arc<dyn Leaf>> {
         if self.state().usable() {
             self.dev()
         } else {
