@@ -272,6 +272,16 @@ pub enum PoolCmd {
         /// Import a pool that was not cleanly exported or is marked in use by another system.
         #[arg(short = 'f')]
         force: bool,
+        /// Rewind: if the newest txg cannot be opened, go back to the newest one that opens,
+        /// discarding the txgs after it (zpool's -F).
+        #[arg(short = 'F', conflicts_with = "txg")]
+        rewind: bool,
+        /// With -F: only say what the rewind would discard; change nothing.
+        #[arg(short = 'n', requires = "rewind")]
+        dry_run: bool,
+        /// Open exactly this txg (one of the intact uberblocks), discarding the txgs after it.
+        #[arg(short = 'T', value_name = "TXG")]
+        txg: Option<u64>,
         pool: Option<String>,
         newname: Option<String>,
     },

@@ -10,6 +10,7 @@ use crate::{errln, out, outln};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
 use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
+use cairn_pool::rewind::Rewind;
 use cairn_pool::trim::{LeafTrim, TrimState};
 use cairn_pool::{
     CreateOptions, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
@@ -49,12 +50,20 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         PoolCmd::Import {
             dirs,
             force,
+            rewind,
+            dry_run,
+            txg,
             pool,
             newname,
         } => import_cmd(
             ctx,
             &dirs,
             force,
+            RewindArgs {
+                rewind,
+                dry_run,
+                txg,
+            },
             pool.as_deref(),
             newname.as_deref(),
             cmdline,
@@ -1337,13 +1346,28 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
     }
     s.push_str(" config:\n\n");
     s.push_str(&render_config(&root, false, false, &LeafNotes::new()));
+    // Copies of a leaf next to the real one: listed, never opened.
+    if !c.duplicates.is_empty() {
+        s.push_str("\n duplicates:\n");
+        for d in &c.duplicates {
+            s.push_str(&format!("\t{}\n", d.describe(&c.config)));
+        }
+    }
     s
+}
+
+/// `import -F [-n]` and `-T TXG`.
+struct RewindArgs {
+    rewind: bool,
+    dry_run: bool,
+    txg: Option<u64>,
 }
 
 fn import_cmd(
     ctx: &mut Ctx,
     dirs: &[PathBuf],
     force: bool,
+    rw: RewindArgs,
     which: Option<&str>,
     newname: Option<&str>,
     cmdline: &str,
@@ -1356,6 +1380,13 @@ fn import_cmd(
         .load_cache()
         .map_err(|e| one(CmdError::new("import", "", e.to_string())))?;
     let Some(which) = which else {
+        if rw.rewind || rw.txg.is_some() {
+            return Err(one(CmdError::new(
+                "import",
+                "",
+                "-F and -T need the name or numeric identifier of a pool",
+            )));
+        }
         let listed: Vec<String> = cands
             .iter()
             .filter(|c| !cache.iter().any(|e| e.guid == c.guid().0))
@@ -1420,12 +1451,41 @@ fn import_cmd(
             c.config.hostname, c.config.host_id
         )));
     }
+    let rewind = match (rw.rewind, rw.txg) {
+        (_, Some(t)) => Rewind::Exact(cairn_pool::Txg(t)),
+        (true, None) => Rewind::Back,
+        (false, None) => Rewind::Newest,
+    };
+    if rw.dry_run {
+        // Only say what a rewind would discard: open read-only, write nothing.
+        let plan =
+            Pool::rewind_plan(&c.paths(), c.guid(), rewind).map_err(|e| err(e.to_string()))?;
+        match plan {
+            Some(r) => outln!(
+                ctx,
+                "would rewind pool '{}' to {}; nothing was changed",
+                c.name(),
+                r.describe()
+            ),
+            None => outln!(
+                ctx,
+                "pool '{}' opens at its newest txg; no rewind needed",
+                c.name()
+            ),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = OpenOptions {
         import: true,
         new_name,
         host: host(ctx),
+        rewind,
+        dry_run: false,
     };
     let pool = Pool::open(&c.paths(), c.guid(), &opts).map_err(|e| err(e.to_string()))?;
+    if let Some(r) = pool.rewound() {
+        outln!(ctx, "pool '{}' rewound to {}", pool.name(), r.describe());
+    }
     warn_open_modes(ctx, &pool);
     pool.log_history(cmdline, &ctx.sd.hostname())
         .and_then(|()| pool.sync())

@@ -674,6 +674,24 @@ impl Allocator {
         Ok(out)
     }
 
+    /// Loads every map page of every top-level vdev as of `committed`: fails (Corrupt, naming the
+    /// page) if one has no valid copy of that txg or older. An open at an older txg (a rewind) checks
+    /// this, since each txg rewrites some pages and only two versions are kept.
+    pub fn verify_pages(
+        &mut self,
+        vdevs: &[std::sync::Arc<TopVdev>],
+        committed: Txg,
+    ) -> Result<()> {
+        for (i, t) in self.tops.iter_mut().enumerate() {
+            let Some(v) = vdevs.get(i) else { continue };
+            for p in 0..t.npages {
+                t.load(v, p, committed)?;
+                t.evict();
+            }
+        }
+        Ok(())
+    }
+
     /// Called once `txg` has committed: frees older than DEFER_TXGS become allocatable, but none made
     /// after `oldest_reader` (the committed txg whose block pointers an unlocked reader may still be
     /// following).

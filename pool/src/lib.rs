@@ -14,6 +14,7 @@
 pub mod alloc;
 pub mod blkptr;
 pub mod deadlist;
+pub mod devmatch;
 pub mod diff;
 pub mod error;
 pub mod health;
@@ -21,6 +22,7 @@ pub mod import;
 pub mod object;
 pub mod pool;
 pub mod props;
+pub mod rewind;
 pub mod scan;
 pub mod schedule;
 pub mod snapshot;

@@ -77,6 +77,10 @@ pub struct OpenOptions {
     pub import: bool,
     pub new_name: Option<String>,
     pub host: HostInfo,
+    /// Which uberblock to open (`import -F`, `-T`).
+    pub rewind: crate::rewind::Rewind,
+    /// Only look (`import -F -n`): the pool opened writes nothing, even when dropped.
+    pub dry_run: bool,
 }
 
 /// One entry of `pool history`.
@@ -174,6 +178,11 @@ pub(crate) struct Inner {
     pub(crate) opened_clean: bool,
     /// Leftover page copies of an interrupted commit have been zeroed (see `Allocator::invalidate_newer`).
     pub(crate) invalidated: bool,
+    /// Opened at an older txg than the newest intact one (a rewind): the uberblocks after it are
+    /// zeroed before the first commit (`rewind.rs`).
+    pub(crate) discard_after: Option<Txg>,
+    /// What the rewind of this open discarded.
+    pub(crate) rewound: Option<crate::rewind::RewindReport>,
     /// Txgs committed by this session.
     pub(crate) session_commits: u64,
     pub(crate) readers: Readers,
@@ -674,6 +683,8 @@ impl Pool {
                 closed: None,
                 opened_clean: true,
                 invalidated: false,
+                discard_after: None,
+                rewound: None,
                 session_commits: 0,
                 readers: Readers::default(),
                 inflight: Arc::default(),
@@ -724,7 +735,12 @@ impl Pool {
     pub fn open(paths: &[PathBuf], guid: Guid, opts: &OpenOptions) -> Result<Pool> {
         let mut devs: Vec<(PathBuf, Arc<dyn Leaf>)> = Vec::new();
         let mut busy: Option<String> = None;
+        // The same file named twice (a path given twice, or through a symlink) is one device.
+        let mut seen: HashSet<PathBuf> = HashSet::new();
         for p in paths {
+            if !seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| absolute(p))) {
+                continue;
+            }
             let Ok(probe) = FileLeaf::open(
                 p,
                 LeafOpen {
@@ -762,20 +778,29 @@ impl Pool {
         Pool::open_on(devs, guid, opts)
     }
 
+    /// What opening with `rewind` would discard (`import -F -n`): `None` if it opens the newest
+    /// txg. Reads only; nothing is written.
+    pub fn rewind_plan(
+        paths: &[PathBuf],
+        guid: Guid,
+        rewind: crate::rewind::Rewind,
+    ) -> Result<Option<crate::rewind::RewindReport>> {
+        let opts = OpenOptions {
+            rewind,
+            dry_run: true,
+            ..OpenOptions::default()
+        };
+        let pool = Pool::open(paths, guid, &opts)?;
+        let r = pool.rewound();
+        Ok(r)
+    }
+
     /// Open a pool from already-open devices (those of other pools are ignored).
     pub fn open_on(
         devs: Vec<(PathBuf, Arc<dyn Leaf>)>,
         guid: Guid,
         opts: &OpenOptions,
     ) -> Result<Pool> {
-        struct Found {
-            path: PathBuf,
-            dev: Arc<dyn Leaf>,
-            scan: label::LeafScan,
-            leaf_guid: Guid,
-            /// The newest txg whose uberblock this device holds (the last it took part in).
-            txg: Txg,
-        }
         let mut found: Vec<Found> = Vec::new();
         for (path, dev) in devs {
             let scan = label::scan_leaf(dev.as_ref());
@@ -800,18 +825,40 @@ impl Pool {
                 "no devices of the pool were found".into(),
             ));
         }
-        // The newest uberblock anywhere, then the configuration it was written under.
-        let ub = found
+        // The intact uberblocks, newest first: a plain open uses the newest, a rewind an older one
+        // (`rewind.rs`).
+        let cands =
+            crate::rewind::candidates(found.iter().flat_map(|f| f.scan.uberblocks.iter()), guid);
+        let name = found
             .iter()
-            .flat_map(|f| f.scan.uberblocks.iter())
-            .filter(|u| u.pool_guid == guid)
-            .fold(None::<&Uberblock>, |best, u| match best {
-                Some(b) if !u.is_newer_than(b) => Some(b),
-                _ => Some(u),
-            })
-            .cloned()
-            .ok_or_else(|| PoolError::corrupt("pool", "no valid uberblock on any device"))?;
+            .find_map(|f| f.scan.best_label().map(|l| l.config.name.clone()))
+            .unwrap_or_default();
+        let (pool, report) = crate::rewind::open_with(&cands, opts.rewind, &name, |ub, how| {
+            Pool::open_at(&found, guid, ub, &cands[0], opts, how)
+        })?;
+        pool.lock().rewound = report;
+        // Only the devices used stay open (a duplicate's lock is let go with `found`).
+        drop(found);
+        Ok(pool)
+    }
+
+    /// Opens the pool at uberblock `ub` from the devices `found` (`newest`: the newest intact one).
+    /// A probe only checks that this txg opens cleanly and writes nothing.
+    fn open_at(
+        found: &[Found],
+        guid: Guid,
+        ub: &Uberblock,
+        newest: &Uberblock,
+        opts: &OpenOptions,
+        how: crate::rewind::Attempt,
+    ) -> Result<Pool> {
+        use crate::rewind::Attempt;
+        let probe = how == Attempt::Probe || opts.dry_run;
+        let ub = ub.clone();
         let labels: Vec<&label::Label> = found.iter().flat_map(|f| f.scan.valid_labels()).collect();
+        // The configuration the uberblock was written under; failing that the newest one not newer
+        // than the txg; failing that (an export's closing config after a lost uberblock) the newest
+        // one with the same set of leaves (the uberblock's guid_sum).
         let config = labels
             .iter()
             .filter(|l| l.header.config_txg == ub.config_txg)
@@ -824,29 +871,59 @@ impl Pool {
                     .max_by_key(|l| l.header.config_txg)
                     .map(|l| l.config.clone())
             })
+            .or_else(|| {
+                labels
+                    .iter()
+                    .filter(|l| l.config.guid_sum() == ub.guid_sum)
+                    .max_by_key(|l| l.header.config_txg)
+                    .map(|l| l.config.clone())
+            })
             .ok_or_else(|| {
-                PoolError::corrupt("pool", "no configuration matches the newest uberblock")
+                PoolError::corrupt(
+                    "pool",
+                    format!(
+                        "no configuration matches the uberblock of txg {} (written under the \
+                         configuration of txg {})",
+                        ub.txg.0, ub.config_txg.0
+                    ),
+                )
             })?;
         // Match devices to leaves by GUID. Two devices with the same GUID are copies of one leaf
         // (a backup next to the live file): the one that took part in the newest txg wins, then the
         // one at the stored path, then the one with more valid labels.
+        // (`devmatch`: the import listing chooses by the same rule.) The other is not used.
         let mut devmap: HashMap<Guid, (Arc<dyn Leaf>, PathBuf)> = HashMap::new();
-        let mut scores: HashMap<Guid, (Txg, bool, usize)> = HashMap::new();
-        for f in &found {
+        let mut scores: HashMap<Guid, crate::devmatch::Claim> = HashMap::new();
+        for f in found {
             let Some((ti, ci)) = config.find_leaf(f.leaf_guid) else {
                 continue;
             };
             let lc = &config.tops[ti].children[ci];
-            let score = (
-                f.txg,
-                absolute(&f.path).to_string_lossy() == lc.identity.path,
-                f.scan.valid_count(),
-            );
+            let score =
+                crate::devmatch::Claim::of(&f.path, &lc.identity, f.txg, f.scan.valid_count());
             if scores.get(&f.leaf_guid).is_none_or(|s| score > *s) {
+                if let Some((_, old)) = devmap.get(&f.leaf_guid) {
+                    tracing::info!(
+                        "{} and {} carry the same leaf of pool '{}': using {}",
+                        old.display(),
+                        f.path.display(),
+                        config.name,
+                        f.path.display()
+                    );
+                }
                 scores.insert(f.leaf_guid, score);
                 devmap.insert(f.leaf_guid, (f.dev.clone(), f.path.clone()));
+            } else if let Some((_, used)) = devmap.get(&f.leaf_guid) {
+                tracing::info!(
+                    "{} and {} carry the same leaf of pool '{}': using {}",
+                    used.display(),
+                    f.path.display(),
+                    config.name,
+                    used.display()
+                );
             }
         }
+
         let mut reasons: HashMap<Guid, String> = HashMap::new();
         for t in &config.tops {
             for lc in &t.children {
@@ -898,7 +975,7 @@ impl Pool {
         let behind: Vec<Behind> = tree
             .leaves()
             .filter_map(|(_, lv)| {
-                let (t, _, _) = scores.get(&lv.guid)?;
+                let t = scores.get(&lv.guid)?.txg;
                 let (_, path) = devmap.get(&lv.guid)?;
                 (t.0 + 1 < ub.txg.0).then(|| Behind {
                     leaf: lv.clone(),
@@ -921,6 +998,7 @@ impl Pool {
             ));
         }
         let (os, alloc) = load_objset(&tree, &config, &root)?;
+        let rewinding = ub.txg != newest.txg;
         let mut inner = Inner {
             config,
             config_dirty: false,
@@ -933,8 +1011,11 @@ impl Pool {
             dir: BTreeMap::new(),
             dir_dirty: false,
             closed: None,
-            opened_clean: ub.flags & label::UB_FLAG_CLEAN != 0,
+            // A rewind zeroes what the discarded txgs left before its first commit.
+            opened_clean: ub.flags & label::UB_FLAG_CLEAN != 0 && !rewinding,
             invalidated: false,
+            discard_after: rewinding.then_some(ub.txg),
+            rewound: None,
             session_commits: 0,
             readers: Readers::default(),
             inflight: Arc::default(),
@@ -954,11 +1035,19 @@ impl Pool {
             .deserialize(&dirblob)
             .map_err(|e| PoolError::corrupt("pool directory", e.to_string()))?;
         inner.load_health()?;
+        if how != Attempt::Tolerant {
+            // Every map page must have a copy of this txg (or older), or allocation would fail.
+            inner.alloc.verify_pages(&vdevs, ub.txg)?;
+        }
         inner.check_behind(&behind, ub.txg)?;
         // After check_behind: reading more blocks from a device that is an older copy would heal
         // it, writing to a device the open then refuses.
         inner.load_trim()?;
-        if opts.import {
+        if probe {
+            // Only looked at: dropping it must write nothing.
+            inner.closed = Some("probed");
+        }
+        if opts.import && !probe {
             inner.config.state = PoolState::Active;
             inner.config.host_id = opts.host.host_id;
             inner.config.hostname = opts.host.hostname.clone();
@@ -975,6 +1064,13 @@ impl Pool {
                     }
                 }
             }
+            // Never record one path for two leaves: refuse the import, nothing written yet.
+            crate::devmatch::check_distinct_paths(&inner.config).map_err(|r| {
+                PoolError::Invalid(format!(
+                    "{r}; a leaf that is not found may have been replaced by another file at its \
+                     path: move that file away, or attach the missing device, and import again"
+                ))
+            })?;
             for (_, lv) in inner.tree.leaves() {
                 let (ti, ci) = inner
                     .config
@@ -1004,6 +1100,11 @@ impl Pool {
 
     pub fn guid(&self) -> Guid {
         self.lock().config.pool_guid
+    }
+
+    /// What the rewind of this open discarded (`import -F`, `-T`), if it opened an older txg.
+    pub fn rewound(&self) -> Option<crate::rewind::RewindReport> {
+        self.lock().rewound.clone()
     }
 
     /// Was the pool closed cleanly before this open (its uberblock carried the clean flag)?
@@ -1738,6 +1839,16 @@ pub struct SpaceRule {
 }
 
 /// Read the objset block `root` points at, and set up the allocator it records.
+/// A device of the pool found at open.
+struct Found {
+    path: PathBuf,
+    dev: Arc<dyn Leaf>,
+    scan: label::LeafScan,
+    leaf_guid: Guid,
+    /// The newest txg whose uberblock this device holds (the last it took part in).
+    txg: Txg,
+}
+
 fn load_objset(
     tree: &VdevTree,
     config: &PoolConfig,
@@ -2145,6 +2256,12 @@ impl Inner {
     fn sync_inner(&mut self, clean: bool) -> Result<()> {
         let txg = self.committed.next();
         let vdevs = self.tree.tops.clone();
+        // A configuration that records one path for two leaves is never written (opening that path
+        // would open one device as two leaves): the commit fails before it writes anything.
+        if self.config_dirty {
+            crate::devmatch::check_distinct_paths(&self.config)
+                .map_err(|r| PoolError::Invalid(format!("bad pool configuration: {r}")))?;
+        }
         if self.opened_clean && !self.marked_in_use {
             if let Some(ub) = &self.opened_ub {
                 let mut u = ub.clone();
@@ -2152,6 +2269,13 @@ impl Inner {
                 self.tree.mark_dirty(&u)?;
             }
             self.marked_in_use = true;
+        }
+        if let Some(t) = self.discard_after.take() {
+            let n = crate::rewind::discard_newer_uberblocks(&self.tree, self.config.pool_guid, t)?;
+            tracing::info!(
+                "rewound to txg {}: zeroed {n} uberblocks of later txgs",
+                t.0
+            );
         }
         if !self.opened_clean && !self.invalidated {
             let n = self.alloc.invalidate_newer(&vdevs, self.committed)?;
@@ -2464,9 +2588,14 @@ pub fn missing_leaf_reason(path: &str, pool: Guid, leaf: Guid) -> String {
             "corrupted data: the device now carries a label of pool '{}'",
             l.config.name
         ),
-        Some(l) if l.header.leaf_guid != leaf => {
-            "corrupted data: the label is not this leaf's".into()
-        }
+        Some(l) if l.header.leaf_guid != leaf => match l.config.find_leaf(l.header.leaf_guid) {
+            // A copy of another leaf of the pool written over this one's file.
+            Some((t, c)) => format!(
+                "corrupted data: the device holds a copy of leaf {}",
+                leaf_name(&l.config.tops[t].children[c].identity.path)
+            ),
+            None => "corrupted data: the label is not this leaf's".into(),
+        },
         // Its label is fine: it was only not among the devices searched or given.
         Some(_) => "cannot open".into(),
     }
