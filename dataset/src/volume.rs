@@ -4,6 +4,7 @@ use crate::io::{forget_live, live, write_live, LiveState};
 use crate::registry::{load, load_tx, load_view, save_tx, Registry, RegistryLock, VolumeRecord};
 use crate::space::{Figures, SpaceCtx};
 use crate::{DatasetError, Result, MAX_BLOCKSIZE, MIN_BLOCKSIZE};
+use cairn_pool::compress::Compression;
 use cairn_pool::lock;
 use cairn_pool::object::ObjType;
 use cairn_pool::snapshot::Tx;
@@ -183,8 +184,10 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
         snapshots: BTreeMap::new(),
     };
     let mut refres: Option<String> = None;
+    let mut comp = Compression::Off;
     for (k, v) in &c.props {
         match k.as_str() {
+            "compression" => comp = parse_compression(v)?,
             "readonly" => rec.readonly = parse_bool(k, v)?,
             "copies" => rec.copies = parse_copies(v)?,
             "checksum" => check_checksum(v)?,
@@ -226,6 +229,7 @@ pub fn create_volume(pool: &Pool, full: &str, c: &CreateVolume) -> Result<()> {
         let shift = c.volblocksize.trailing_zeros() as u8;
         let obj = tx.create_object(ObjType::Volume, shift, rec.copies)?;
         tx.set_object_size(obj, c.volsize)?;
+        tx.set_object_compression(obj, comp)?;
         rec.object = obj;
         reg.insert(name.clone(), rec.clone());
         save_tx(tx, &reg)?;
@@ -267,6 +271,8 @@ pub struct VolumeInfo {
     pub space: Figures,
     /// `POOL/VOL@SNAP` of a clone.
     pub origin: Option<String>,
+    /// How new blocks are compressed (the property value).
+    pub compression: String,
 }
 
 impl VolumeInfo {
@@ -300,6 +306,31 @@ impl VolumeInfo {
             ("readonly".into(), onoff(r.readonly), "local".into()),
             ("checksum".into(), "blake3".into(), "default".into()),
             ("copies".into(), r.copies.to_string(), "local".into()),
+            (
+                "compression".into(),
+                self.compression.clone(),
+                if self.compression == "off" {
+                    "default".into()
+                } else {
+                    "local".into()
+                },
+            ),
+            (
+                "compressratio".into(),
+                ratio(
+                    f.logicalreferenced,
+                    self.referenced / r.copies.max(1) as u64,
+                ),
+                "-".into(),
+            ),
+            (
+                "refcompressratio".into(),
+                ratio(
+                    f.logicalreferenced,
+                    self.referenced / r.copies.max(1) as u64,
+                ),
+                "-".into(),
+            ),
             ("guid".into(), r.guid.to_string(), "-".into()),
             ("usedbydataset".into(), n(f.usedbydataset), "-".into()),
             ("usedbysnapshots".into(), n(f.usedbysnapshots), "-".into()),
@@ -352,7 +383,26 @@ pub(crate) fn info(
         available: available(v, reg, Some(name))?,
         space: f,
         origin: sp.origin_name(pn, reg, rec.object),
+        compression: v.object_compression(rec.object)?.name(),
     })
+}
+
+/// A `compression` value: off, on, lz4, zstd, zstd-1..19, zstd-fast, zstd-fast-1..10.
+pub(crate) fn parse_compression(v: &str) -> Result<Compression> {
+    Compression::parse(v).ok_or_else(|| {
+        DatasetError::Invalid(format!(
+            "bad value '{v}' for compression: must be off, on, lz4, zstd, zstd-1 .. zstd-19 or \
+             zstd-fast (zstd-fast-1 .. zstd-fast-10)"
+        ))
+    })
+}
+
+/// zfs's compression ratio of `logical` bytes stored in `physical` (per copy), as "1.52x".
+pub fn ratio(logical: u64, physical: u64) -> String {
+    if physical == 0 || logical <= physical {
+        return "1.00x".into();
+    }
+    format!("{:.2}x", logical as f64 / physical as f64)
 }
 
 /// All volumes of a pool, by name.
@@ -454,6 +504,7 @@ fn set_prop(
             tx.set_object_copies(rec.object, rec.copies)?;
         }
         "checksum" => check_checksum(value)?,
+        "compression" => tx.set_object_compression(rec.object, parse_compression(value)?)?,
         "refreservation" => {
             let r = parse_refreservation(value, rec.volsize, rec.copies, rec.volblocksize)?;
             // Growing the reservation needs its unused part free beside the others' (as zfs).
@@ -482,6 +533,8 @@ fn set_prop(
         | "usedbychildren"
         | "written"
         | "logicalreferenced"
+        | "compressratio"
+        | "refcompressratio"
         | "origin"
         | "snapshot_count" => {
             return Err(DatasetError::Invalid(format!(

@@ -72,6 +72,8 @@ pub struct BlockPtr {
     pub level: u8,
     pub checksum_type: u8,
     pub compression: u8,
+    /// The zstd level the block was compressed with (reporting only; 0 otherwise).
+    pub comp_level: i8,
     /// Number of non-hole level-0 blocks at or below this pointer.
     pub fill: u64,
     pub checksum: [u8; 32],
@@ -97,6 +99,7 @@ impl BlockPtr {
         level: 0,
         checksum_type: 0,
         compression: 0,
+        comp_level: 0,
         fill: 0,
         checksum: [0; 32],
     };
@@ -129,6 +132,7 @@ impl BlockPtr {
         b[65] = self.level;
         b[66] = self.checksum_type;
         b[67] = self.compression;
+        b[68] = self.comp_level as u8;
         put_u64(b, 72, self.fill);
         b[80..112].copy_from_slice(&self.checksum);
     }
@@ -173,6 +177,7 @@ impl BlockPtr {
             level: b[65],
             checksum_type: b[66],
             compression: b[67],
+            comp_level: b[68] as i8,
             fill: get_u64(b, 72),
             checksum: {
                 let mut c = [0u8; 32];
@@ -192,8 +197,26 @@ impl BlockPtr {
         if self.checksum_type != CKSUM_BLAKE3 {
             return bad(format!("unknown checksum type {}", self.checksum_type));
         }
-        if self.compression != 0 {
-            return bad(format!("unknown compression {}", self.compression));
+        match self.compression {
+            crate::compress::ALG_NONE => {}
+            crate::compress::ALG_LZ4 | crate::compress::ALG_ZSTD => {
+                // Only data blocks are compressed, stored in whole sectors, smaller than they are.
+                if self.kind != BlockKind::Data
+                    || self.level != 0
+                    || !(self.psize as u64).is_multiple_of(SECTOR)
+                    || self.psize >= self.lsize
+                {
+                    return bad(format!(
+                        "compressed {:?} block at level {} with lsize={} psize={}",
+                        self.kind, self.level, self.lsize, self.psize
+                    ));
+                }
+            }
+            other => {
+                return bad(format!(
+                    "unknown compression algorithm {other} (a block written by a newer Cairn?)"
+                ))
+            }
         }
         if self.lsize == 0 || self.lsize > MAX_BLOCK || self.psize == 0 || self.psize > self.lsize {
             return bad(format!("sizes lsize={} psize={}", self.lsize, self.psize));
@@ -236,6 +259,7 @@ mod tests {
                 Dva::default(),
                 Dva::default(),
             ],
+            comp_level: 0,
             birth: Txg(9),
             lsize: 16384,
             psize: 16384,

@@ -13,6 +13,7 @@
 
 pub mod alloc;
 pub mod blkptr;
+pub mod compress;
 pub mod deadlist;
 pub mod devmatch;
 pub mod diff;

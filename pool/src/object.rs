@@ -77,6 +77,8 @@ pub struct Dnode {
     pub data_shift: u8,
     /// Copies of each data block (1..=3); metadata gets one more, up to 3.
     pub copies: u8,
+    /// How new whole data blocks are compressed (`crate::compress::Compression::to_byte`).
+    pub compression: u8,
     /// Logical size in bytes (a volume's volsize, a byte object's length).
     pub size: u64,
     /// Allocated bytes of all blocks of the object.
@@ -91,6 +93,7 @@ impl Dnode {
         nlevels: 0,
         data_shift: 0,
         copies: 0,
+        compression: 0,
         size: 0,
         used: 0,
         root: BlockPtr::HOLE,
@@ -103,6 +106,7 @@ impl Dnode {
             nlevels: 1,
             data_shift,
             copies,
+            compression: 0,
             size: 0,
             used: 0,
             root: BlockPtr::HOLE,
@@ -147,6 +151,7 @@ impl Dnode {
         b[1] = self.nlevels;
         b[2] = self.data_shift;
         b[3] = self.copies;
+        b[4] = self.compression;
         put_u64(b, 8, self.size);
         put_u64(b, 24, self.used);
         self.root.encode_into(&mut b[64..64 + BP_SIZE]);
@@ -176,6 +181,12 @@ impl Dnode {
         if !(1..=3).contains(&copies) {
             return bad(format!("copies {copies}"));
         }
+        if crate::compress::Compression::from_byte(b[4]).is_none() {
+            return bad(format!(
+                "unknown compression setting {} (written by a newer Cairn?)",
+                b[4]
+            ));
+        }
         let root = BlockPtr::decode(&b[64..64 + BP_SIZE])?;
         if !root.is_hole() && root.level as u32 + 1 != nlevels as u32 {
             return bad(format!("root level {} with {} levels", root.level, nlevels));
@@ -187,6 +198,7 @@ impl Dnode {
             nlevels,
             data_shift,
             copies,
+            compression: b[4],
             size: get_u64(b, 8),
             used: get_u64(b, 24),
             root,
@@ -258,6 +270,10 @@ pub fn read_bp_how(vdevs: &[Arc<TopVdev>], bp: &BlockPtr, how: ReadHow) -> Resul
                             let _ = fv.heal(f.offset, &buf);
                         }
                     }
+                }
+                // Verified: only now may a decompressor see the bytes.
+                if bp.compression != crate::compress::ALG_NONE {
+                    return crate::compress::decompress(bp.compression, &buf, bp.lsize as usize);
                 }
                 return Ok(buf);
             }
@@ -369,6 +385,7 @@ pub fn alloc_bp(
         level,
         checksum_type: CKSUM_BLAKE3,
         compression: 0,
+        comp_level: 0,
         fill,
         checksum: [0; 32],
     })
@@ -789,10 +806,10 @@ impl Obj {
         if bp.is_hole() {
             return Ok(vec![0u8; bs]);
         }
-        if bp.kind != BlockKind::Data && bp.kind != BlockKind::Dnodes || bp.psize as usize != bs {
+        if bp.kind != BlockKind::Data && bp.kind != BlockKind::Dnodes || bp.lsize as usize != bs {
             return Err(PoolError::corrupt(
                 format!("object {} block {blkid}", self.id),
-                format!("pointer says kind {:?} size {}", bp.kind, bp.psize),
+                format!("pointer says kind {:?} size {}", bp.kind, bp.lsize),
             ));
         }
         read_bp(vdevs, &bp)
@@ -964,11 +981,11 @@ impl Obj {
                     if bp.is_hole() {
                         dst.fill(0);
                     } else if (bp.kind != BlockKind::Data && bp.kind != BlockKind::Dnodes)
-                        || bp.psize as u64 != bs
+                        || bp.lsize as u64 != bs
                     {
                         return Err(PoolError::corrupt(
                             format!("object {} block {blkid}", self.id),
-                            format!("pointer says kind {:?} size {}", bp.kind, bp.psize),
+                            format!("pointer says kind {:?} size {}", bp.kind, bp.lsize),
                         ));
                     } else {
                         todo.push((bp, within, pos, take));

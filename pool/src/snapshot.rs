@@ -858,6 +858,18 @@ impl Tx<'_> {
         o.mark_dnode_dirty();
         Ok(())
     }
+    /// Set how new whole data blocks of an object are compressed (old blocks stay as they are).
+    pub fn set_object_compression(
+        &mut self,
+        id: u64,
+        c: crate::compress::Compression,
+    ) -> Result<()> {
+        let vdevs = self.inner.tree.tops.clone();
+        let o = self.inner.mos.obj(&vdevs, id)?;
+        o.dnode.compression = c.to_byte();
+        o.mark_dnode_dirty();
+        Ok(())
+    }
     /// Commit the open txg now.
     pub fn commit(&mut self) -> Result<()> {
         self.inner.sync_txg()

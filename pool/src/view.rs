@@ -35,6 +35,13 @@ impl View<'_> {
         Ok((d.otype, d.size, d.used, d.block_size()))
     }
 
+    /// The compression new whole data blocks of object `id` get.
+    pub fn object_compression(&mut self, id: u64) -> Result<crate::compress::Compression> {
+        let vdevs = self.inner.tree.tops.clone();
+        let b = self.inner.mos.obj(&vdevs, id)?.dnode.compression;
+        Ok(crate::compress::Compression::from_byte(b).unwrap_or_default())
+    }
+
     /// See [`Pool::space`].
     pub fn space(&self) -> (u64, u64, u64) {
         self.inner.space()

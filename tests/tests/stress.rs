@@ -394,7 +394,13 @@ impl<'e> Stress<'e> {
             "pool", "create", "--size", LEAF_SIZE, POOL, "mirror", &l[0], &l[1], "mirror", &l[2],
             &l[3],
         ]);
-        self.cairn(&["dataset", "create", "-s", "-V", "96M", "-b", "16K", VOL]);
+        // Compression by seed (the fixed seed gets lz4): constant-byte writes are stored
+        // compressed, random ones plain, so both kinds of blocks go through every operation.
+        let comp =
+            ["compression=lz4", "compression=zstd", "compression=off"][(self.seed % 3) as usize];
+        self.cairn(&[
+            "dataset", "create", "-s", "-V", "96M", "-b", "16K", "-o", comp, VOL,
+        ]);
         self.start_daemon();
         self.connect();
         self.op = 1;
