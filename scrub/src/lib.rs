@@ -940,10 +940,10 @@ pub fn run(
             }
             pool.sync()?;
             progress(&s);
-            // A resilver queued behind this scan starts now.
-            if !s.queued.is_empty() {
-                let _ = request_resilver(pool);
-            }
+            // A resilver queued behind this scan starts now. Whether one was queued is asked of
+            // the leaves, not of `s.queued`: a request that came while this worker held its own
+            // copy of the state was written over by the worker's next save.
+            let _ = request_resilver(pool);
             return Ok(s);
         }
         // Commit progress at least every few seconds even without a daemon's timer.

@@ -166,7 +166,7 @@ fn damaged_metadata_of_the_newest_txg_needs_f() {
 
     let o = env.ok(&["pool", "import", "-d", &env.p("l"), "-F", "tank"]);
     assert!(
-        o.contains("rewound to txg") && o.contains("seconds of writes"),
+        o.contains("rewound to txg") && o.contains(" of writes"),
         "{o}"
     );
     assert_eq!(env.pool_health("tank"), "ONLINE");
