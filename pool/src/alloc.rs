@@ -757,6 +757,7 @@ mod tests {
             kind: TopKind::Single,
             asize: TopVdev::compute_asize(TopKind::Single, &[size]),
             children: vec![Arc::new(LeafVdev::new(lc, Some(leaf), None))],
+            slow_ms: Default::default(),
         })
     }
 

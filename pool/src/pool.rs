@@ -726,6 +726,7 @@ impl Pool {
                 .serialize(&user_props)
                 .map_err(|e| PoolError::Invalid(e.to_string()))?;
             write_blob(inner, p, &blob)?;
+            inner.apply_slow_io()?;
             inner.sync_txg()?;
         }
         Ok(pool)
@@ -1043,6 +1044,7 @@ impl Pool {
         // After check_behind: reading more blocks from a device that is an older copy would heal
         // it, writing to a device the open then refuses.
         inner.load_trim()?;
+        inner.apply_slow_io()?;
         if probe {
             // Only looked at: dropping it must write nothing.
             inner.closed = Some("probed");
@@ -1270,6 +1272,7 @@ impl Pool {
         for t in new_tree.tops {
             inner.tree.tops.push(t);
         }
+        inner.apply_slow_io()?;
         for (t, _) in &tops {
             inner
                 .alloc
@@ -1385,6 +1388,9 @@ impl Pool {
         write_blob(&mut g, id, &blob)?;
         if name == "autotrim" {
             g.trim.autotrim = value == "on";
+        }
+        if name == crate::slowio::PROP {
+            g.apply_slow_io()?;
         }
         g.sync_txg()
     }
