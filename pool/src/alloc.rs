@@ -1,16 +1,19 @@
-//! Space allocation: one bitmap per top-level vdev, kept in double-buffered pages at fixed places.
+//! Space allocation: one bitmap per top-level vdev, kept in rotating page copies at fixed places.
 //!
 //! Each top-level vdev's address space is cut into sectors (4 KiB). Its allocation bitmap is split into
-//! pages of 4 KiB (a 48-byte header and 32384 bits, covering 126.5 MiB). Every page has two slots, A and B,
-//! at the start of the vdev (page p, slot s at byte `(2p + s) * 4096`); that map region is itself marked
-//! allocated. A txg that changes a page writes it to the slot that does *not* hold the last committed
-//! version, stamped with the txg, before the uberblock of that txg is written. On open, a page is the
-//! valid copy (crc) with the highest txg not newer than the committed uberblock, looked for across both
-//! slots and every mirror child, so a torn or uncommitted page write and a stale child never win.
+//! pages of 4 KiB (a 48-byte header and 32384 bits, covering 126.5 MiB). Every page has `S` slots at the
+//! start of the vdev (page p, slot s at byte `(S·p + s) * 4096`; `S` = [`MAP_SLOTS`] in a pool of objset
+//! version 2, [`LEGACY_SLOTS`] in version 1); that map region is itself marked allocated. A txg that
+//! changes a page writes it over the slot with the oldest copy (never the one holding the last
+//! committed version), stamped with the txg, before the uberblock of that txg is written. On open, a
+//! page is the valid copy (crc) with the highest txg not newer than the committed uberblock, looked for
+//! across all slots and every mirror child, so a torn or uncommitted page write and a stale child never
+//! win, and each of the last `S - 1` txgs finds its own copy.
 //!
 //! Frees: a block freed in txg T is written as free in T's pages (the committed state at T no longer
-//! references it) but stays unallocatable in memory until txg T + DEFER_TXGS has committed, so the
-//! previous few uberblocks stay fully readable.
+//! references it) but stays unallocatable (and untrimmed) until txg T + [`defer_txgs`] has committed,
+//! so the previous uberblocks stay fully readable; in version 2 a page loaded after a reopen defers
+//! again what its older copies still show allocated.
 //!
 //! Memory: pages are loaded on demand and clean ones evicted; per page only a 4-byte free count is kept,
 //! so memory does not grow with the pool's size.
@@ -27,8 +30,27 @@ pub const BITS_PER_PAGE: u64 = ((PAGE_SIZE - PAGE_HDR) * 8) as u64;
 const WORDS: usize = (PAGE_SIZE - PAGE_HDR) / 8;
 pub const PAGE_MAGIC: u32 = u32::from_le_bytes(*b"CMAP");
 pub const PAGE_VERSION: u16 = 1;
-/// Txgs a freed block waits before it can be allocated again.
+/// Slots per map page of a pool of objset version 2 (on-disk-format.md §7): the last
+/// `MAP_SLOTS` versions of every page are kept, so each of the last [`HISTORY_TXGS`] committed txgs
+/// finds its own copy of every page even while the next commit overwrites the oldest one.
+pub const MAP_SLOTS: u64 = 10;
+/// Slots per map page of a pool of objset version 1 (A and B).
+pub const LEGACY_SLOTS: u64 = 2;
+/// The committed txgs whose state stays openable (rewind) in a version-2 pool: map pages keep a
+/// copy of each, and frees are deferred this long, in memory and, after a reopen, rebuilt from the
+/// page history.
+pub const HISTORY_TXGS: u64 = MAP_SLOTS - 1;
+/// Txgs a freed block waits before it can be allocated again in a version-1 pool.
 pub const DEFER_TXGS: u64 = 2;
+
+/// Txgs a freed block waits before it can be allocated again, for a map of `slots` slots per page.
+pub fn defer_txgs(slots: u64) -> u64 {
+    if slots >= MAP_SLOTS {
+        HISTORY_TXGS
+    } else {
+        DEFER_TXGS
+    }
+}
 /// Bytes allocated on one top-level vdev before the rotor moves to the next (dynamic striping).
 const ROTOR_CHUNK: u64 = 1 << 20;
 /// Clean pages kept in memory per top-level vdev before eviction.
@@ -40,8 +62,11 @@ struct Page {
     bits: Vec<u64>,
     /// Zero bits in `bits`.
     free: u64,
-    /// Slot (0/1) holding the last committed version, if any.
+    /// Slot holding the last committed version, if any.
     cur_slot: Option<u8>,
+    /// The txg of the copy in each slot (0: empty, invalid or newer than the committed txg), to
+    /// overwrite the oldest.
+    slot_txgs: Vec<Txg>,
     /// Blocks of this page freed in txgs not yet released: (txg, first bit, count).
     deferred: Vec<(Txg, u64, u64)>,
 }
@@ -148,6 +173,8 @@ pub struct TopAlloc {
     pub guid: Guid,
     nblocks: u64,
     npages: u64,
+    /// Slots per page: [`LEGACY_SLOTS`] or [`MAP_SLOTS`].
+    slots: u64,
     pages: HashMap<u64, Page>,
     /// Free blocks per page as last seen (UNKNOWN if never loaded).
     page_free: Vec<u32>,
@@ -167,12 +194,27 @@ impl TopAlloc {
         (asize / SECTOR).div_ceil(BITS_PER_PAGE)
     }
 
-    /// Bytes at the start of the vdev taken by the map pages.
-    pub fn map_bytes(asize: u64) -> u64 {
-        TopAlloc::npages_for(asize) * 2 * PAGE_SIZE as u64
+    /// Bytes at the start of the vdev taken by the map pages of `slots` slots each.
+    pub fn map_bytes(asize: u64, slots: u64) -> u64 {
+        TopAlloc::npages_for(asize) * slots * PAGE_SIZE as u64
     }
 
-    fn new(id: u32, guid: Guid, asize: u64, alloc_bytes: u64) -> TopAlloc {
+    /// Slots per page.
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// Sectors of the map region (the first ones of the vdev).
+    fn map_blocks(&self) -> u64 {
+        self.slots * self.npages
+    }
+
+    /// Vdev byte offset of slot `slot` of page `p`.
+    fn slot_off(&self, p: u64, slot: u64) -> u64 {
+        (self.slots * p + slot) * PAGE_SIZE as u64
+    }
+
+    fn new(id: u32, guid: Guid, asize: u64, alloc_bytes: u64, slots: u64) -> TopAlloc {
         let nblocks = asize / SECTOR;
         let npages = TopAlloc::npages_for(asize);
         TopAlloc {
@@ -180,9 +222,10 @@ impl TopAlloc {
             guid,
             nblocks,
             npages,
+            slots,
             pages: HashMap::new(),
             page_free: vec![UNKNOWN; npages as usize],
-            cursor: 2 * npages,
+            cursor: slots * npages,
             alloc_bytes,
             deferred_bytes: 0,
             dirty: BTreeSet::new(),
@@ -204,10 +247,11 @@ impl TopAlloc {
             bits: vec![0u64; WORDS],
             free: 0,
             cur_slot: None,
+            slot_txgs: vec![Txg(0); self.slots as usize],
             deferred: Vec::new(),
         };
         let first = p * BITS_PER_PAGE;
-        let map_blocks = 2 * self.npages;
+        let map_blocks = self.map_blocks();
         for bit in 0..BITS_PER_PAGE {
             let blk = first + bit;
             if blk < map_blocks || blk >= self.nblocks {
@@ -218,9 +262,10 @@ impl TopAlloc {
         page
     }
 
-    /// A new top-level vdev: every page starts fresh and dirty; written at the next sync.
-    pub fn format(id: u32, guid: Guid, asize: u64) -> TopAlloc {
-        let mut t = TopAlloc::new(id, guid, asize, TopAlloc::map_bytes(asize));
+    /// A new top-level vdev with `slots` slots per page: every page starts fresh and dirty; written
+    /// at the next sync.
+    pub fn format(id: u32, guid: Guid, asize: u64, slots: u64) -> TopAlloc {
+        let mut t = TopAlloc::new(id, guid, asize, TopAlloc::map_bytes(asize, slots), slots);
         for p in 0..t.npages {
             let page = t.fresh_page(p);
             t.page_free[p as usize] = page.free as u32;
@@ -231,8 +276,8 @@ impl TopAlloc {
     }
 
     /// An existing top-level vdev, with the allocated bytes recorded in the committed objset.
-    pub fn open(id: u32, guid: Guid, asize: u64, alloc_bytes: u64) -> TopAlloc {
-        TopAlloc::new(id, guid, asize, alloc_bytes)
+    pub fn open(id: u32, guid: Guid, asize: u64, alloc_bytes: u64, slots: u64) -> TopAlloc {
+        TopAlloc::new(id, guid, asize, alloc_bytes, slots)
     }
 
     fn load(&mut self, vdev: &TopVdev, p: u64, committed: Txg) -> Result<()> {
@@ -240,22 +285,75 @@ impl TopAlloc {
             return Ok(());
         }
         let mut best: Option<(Txg, u8, Vec<u64>)> = None;
-        for slot in 0..2u8 {
-            let off = (2 * p + slot as u64) * PAGE_SIZE as u64;
+        let mut slot_txgs = vec![Txg(0); self.slots as usize];
+        // Valid copies of this page's history (txg ≤ committed), for the deferred frees.
+        let mut older: Vec<(Txg, Vec<u64>)> = Vec::new();
+        for slot in 0..self.slots {
+            let off = self.slot_off(p, slot);
             for copy in vdev.read_copies(off, PAGE_SIZE) {
                 if let Some((txg, bits)) = decode_page(&copy, self.guid, p) {
-                    if txg <= committed && best.as_ref().is_none_or(|(t, _, _)| txg > *t) {
-                        best = Some((txg, slot, bits));
+                    if txg > committed {
+                        continue;
+                    }
+                    slot_txgs[slot as usize] = slot_txgs[slot as usize].max(txg);
+                    if best.as_ref().is_none_or(|(t, _, _)| txg > *t) {
+                        if let Some((bt, _, bb)) = best.take() {
+                            older.push((bt, bb));
+                        }
+                        best = Some((txg, slot as u8, bits));
+                    } else {
+                        older.push((txg, bits));
                     }
                 }
             }
         }
-        let Some((_, slot, bits)) = best else {
+        let Some((best_txg, slot, mut bits)) = best else {
             return Err(PoolError::corrupt(
                 format!("allocation map page {p} of vdev {}", self.id),
                 "no valid copy",
             ));
         };
+        // Blocks free in the newest copy but allocated in the page as one of the states still
+        // openable saw it (txgs `committed - defer ..= committed`: the copies of those txgs, and
+        // the newest copy older than them) may still be referenced: they stay deferred, as if freed
+        // in the newest copy's txg (at or after their real free, so released no earlier).
+        let defer = defer_txgs(self.slots);
+        let window = Txg(committed.0.saturating_sub(defer));
+        older.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+        let before = older.iter().position(|(t, _)| *t < window);
+        let mut held = vec![0u64; WORDS];
+        for (i, (t, ob)) in older.iter().enumerate() {
+            if *t >= best_txg || before.is_some_and(|b| i > b) {
+                continue;
+            }
+            for (h, (o, b)) in held.iter_mut().zip(ob.iter().zip(bits.iter())) {
+                *h |= o & !b;
+            }
+        }
+        let mut deferred = Vec::new();
+        let mut bit = 0u64;
+        while bit < BITS_PER_PAGE {
+            let w = held[(bit / 64) as usize];
+            if w == 0 && bit.is_multiple_of(64) {
+                bit += 64;
+                continue;
+            }
+            if w & (1 << (bit % 64)) == 0 {
+                bit += 1;
+                continue;
+            }
+            let start = bit;
+            while bit < BITS_PER_PAGE && held[(bit / 64) as usize] & (1 << (bit % 64)) != 0 {
+                bit += 1;
+            }
+            deferred.push((best_txg, start, bit - start));
+        }
+        for &(_, start, n) in &deferred {
+            for b in start..start + n {
+                bits[(b / 64) as usize] |= 1 << (b % 64);
+            }
+            self.deferred_bytes += n * SECTOR;
+        }
         let free = Page::count_free(&bits);
         self.page_free[p as usize] = free as u32;
         self.pages.insert(
@@ -264,7 +362,8 @@ impl TopAlloc {
                 bits,
                 free,
                 cur_slot: Some(slot),
-                deferred: Vec::new(),
+                slot_txgs,
+                deferred,
             },
         );
         Ok(())
@@ -330,7 +429,8 @@ impl TopAlloc {
     }
 
     fn free(&mut self, vdev: &TopVdev, blk: u64, n: u64, txg: Txg, committed: Txg) -> Result<()> {
-        if n == 0 || blk.checked_add(n).is_none_or(|e| e > self.nblocks) || blk < 2 * self.npages {
+        if n == 0 || blk.checked_add(n).is_none_or(|e| e > self.nblocks) || blk < self.map_blocks()
+        {
             return Err(PoolError::corrupt(
                 format!("free on vdev {}", self.id),
                 format!("range {blk}+{n} outside the allocatable space"),
@@ -371,8 +471,8 @@ impl TopAlloc {
         let zero = vec![0u8; PAGE_SIZE];
         let mut n = 0;
         for p in 0..self.npages {
-            for slot in 0..2u64 {
-                let off = (2 * p + slot) * PAGE_SIZE as u64;
+            for slot in 0..self.slots {
+                let off = self.slot_off(p, slot);
                 let stale = vdev
                     .read_copies(off, PAGE_SIZE)
                     .iter()
@@ -393,13 +493,16 @@ impl TopAlloc {
             let Some(page) = self.pages.get_mut(&p) else {
                 continue;
             };
-            let slot = match page.cur_slot {
-                Some(0) => 1,
-                _ => 0,
-            };
+            // Over the oldest copy (an empty slot first), never the current one.
+            let slot = (0..self.slots as usize)
+                .filter(|&s| page.cur_slot != Some(s as u8))
+                .min_by_key(|&s| (page.slot_txgs[s], s))
+                .unwrap_or(0);
             let image = page.encode(self.guid, p, txg);
-            vdev.write((2 * p + slot as u64) * PAGE_SIZE as u64, &image)?;
-            page.cur_slot = Some(slot);
+            let off = (self.slots * p + slot as u64) * PAGE_SIZE as u64;
+            vdev.write(off, &image)?;
+            page.cur_slot = Some(slot as u8);
+            page.slot_txgs[slot] = txg;
         }
         self.unsynced_allocs = false;
         Ok(())
@@ -446,7 +549,7 @@ impl TopAlloc {
         committed: Txg,
     ) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut blk = (from / SECTOR).max(2 * self.npages);
+        let mut blk = (from / SECTOR).max(self.map_blocks());
         let end_blk = (to / SECTOR).min(self.nblocks);
         while blk < end_blk {
             let p = blk / BITS_PER_PAGE;
@@ -472,16 +575,47 @@ impl TopAlloc {
 /// The pool-wide allocator: one [`TopAlloc`] per top-level vdev and the rotor that spreads blocks.
 pub struct Allocator {
     pub tops: Vec<TopAlloc>,
+    /// Slots per map page of this pool (every top-level vdev, added ones included).
+    slots: u64,
     rotor: usize,
     rotor_bytes: u64,
 }
 
 impl Allocator {
-    pub fn new(tops: Vec<TopAlloc>) -> Allocator {
+    pub fn new(tops: Vec<TopAlloc>, slots: u64) -> Allocator {
         Allocator {
             tops,
+            slots,
             rotor: 0,
             rotor_bytes: 0,
+        }
+    }
+
+    /// Slots per map page ([`LEGACY_SLOTS`] for a version-1 pool, [`MAP_SLOTS`] for version 2).
+    pub fn slots(&self) -> u64 {
+        self.slots
+    }
+
+    /// Txgs a free waits before its blocks can be allocated (and trimmed) again.
+    pub fn defer_txgs(&self) -> u64 {
+        defer_txgs(self.slots)
+    }
+
+    /// The objset version that records this map layout.
+    pub fn objset_version(&self) -> u32 {
+        if self.slots >= MAP_SLOTS {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// The map layout of an objset version; `None` for a version this code does not know.
+    pub fn slots_of_version(version: u32) -> Option<u64> {
+        match version {
+            1 => Some(LEGACY_SLOTS),
+            2 => Some(MAP_SLOTS),
+            _ => None,
         }
     }
 
@@ -566,7 +700,7 @@ impl Allocator {
         if !usable.get(ti).copied().unwrap_or(false) || t.free_bytes() < n * SECTOR {
             return Ok(None);
         }
-        let first = 2 * t.npages;
+        let first = t.map_blocks();
         let span = t.nblocks.saturating_sub(first).max(1);
         let from = first + ((near / SECTOR).saturating_sub(first) + span / 8) % span;
         Ok(t.alloc(&vdevs[ti], n, committed, Some(from))?
@@ -648,7 +782,7 @@ impl Allocator {
             return Ok(Vec::new());
         };
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let first_blk = (from / SECTOR).max(2 * t.npages);
+        let first_blk = (from / SECTOR).max(t.map_blocks());
         let mut blk = first_blk;
         while blk < t.nblocks && out.len() < max {
             let p = blk / BITS_PER_PAGE;
@@ -700,8 +834,9 @@ impl Allocator {
     /// committed state within the deferral window, nor any reader, references them).
     pub fn txg_done(&mut self, txg: Txg, oldest_reader: Option<Txg>) -> Vec<(usize, u64, u64)> {
         let mut out = Vec::new();
-        if txg.0 > DEFER_TXGS {
-            let mut upto = Txg(txg.0 - DEFER_TXGS);
+        let defer = self.defer_txgs();
+        if txg.0 > defer {
+            let mut upto = Txg(txg.0 - defer);
             if let Some(r) = oldest_reader {
                 upto = upto.min(r);
             }
@@ -757,14 +892,21 @@ mod tests {
             kind: TopKind::Single,
             asize: TopVdev::compute_asize(TopKind::Single, &[size]),
             children: vec![Arc::new(LeafVdev::new(lc, Some(leaf), None))],
+            slow_ms: Default::default(),
         })
     }
+
+    // The tests below up to `frees_wait_for_readers_of_older_states` use the version-1 layout (two
+    // slots, frees deferred 2 txgs), which old pools keep; the version-2 ones follow them.
 
     #[test]
     fn copies_on_one_vdev_are_an_eighth_of_it_apart() {
         let v = vdev(600 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         let (_, o1) = a.alloc(&vs, &[true], 16384, &[], Txg(1)).unwrap().unwrap();
         let o2 = a
             .alloc_apart(&vs, &[true], 16384, 0, o1, Txg(1))
@@ -774,7 +916,7 @@ mod tests {
             .alloc_apart(&vs, &[true], 16384, 0, o2, Txg(1))
             .unwrap()
             .unwrap();
-        let eighth = (v.asize - TopAlloc::map_bytes(v.asize)) / 8;
+        let eighth = (v.asize - TopAlloc::map_bytes(v.asize, LEGACY_SLOTS)) / 8;
         assert!(
             o2 >= o1 + eighth - SECTOR && o3 >= o2 + eighth - SECTOR,
             "{o1} {o2} {o3}"
@@ -788,7 +930,10 @@ mod tests {
             .alloc_apart(&vs, &[true], 16384, 0, end, Txg(1))
             .unwrap()
             .unwrap();
-        assert!(w < end && w >= TopAlloc::map_bytes(v.asize), "{w}");
+        assert!(
+            w < end && w >= TopAlloc::map_bytes(v.asize, LEGACY_SLOTS),
+            "{w}"
+        );
         assert_eq!(
             a.alloc_apart(&vs, &[false], 16384, 0, o1, Txg(1)).unwrap(),
             None
@@ -799,13 +944,16 @@ mod tests {
     fn alloc_free_defer_and_reload() {
         let v = vdev(600 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         let base = a.alloc_bytes();
-        assert_eq!(base, TopAlloc::map_bytes(v.asize));
+        assert_eq!(base, TopAlloc::map_bytes(v.asize, LEGACY_SLOTS));
         let (_, o1) = a.alloc(&vs, &[true], 16384, &[], Txg(1)).unwrap().unwrap();
         let (_, o2) = a.alloc(&vs, &[true], 16384, &[], Txg(1)).unwrap().unwrap();
         assert_ne!(o1, o2);
-        assert!(o1 >= TopAlloc::map_bytes(v.asize));
+        assert!(o1 >= TopAlloc::map_bytes(v.asize, LEGACY_SLOTS));
         a.sync(&vs, Txg(1)).unwrap();
         a.txg_done(Txg(1), None);
         a.free(&vs, 0, o1, 16384, Txg(2), Txg(1)).unwrap();
@@ -828,7 +976,10 @@ mod tests {
         assert_eq!(o4, o1);
         // Reload from disk as of txg 3: o1 free (freed at 2), o2 and o3 allocated.
         let alloc3 = a.alloc_bytes() - 16384;
-        let mut b = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, alloc3)]);
+        let mut b = Allocator::new(
+            vec![TopAlloc::open(0, Guid(1), v.asize, alloc3, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         b.tops[0].cursor = 0;
         let (_, r) = b.alloc(&vs, &[true], 16384, &[], Txg(3)).unwrap().unwrap();
         assert_eq!(r, o1);
@@ -840,11 +991,17 @@ mod tests {
     fn uncommitted_page_write_is_ignored() {
         let v = vdev(200 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         a.sync(&vs, Txg(1)).unwrap();
         let (_, o) = a.alloc(&vs, &[true], 4096, &[], Txg(1)).unwrap().unwrap();
         a.sync(&vs, Txg(2)).unwrap(); // txg 2 never commits
-        let mut b = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, 0)]);
+        let mut b = Allocator::new(
+            vec![TopAlloc::open(0, Guid(1), v.asize, 0, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         let (_, r) = b.alloc(&vs, &[true], 4096, &[], Txg(1)).unwrap().unwrap();
         assert_eq!(r, o, "the block allocated in the lost txg is free again");
     }
@@ -853,7 +1010,10 @@ mod tests {
     fn full_vdev_returns_none() {
         let v = vdev(70 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         let mut n = 0u64;
         while a
             .alloc(&vs, &[true], 131072, &[], Txg(1))
@@ -872,7 +1032,10 @@ mod tests {
     fn leftover_page_of_interrupted_commit_never_wins() {
         let v = vdev(400 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         assert!(a.tops[0].npages >= 3);
         a.tops[0].cursor = 2 * BITS_PER_PAGE;
         let (_, x) = a.alloc(&vs, &[true], 4096, &[], Txg(0)).unwrap().unwrap();
@@ -884,14 +1047,32 @@ mod tests {
         a.free(&vs, 0, x, 4096, Txg(2), Txg(1)).unwrap();
         a.sync(&vs, Txg(2)).unwrap();
         // New session from txg 1: clean up, then commit its own txg 2 touching only page 0.
-        let mut b = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, committed_alloc)]);
+        let mut b = Allocator::new(
+            vec![TopAlloc::open(
+                0,
+                Guid(1),
+                v.asize,
+                committed_alloc,
+                LEGACY_SLOTS,
+            )],
+            LEGACY_SLOTS,
+        );
         assert_eq!(b.invalidate_newer(&vs, Txg(1)).unwrap(), 1);
         b.tops[0].cursor = 0;
         let (_, y) = b.alloc(&vs, &[true], 4096, &[], Txg(1)).unwrap().unwrap();
         assert_eq!(y / SECTOR / BITS_PER_PAGE, 0);
         b.sync(&vs, Txg(2)).unwrap();
         // Next session from txg 2: x is still in use.
-        let mut c = Allocator::new(vec![TopAlloc::open(0, Guid(1), v.asize, committed_alloc)]);
+        let mut c = Allocator::new(
+            vec![TopAlloc::open(
+                0,
+                Guid(1),
+                v.asize,
+                committed_alloc,
+                LEGACY_SLOTS,
+            )],
+            LEGACY_SLOTS,
+        );
         c.tops[0].cursor = 2 * BITS_PER_PAGE;
         let (_, z) = c.alloc(&vs, &[true], 4096, &[], Txg(2)).unwrap().unwrap();
         assert_ne!(z, x, "a block of the committed state was handed out again");
@@ -902,7 +1083,10 @@ mod tests {
     fn frees_wait_for_readers_of_older_states() {
         let v = vdev(200 << 20);
         let vs = vec![v.clone()];
-        let mut a = Allocator::new(vec![TopAlloc::format(0, Guid(1), v.asize)]);
+        let mut a = Allocator::new(
+            vec![TopAlloc::format(0, Guid(1), v.asize, LEGACY_SLOTS)],
+            LEGACY_SLOTS,
+        );
         let (_, x) = a.alloc(&vs, &[true], 4096, &[], Txg(0)).unwrap().unwrap();
         a.sync(&vs, Txg(4)).unwrap();
         a.free(&vs, 0, x, 4096, Txg(5), Txg(4)).unwrap();
@@ -914,5 +1098,93 @@ mod tests {
         a.tops[0].cursor = 0;
         let (_, z) = a.alloc(&vs, &[true], 4096, &[], Txg(11)).unwrap().unwrap();
         assert_eq!(z, x);
+    }
+
+    /// A version-2 allocator on `v` (opened as of `committed`, or formatted).
+    fn v2(v: &TopVdev, alloc: Option<u64>) -> Allocator {
+        let t = match alloc {
+            Some(a) => TopAlloc::open(0, Guid(1), v.asize, a, MAP_SLOTS),
+            None => TopAlloc::format(0, Guid(1), v.asize, MAP_SLOTS),
+        };
+        Allocator::new(vec![t], MAP_SLOTS)
+    }
+
+    #[test]
+    fn every_one_of_the_last_txgs_finds_its_own_copy_of_a_page() {
+        let v = vdev(200 << 20);
+        let mut a = v2(&v, None);
+        let vs = [v.clone()];
+        // Txg t allocates one block; page 0 is written in every txg.
+        let mut blocks = Vec::new();
+        for t in 1..=30u64 {
+            let b = a.tops[0].alloc(&v, 1, Txg(t - 1), None).unwrap().unwrap();
+            blocks.push(b);
+            a.sync(&vs, Txg(t)).unwrap();
+            a.txg_done(Txg(t), None);
+        }
+        let alloc_now = a.tops[0].alloc_bytes;
+        for back in 0..HISTORY_TXGS {
+            let t = 30 - back;
+            let mut b = v2(&v, Some(alloc_now));
+            b.tops[0].load(&v, 0, Txg(t)).unwrap();
+            let page = &b.tops[0].pages[&0];
+            // The copy of txg t: the blocks of txgs ≤ t allocated, the later ones free.
+            for (i, &blk) in blocks.iter().enumerate() {
+                assert_eq!(
+                    page.get(blk),
+                    (i as u64) < t,
+                    "txg {t}, block of txg {}",
+                    i + 1
+                );
+            }
+        }
+        // Nothing this old is kept.
+        let mut b = v2(&v, Some(alloc_now));
+        assert!(b.tops[0].load(&v, 0, Txg(30 - MAP_SLOTS)).is_err());
+    }
+
+    #[test]
+    fn frees_stay_deferred_across_a_reopen() {
+        let v = vdev(200 << 20);
+        let vs = [v.clone()];
+        let mut a = v2(&v, None);
+        let x = a.tops[0].alloc(&v, 4, Txg(0), None).unwrap().unwrap();
+        a.sync(&vs, Txg(1)).unwrap();
+        a.txg_done(Txg(1), None);
+        // Txg 2 frees x; txgs 3.. change page 0 (other blocks) without touching x.
+        a.free(&vs, 0, x * SECTOR, 4 * SECTOR, Txg(2), Txg(1))
+            .unwrap();
+        a.sync(&vs, Txg(2)).unwrap();
+        a.txg_done(Txg(2), None);
+        for t in 3..=5u64 {
+            a.tops[0].alloc(&v, 1, Txg(t - 1), None).unwrap().unwrap();
+            a.sync(&vs, Txg(t)).unwrap();
+            a.txg_done(Txg(t), None);
+        }
+        // Reopened at txg 5 (a crash right after the free): x is still held for txg 1's state.
+        let alloc5 = a.tops[0].alloc_bytes;
+        let mut b = v2(&v, Some(alloc5));
+        b.tops[0].load(&v, 0, Txg(5)).unwrap();
+        assert!(
+            b.tops[0].pages[&0].get(x),
+            "x must stay deferred after the reopen"
+        );
+        assert_eq!(b.deferred_bytes(), 4 * SECTOR);
+        b.tops[0].cursor = 0;
+        let got = b.tops[0].alloc(&v, 4, Txg(5), None).unwrap().unwrap();
+        assert_ne!(got, x);
+        // Released once txg 1's state is out of the window, and handed to autotrim then.
+        let mut released = Vec::new();
+        for t in 6..=(5 + HISTORY_TXGS) {
+            b.sync(&vs, Txg(t)).unwrap();
+            released.extend(b.txg_done(Txg(t), None));
+        }
+        assert!(
+            released
+                .iter()
+                .any(|&(_, o, l)| o <= x * SECTOR && x * SECTOR < o + l),
+            "{released:?}"
+        );
+        assert_eq!(b.deferred_bytes(), 0);
     }
 }

@@ -341,6 +341,7 @@ impl Pool {
         g.check_writable()?;
         let (t, lv) = self.find_leaf(&g, name)?;
         let was_usable = lv.state().usable();
+        crate::slowio::drain(&lv)?;
         self.reopen_leaf(&g, &lv)?;
         // While the leaf was out, the pool wrote nothing to it, and its dirty time log holds what
         // it missed; but someone else may have written to its file. Unless the file is provably
@@ -435,6 +436,10 @@ impl Pool {
         for lv in targets {
             lv.stats.restore([0; 4]);
             let faulted = lock(&lv.config).flags.faulted;
+            if faulted {
+                // A leaf faulted as too slow may still have writes in flight.
+                crate::slowio::drain(&lv)?;
+            }
             if (faulted || lv.dev().is_none()) && self.reopen_leaf(&g, &lv).is_ok() {
                 lock(&lv.config).flags.faulted = false;
                 *lock(&lv.reason) = None;

@@ -26,6 +26,7 @@ pub mod props;
 pub mod rewind;
 pub mod scan;
 pub mod schedule;
+pub mod slowio;
 pub mod snapshot;
 pub mod topology;
 pub mod trim;

@@ -1294,10 +1294,16 @@ impl Obj {
 /// The objset block the uberblock points at: the meta dnode and per-vdev allocated bytes.
 pub const OBJSET_SIZE: usize = 4096;
 pub const OBJSET_MAGIC: u64 = u64::from_le_bytes(*b"CAIRNOS\0");
-pub const OBJSET_VERSION: u32 = 1;
+/// The objset version new pools are written with: 2 = map pages of `MAP_SLOTS` slots (and frees
+/// deferred `HISTORY_TXGS` txgs); 1 = two slots (A/B), as before. A pool keeps its version.
+pub const OBJSET_VERSION: u32 = 2;
+/// The oldest objset version still read.
+pub const OBJSET_VERSION_MIN: u32 = 1;
 pub const MAX_TOPS: usize = cairn_vdev::config::MAX_TOPS;
 
 pub struct ObjsetPhys {
+    /// 1 or 2 (see [`OBJSET_VERSION`]).
+    pub version: u32,
     pub meta: Dnode,
     pub alloc_bytes: Vec<u64>,
 }
@@ -1306,7 +1312,7 @@ impl ObjsetPhys {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; OBJSET_SIZE];
         put_u64(&mut b, 0, OBJSET_MAGIC);
-        put_u32(&mut b, 8, OBJSET_VERSION);
+        put_u32(&mut b, 8, self.version);
         put_u32(&mut b, 12, self.alloc_bytes.len() as u32);
         self.meta.encode_into(&mut b[16..16 + DNODE_SIZE]);
         for (i, &a) in self.alloc_bytes.iter().enumerate() {
@@ -1324,8 +1330,11 @@ impl ObjsetPhys {
             return bad("bad magic".into());
         }
         let version = get_u32(b, 8);
-        if version != OBJSET_VERSION {
-            return bad(format!("version {version}"));
+        if !(OBJSET_VERSION_MIN..=OBJSET_VERSION).contains(&version) {
+            return bad(format!(
+                "version {version} (this version of Cairn reads versions \
+                 {OBJSET_VERSION_MIN} to {OBJSET_VERSION})"
+            ));
         }
         let n = get_u32(b, 12) as usize;
         if n > MAX_TOPS {
@@ -1336,7 +1345,11 @@ impl ObjsetPhys {
             return bad("meta dnode has the wrong type or block size".into());
         }
         let alloc_bytes = (0..n).map(|i| get_u64(b, 272 + i * 8)).collect();
-        Ok(ObjsetPhys { meta, alloc_bytes })
+        Ok(ObjsetPhys {
+            version,
+            meta,
+            alloc_bytes,
+        })
     }
 }
 

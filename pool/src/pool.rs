@@ -665,8 +665,9 @@ impl Pool {
             config
                 .tops
                 .iter()
-                .map(|t| TopAlloc::format(t.id, t.guid, t.asize))
+                .map(|t| TopAlloc::format(t.id, t.guid, t.asize, crate::alloc::MAP_SLOTS))
                 .collect(),
+            crate::alloc::MAP_SLOTS,
         );
         let pool = Pool {
             inner: Mutex::new(Inner {
@@ -726,6 +727,7 @@ impl Pool {
                 .serialize(&user_props)
                 .map_err(|e| PoolError::Invalid(e.to_string()))?;
             write_blob(inner, p, &blob)?;
+            inner.apply_slow_io()?;
             inner.sync_txg()?;
         }
         Ok(pool)
@@ -1046,6 +1048,7 @@ impl Pool {
         // After check_behind: reading more blocks from a device that is an older copy would heal
         // it, writing to a device the open then refuses.
         inner.load_trim()?;
+        inner.apply_slow_io()?;
         if probe {
             // Only looked at: dropping it must write nothing.
             inner.closed = Some("probed");
@@ -1273,11 +1276,13 @@ impl Pool {
         for t in new_tree.tops {
             inner.tree.tops.push(t);
         }
+        inner.apply_slow_io()?;
+        let slots = inner.alloc.slots();
         for (t, _) in &tops {
             inner
                 .alloc
                 .tops
-                .push(TopAlloc::format(t.id, t.guid, t.asize));
+                .push(TopAlloc::format(t.id, t.guid, t.asize, slots));
         }
         inner.config = config;
         inner.config_dirty = true;
@@ -1388,6 +1393,9 @@ impl Pool {
         write_blob(&mut g, id, &blob)?;
         if name == "autotrim" {
             g.trim.autotrim = value == "on";
+        }
+        if name == crate::slowio::PROP {
+            g.apply_slow_io()?;
         }
         g.sync_txg()
     }
@@ -1892,17 +1900,20 @@ fn load_objset(
             ),
         ));
     }
+    let slots = Allocator::slots_of_version(os.version)
+        .ok_or_else(|| PoolError::corrupt("objset block", format!("version {}", os.version)))?;
     let alloc = Allocator::new(
         config
             .tops
             .iter()
             .map(|t| match os.alloc_bytes.get(t.id as usize) {
-                Some(&a) => TopAlloc::open(t.id, t.guid, t.asize, a),
+                Some(&a) => TopAlloc::open(t.id, t.guid, t.asize, a, slots),
                 // Added in a configuration newer than this txg's objset: still empty on disk,
                 // but its map pages were never committed, so format it again.
-                None => TopAlloc::format(t.id, t.guid, t.asize),
+                None => TopAlloc::format(t.id, t.guid, t.asize, slots),
             })
             .collect(),
+        slots,
     );
     Ok((os, alloc))
 }
@@ -2174,7 +2185,7 @@ impl Inner {
             match self.check_space(len, copies, rule) {
                 Err(PoolError::NoSpace)
                     if (self.alloc.deferred_bytes() > 0 || self.mos.is_dirty())
-                        && tries <= crate::alloc::DEFER_TXGS =>
+                        && tries <= self.alloc.defer_txgs() =>
                 {
                     self.commit(false)?;
                     tries += 1;
@@ -2352,6 +2363,7 @@ impl Inner {
             1,
         )?;
         let phys = ObjsetPhys {
+            version: ctx.alloc.objset_version(),
             meta,
             alloc_bytes: ctx.alloc.tops.iter().map(|t| t.alloc_bytes).collect(),
         };

@@ -88,6 +88,12 @@ pub const PROPS: &[PropDef] = &[
         settable: true,
         default: "on",
     },
+    PropDef {
+        name: crate::slowio::PROP,
+        settable: true,
+        // `cairn_vdev::dispatch::DEFAULT_SLOW_MS`
+        default: "10s",
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static PropDef> {
@@ -123,6 +129,7 @@ pub fn validate(name: &str, value: &str) -> Result<String> {
             ))),
         },
         "scrub_schedule" => validate_schedule(value).map(|()| value.to_string()),
+        crate::slowio::PROP => crate::slowio::parse(value).map(|_| value.to_string()),
         "scrub_rate_limit" => value.parse::<u64>().map(|v| v.to_string()).map_err(|_| {
             PoolError::Invalid(format!("invalid scrub_rate_limit '{value}': not a size"))
         }),
@@ -179,5 +186,11 @@ mod tests {
         assert!(validate("bogus", "1").is_err());
         assert!(validate("scrub_rate_limit", "abc").is_err());
         assert_eq!(validate("scrub_rate_limit", "1048576").unwrap(), "1048576");
+        assert_eq!(validate("slow_io_deadline", "2s").unwrap(), "2s");
+        assert!(validate("slow_io_deadline", "soon").is_err());
+        assert_eq!(
+            find("slow_io_deadline").unwrap().default,
+            crate::slowio::default_str()
+        );
     }
 }

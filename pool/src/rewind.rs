@@ -14,10 +14,13 @@
 //! page copies stamped with those txgs are zeroed as after a crash (`Allocator::invalidate_newer`). Txg
 //! numbers are then reused, as after a crash.
 //!
-//! Limits: frees are deferred for `DEFER_TXGS` txgs within a session only, and map pages keep two
-//! versions; a txg further back than that may have lost blocks or pages to later txgs. The checks of a
-//! clean open find lost metadata (checksums, map pages); data blocks reused later read as I/O errors,
-//! never as wrong data.
+//! Limits: in a version-2 pool map pages keep 10 versions and frees are deferred `HISTORY_TXGS` (9)
+//! txgs, rebuilt from the page history after a reopen (`alloc.rs`), so each of the last 9 txgs opens
+//! with its own state; in a version-1 pool (two slots, `DEFER_TXGS` = 2, in memory only) about one.
+//! A txg further back may have lost blocks or pages to later txgs. The checks of a clean open find lost
+//! metadata (checksums, map pages); data blocks reused later read as I/O errors, never as wrong data.
+//! A txg written under a configuration with other leaves (before an attach, detach or add) is refused:
+//! the labels keep only the newest configuration.
 
 use crate::error::{PoolError, Result};
 use cairn_vdev::label::{self, Uberblock, UB_SLOTS, UB_SLOT_SIZE};

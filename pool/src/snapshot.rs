@@ -1025,7 +1025,7 @@ impl Pool {
             .alloc
             .tops
             .iter()
-            .map(|t| crate::alloc::TopAlloc::map_bytes(t.asize()))
+            .map(|t| crate::alloc::TopAlloc::map_bytes(t.asize(), t.slots()))
             .sum();
         a.referenced += refd + maps;
         a.visited += vis + maps;

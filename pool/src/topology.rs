@@ -51,6 +51,9 @@ impl Pool {
             kind,
             asize: old.asize,
             children: children.clone(),
+            slow_ms: std::sync::atomic::AtomicU64::new(
+                old.slow_ms.load(std::sync::atomic::Ordering::Relaxed),
+            ),
         });
         g.tree.tops[ti] = t;
         g.config.tops[ti].kind = kind;

@@ -121,7 +121,7 @@ fn two_copies_on_one_leaf_survive_any_damaged_window() {
     // A single leaf: metadata (2-3 copies) and a copies=2 object keep their copies an eighth of the
     // leaf apart, so wiping any 2 MiB window leaves one good copy of everything.
     let data = fill(11, 8 * MIB as usize);
-    let map = cairn_pool::alloc::TopAlloc::map_bytes(192 * MIB);
+    let map = cairn_pool::alloc::TopAlloc::map_bytes(192 * MIB, cairn_pool::alloc::MAP_SLOTS);
     for k in 0..8u64 {
         let devs = mem_leaves(1, 256 * MIB);
         let pool = Pool::create_on("d", vec![(TopKind::Single, devs.clone())], &host()).unwrap();
@@ -156,7 +156,7 @@ fn a_read_heals_a_bad_copy_from_another_dva() {
     let obj = pool.create_object(ObjType::Volume, 14, 2).unwrap();
     pool.write_object(obj, 0, &data).unwrap();
     drop(pool);
-    let map = cairn_pool::alloc::TopAlloc::map_bytes(asize);
+    let map = cairn_pool::alloc::TopAlloc::map_bytes(asize, cairn_pool::alloc::MAP_SLOTS);
     let first = label::DATA_START + map;
     let second = first + (asize - map) / 8;
     let wipe = |at: u64| devs[0].write_at(&vec![0x3c; 5 * MIB as usize], at).unwrap();

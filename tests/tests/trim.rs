@@ -50,6 +50,9 @@ fn free_most(env: &Env, data: &mut [u8]) {
     data[..(240 * MIB) as usize].fill(0);
 }
 
+/// Txgs a free waits before its blocks may be reused or trimmed (also after a reopen).
+const DEFER: usize = cairn_pool::alloc::HISTORY_TXGS as usize;
+
 /// A few more txgs (a 4 KiB write and a flush each, in the last MiB, whose data `data` follows):
 /// the frees leave the deferral window as they commit.
 fn more_txgs(env: &Env, data: &mut [u8], n: usize) {
@@ -122,7 +125,8 @@ fn with_autotrim_off_a_manual_trim_punches_the_free_space() {
     let env = Env::new();
     let (mut d, mut data) = setup(&env, &["autotrim=off"]);
     free_most(&env, &mut data);
-    more_txgs(&env, &mut data, 6);
+    // Past the deferral window (frees wait HISTORY_TXGS txgs before they may be reused or trimmed).
+    more_txgs(&env, &mut data, DEFER + 1);
     let before = on_disk(&env, "a");
     assert!(
         before >= 240 * MIB,
@@ -165,7 +169,7 @@ fn a_foreground_trim_runs_without_the_daemon() {
     let env = Env::new();
     let (mut d, mut data) = setup(&env, &["autotrim=off"]);
     free_most(&env, &mut data);
-    more_txgs(&env, &mut data, 4);
+    more_txgs(&env, &mut data, DEFER + 1);
     d.stop();
     let before = on_disk(&env, "b");
     let out = env.run(&["pool", "trim", "tank", "b"]);

@@ -10,17 +10,20 @@
 //! - the pool configuration that labels carry ([`config`]);
 //! - fixed-offset little-endian field access for on-disk structures ([`codec`]), used here and by the pool;
 //! - the runtime vdev tree ([`tree`]): routing of reads and writes to mirror, stripe and single-leaf
-//!   top-level vdevs, with per-copy verification.
+//!   top-level vdevs, with per-copy verification; per-leaf I/O workers with a slow-I/O deadline
+//!   ([`dispatch`]) and the commit's parallel label writes ([`labelsync`]).
 //!
 //! Invariants: nothing read from a device is trusted before its checksum and every integer in it are
 //! validated; all multi-byte integers on disk are little-endian.
 
 pub mod codec;
 pub mod config;
+pub mod dispatch;
 pub mod error;
 pub mod file;
 pub mod identity;
 pub mod label;
+pub mod labelsync;
 pub mod leaf;
 pub mod testleaf;
 pub mod tree;

@@ -462,6 +462,7 @@ pub struct FaultSet {
 
 /// A fault that fired on one I/O, with the draw stream for its effect and the overlap it applies to.
 struct Fired {
+    id: u64,
     kind: FaultKind,
     seed: u64,
     overlap: (usize, usize),
@@ -495,6 +496,11 @@ impl FaultSet {
         self.active
             .store(inner.faults.len() as u64, Ordering::Relaxed);
         inner.faults.len() != before
+    }
+
+    /// Is fault `id` still there?
+    pub fn has(&self, id: u64) -> bool {
+        lock(&self.inner).faults.iter().any(|e| e.id == id)
     }
 
     /// Removes every fault.
@@ -535,6 +541,7 @@ impl FaultSet {
             e.draws += 1;
             if rng.percent() < e.fault.percent {
                 fired.push(Fired {
+                    id: e.id,
                     kind: e.fault.kind,
                     seed: rng.next_u64(),
                     overlap,
@@ -615,17 +622,21 @@ impl FaultLeaf {
         self.writes.store(0, Ordering::Relaxed);
     }
 
-    /// Fails with the first error fault that fired, after sleeping for every latency fault.
-    fn errors_and_latency(fired: &[Fired]) -> io::Result<()> {
-        let delay: u64 = fired
-            .iter()
-            .map(|f| match f.kind {
-                FaultKind::Latency { ms } => ms,
-                _ => 0,
-            })
-            .sum();
-        if delay > 0 {
-            std::thread::sleep(Duration::from_millis(delay));
+    /// Fails with the first error fault that fired, after sleeping for every latency fault. A latency
+    /// fault that is cleared meanwhile (`inject -c`) ends its wait.
+    fn errors_and_latency(&self, fired: &[Fired]) -> io::Result<()> {
+        for f in fired {
+            let FaultKind::Latency { ms } = f.kind else {
+                continue;
+            };
+            let until = std::time::Instant::now() + Duration::from_millis(ms);
+            loop {
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() || !self.faults.has(f.id) {
+                    break;
+                }
+                std::thread::sleep(left.min(Duration::from_millis(20)));
+            }
         }
         for f in fired {
             match f.kind {
@@ -647,7 +658,7 @@ impl FaultLeaf {
     ) -> io::Result<()> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let fired = self.faults.fire(Op::Read, offset, buf.len() as u64);
-        Self::errors_and_latency(&fired)?;
+        self.errors_and_latency(&fired)?;
         read(buf)?;
         for f in &fired {
             if f.kind == FaultKind::CorruptRead {
@@ -677,7 +688,7 @@ impl Leaf for FaultLeaf {
             io::ErrorKind::InvalidInput,
         )?;
         let fired = self.faults.fire(Op::Write, offset, buf.len() as u64);
-        Self::errors_and_latency(&fired)?;
+        self.errors_and_latency(&fired)?;
         if fired.iter().any(|f| f.kind == FaultKind::Drop) {
             return Ok(());
         }
@@ -699,7 +710,7 @@ impl Leaf for FaultLeaf {
 
     fn flush(&self) -> io::Result<()> {
         let fired = self.faults.fire(Op::Flush, 0, 0);
-        Self::errors_and_latency(&fired)?;
+        self.errors_and_latency(&fired)?;
         self.inner.flush()
     }
 
@@ -709,7 +720,7 @@ impl Leaf for FaultLeaf {
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let fired = self.faults.fire(Op::Discard, offset, len);
-        Self::errors_and_latency(&fired)?;
+        self.errors_and_latency(&fired)?;
         self.inner.discard(offset, len)
     }
 

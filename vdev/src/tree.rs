@@ -14,8 +14,9 @@
 //! error counters only grow until `clear`.
 
 use crate::config::{LeafConfig, PoolConfig, TopKind};
+use crate::dispatch::{IoQueue, Pending, DEFAULT_SLOW_MS};
 use crate::error::{Result, VdevError};
-use crate::label::{self, Uberblock, DATA_START};
+use crate::label::{self, DATA_START};
 use crate::leaf::Leaf;
 use crate::testleaf::{FaultLeaf, FaultSet};
 use crate::units::{lock, now_secs};
@@ -136,6 +137,8 @@ pub struct LeafVdev {
     pub verify_below: AtomicU64,
     /// The leaf file's modification time when it was taken offline (to notice other writers).
     pub offline_mtime: Mutex<Option<std::time::SystemTime>>,
+    /// The leaf's own I/O workers (`dispatch.rs`): mirror writes, flushes and label writes.
+    pub queue: IoQueue,
     recent_errors: Mutex<VecDeque<Instant>>,
     events: Arc<EventLog>,
     epoch: Instant,
@@ -170,6 +173,7 @@ impl LeafVdev {
             missed: AtomicBool::new(false),
             verify_below: AtomicU64::new(0),
             offline_mtime: Mutex::new(None),
+            queue: IoQueue::default(),
             recent_errors: Mutex::new(VecDeque::new()),
             events,
             epoch: Instant::now(),
@@ -359,7 +363,7 @@ impl LeafVdev {
         r
     }
 
-    fn counted_write(&self, dev: &dyn Leaf, data: &[u8], off: u64) -> io::Result<()> {
+    pub(crate) fn counted_write(&self, dev: &dyn Leaf, data: &[u8], off: u64) -> io::Result<()> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .write_bytes
@@ -469,7 +473,14 @@ pub struct TopVdev {
     pub kind: TopKind,
     pub asize: u64,
     pub children: Vec<Arc<LeafVdev>>,
+    /// The slow-I/O deadline in milliseconds (0: none; the pool sets it on every top-level vdev
+    /// from its `slow_io_deadline` property; see `dispatch.rs`).
+    pub slow_ms: AtomicU64,
 }
+
+/// What a leaf's worker answers for one write or flush: `Err(None)` when the leaf was no longer
+/// usable by the time its turn came (nothing was done).
+pub type JobResult = std::result::Result<(), Option<io::Error>>;
 
 /// One piece of a top-level I/O on one child.
 pub struct Segment {
@@ -609,30 +620,7 @@ impl TopVdev {
     pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_bounds(off, data.len())?;
         match self.kind {
-            TopKind::Mirror => {
-                let mut ok = 0;
-                let mut last_err = None;
-                for (ci, c) in self.children.iter().enumerate() {
-                    let Some(dev) = c.usable_dev() else {
-                        c.missed.store(true, Ordering::Relaxed);
-                        continue;
-                    };
-                    match c.counted_write(dev.as_ref(), data, DATA_START + off) {
-                        Ok(()) => ok += 1,
-                        Err(e) => {
-                            c.missed.store(true, Ordering::Relaxed);
-                            c.io_error("write", DATA_START + off, &e, self.last_replica(ci));
-                            last_err =
-                                Some(VdevError::io(dev.path(), "write", DATA_START + off, e));
-                        }
-                    }
-                }
-                if ok > 0 {
-                    Ok(())
-                } else {
-                    Err(last_err.unwrap_or_else(|| self.no_replicas("write")))
-                }
-            }
+            TopKind::Mirror => self.write_mirror(off, data),
             TopKind::Single | TopKind::Stripe { .. } => {
                 for s in self.segments(off, data.len()) {
                     let c = &self.children[s.child];
@@ -869,19 +857,48 @@ impl TopVdev {
         }
     }
 
-    /// Flush every usable child. A mirror needs one child to succeed; others need all.
+    /// Flush every usable child, in parallel. A mirror needs one child to succeed; others need all.
     pub fn flush(&self) -> Result<()> {
+        let pend = self.submit_flush();
+        self.finish_flush(pend)
+    }
+
+    /// Hand a flush to every usable child's worker.
+    pub fn submit_flush(&self) -> Vec<Option<Pending<JobResult>>> {
+        self.children
+            .iter()
+            .map(|c| {
+                let dev = c.usable_dev()?;
+                let lv = c.clone();
+                Some(c.queue.submit(move || {
+                    if !lv.state().usable() {
+                        return Err(None);
+                    }
+                    dev.flush().map_err(Some)
+                }))
+            })
+            .collect()
+    }
+
+    /// Wait for the flushes of [`TopVdev::submit_flush`] (a slow mirror child may be left behind,
+    /// see `dispatch.rs`).
+    pub fn finish_flush(&self, pend: Vec<Option<Pending<JobResult>>>) -> Result<()> {
+        let submitted: Vec<bool> = pend.iter().map(Option::is_some).collect();
+        let res = self.gather(pend, |r| r.is_ok(), "flush");
         let mut ok = 0;
         let mut err = None;
-        for (ci, c) in self.children.iter().enumerate() {
-            let Some(dev) = c.usable_dev() else { continue };
-            match dev.flush() {
-                Ok(()) => ok += 1,
-                Err(e) => {
+        for (ci, r) in res.into_iter().enumerate() {
+            let c = &self.children[ci];
+            match r {
+                Some(Ok(())) => ok += 1,
+                Some(Err(Some(e))) => {
                     c.missed.store(true, Ordering::Relaxed);
                     c.io_error("flush", 0, &e, self.last_replica(ci));
-                    err = Some(VdevError::io(dev.path(), "flush", 0, e));
+                    err = Some(VdevError::io(&c.path(), "flush", 0, e));
                 }
+                Some(Err(None)) => c.missed.store(true, Ordering::Relaxed),
+                None if submitted[ci] => c.missed.store(true, Ordering::Relaxed),
+                None => {}
             }
         }
         let need = match self.kind {
@@ -892,6 +909,79 @@ impl TopVdev {
             Ok(())
         } else {
             Err(err.unwrap_or_else(|| self.no_replicas("flush")))
+        }
+    }
+
+    /// A mirror write: every usable child's worker writes it, in parallel; succeeds if at least one
+    /// child took it. Children that were skipped, failed or were left behind as too slow are marked
+    /// as having missed this txg.
+    fn write_mirror(&self, off: u64, data: &[u8]) -> Result<()> {
+        let leaf_off = DATA_START + off;
+        let usable: Vec<usize> = (0..self.children.len())
+            .filter(|&ci| {
+                let c = &self.children[ci];
+                let u = c.usable_dev().is_some();
+                if !u {
+                    c.missed.store(true, Ordering::Relaxed);
+                }
+                u
+            })
+            .collect();
+        let mut ok = 0;
+        let mut last_err = None;
+        let mut account = |ci: usize, r: Option<JobResult>, ok: &mut usize| {
+            let c = &self.children[ci];
+            match r {
+                Some(Ok(())) => *ok += 1,
+                Some(Err(Some(e))) => {
+                    c.missed.store(true, Ordering::Relaxed);
+                    c.io_error("write", leaf_off, &e, self.last_replica(ci));
+                    last_err = Some(VdevError::io(&c.path(), "write", leaf_off, e));
+                }
+                Some(Err(None)) | None => c.missed.store(true, Ordering::Relaxed),
+            }
+        };
+        if let [ci] = usable[..] {
+            // One copy: nothing to wait for in parallel, and it is never left behind.
+            let c = &self.children[ci];
+            let r = match c.usable_dev() {
+                Some(dev) => c.counted_write(dev.as_ref(), data, leaf_off).map_err(Some),
+                None => Err(None),
+            };
+            account(ci, Some(r), &mut ok);
+        } else if !usable.is_empty() {
+            let buf: Arc<[u8]> = Arc::from(data);
+            let pend: Vec<Option<Pending<JobResult>>> = self
+                .children
+                .iter()
+                .enumerate()
+                .map(|(ci, c)| {
+                    if !usable.contains(&ci) {
+                        return None;
+                    }
+                    let dev = c.usable_dev()?;
+                    let lv = c.clone();
+                    let buf = buf.clone();
+                    Some(c.queue.submit(move || {
+                        if !lv.state().usable() {
+                            return Err(None);
+                        }
+                        lv.counted_write(dev.as_ref(), &buf, leaf_off).map_err(Some)
+                    }))
+                })
+                .collect();
+            let submitted: Vec<bool> = pend.iter().map(Option::is_some).collect();
+            let res = self.gather(pend, |r| r.is_ok(), "write");
+            for (ci, r) in res.into_iter().enumerate() {
+                if submitted[ci] {
+                    account(ci, r, &mut ok);
+                }
+            }
+        }
+        if ok > 0 {
+            Ok(())
+        } else {
+            Err(last_err.unwrap_or_else(|| self.no_replicas("write")))
         }
     }
 
@@ -992,6 +1082,7 @@ impl VdevTree {
                     kind: t.kind,
                     asize: t.asize,
                     children,
+                    slow_ms: AtomicU64::new(DEFAULT_SLOW_MS),
                 })
             })
             .collect();
@@ -1016,146 +1107,22 @@ impl VdevTree {
         st
     }
 
-    /// Flush every top-level vdev that takes I/O (an unavailable one has nothing of this txg).
-    pub fn flush_all(&self) -> Result<()> {
+    /// Set the slow-I/O deadline (milliseconds, 0 = none) of every top-level vdev.
+    pub fn set_slow_ms(&self, ms: u64) {
         for t in &self.tops {
-            if t.state().usable() {
-                t.flush()?;
-            }
+            t.slow_ms.store(ms, Ordering::Relaxed);
         }
-        Ok(())
-    }
-
-    /// Rewrite the uberblock the pool was opened from with its clean flag cleared, one label at a
-    /// time with a flush after each (so a crash can tear at most one copy per leaf), before a session
-    /// that opened from a clean uberblock commits anything: a crash in that first commit must be seen
-    /// by the next open as an unclean close.
-    pub fn mark_dirty(&self, ub: &Uberblock) -> Result<()> {
-        let mut ok = 0;
-        for (_, lv) in self.leaves() {
-            let Some(d) = lv.usable_dev() else { continue };
-            let mut leaf_ok = true;
-            for i in 0..4 {
-                let r = label::write_uberblock(d.as_ref(), i, ub).and_then(|()| {
-                    d.flush()
-                        .map_err(|e| VdevError::io(d.path(), "flush", 0, e))
-                });
-                if let Err(e) = r {
-                    lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("{e}");
-                    leaf_ok = false;
-                }
-            }
-            if leaf_ok {
-                ok += 1;
-            }
-        }
-        if ok == 0 {
-            return Err(VdevError::Invalid {
-                path: "pool".into(),
-                reason: "the pool could not be marked in use on any leaf".into(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Commit a txg's labels: with a new configuration, even labels, flush, uberblocks, flush, odd
-    /// labels, flush; otherwise just the uberblocks and a flush. Succeeds if at least one leaf both took
-    /// the uberblock and flushed it (import takes the newest uberblock found on any leaf).
-    pub fn sync_labels(&self, config: Option<&PoolConfig>, ub: &Uberblock) -> Result<()> {
-        let encoded = match config {
-            Some(c) => Some(
-                label::encode_config(c).map_err(|reason| VdevError::Invalid {
-                    path: "pool config".into(),
-                    reason,
-                })?,
-            ),
-            None => None,
-        };
-        type Target = (Guid, Guid, Arc<dyn Leaf>, Arc<LeafVdev>);
-        let leaves: Vec<Target> = self
-            .leaves()
-            .filter_map(|(t, c)| c.usable_dev().map(|d| (t.guid, c.guid, d, c.clone())))
-            .collect();
-        // Flush every leaf; returns which ones succeeded.
-        let flush_all = |what: &'static str| -> Vec<bool> {
-            leaves
-                .iter()
-                .map(|(_, _, d, lv)| match d.flush() {
-                    Ok(()) => true,
-                    Err(e) => {
-                        lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("{}: flush after {what} failed: {e}", d.path());
-                        false
-                    }
-                })
-                .collect()
-        };
-        let write_labels = |idxs: [usize; 2]| {
-            if let (Some(c), Some(enc)) = (config, encoded.as_ref()) {
-                for (top, guid, d, lv) in &leaves {
-                    for i in idxs {
-                        if let Err(e) = label::write_label(d.as_ref(), i, c, enc, *guid, *top) {
-                            lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("{e}");
-                        }
-                    }
-                }
-            }
-        };
-        if config.is_some() {
-            write_labels([0, 2]);
-            flush_all("even labels");
-        }
-        let wrote: Vec<bool> = leaves
-            .iter()
-            .map(|(_, _, d, lv)| {
-                let mut any = false;
-                for i in 0..4 {
-                    match label::write_uberblock(d.as_ref(), i, ub) {
-                        Ok(()) => any = true,
-                        Err(e) => {
-                            lv.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("{e}");
-                        }
-                    }
-                }
-                // A leaf that took none of this txg's uberblocks is behind from now on: its dirty
-                // time log must say so, or the next open takes it for an older copy.
-                if !any {
-                    lv.missed.store(true, Ordering::Relaxed);
-                }
-                any
-            })
-            .collect();
-        let flushed = flush_all("uberblocks");
-        for ((_, _, _, lv), f) in leaves.iter().zip(&flushed) {
-            if !f {
-                lv.missed.store(true, Ordering::Relaxed);
-            }
-        }
-        if !wrote.iter().zip(&flushed).any(|(w, f)| *w && *f) {
-            return Err(VdevError::Invalid {
-                path: "pool".into(),
-                reason: format!("txg {} could not be written to any leaf", ub.txg),
-            });
-        }
-        if config.is_some() {
-            write_labels([1, 3]);
-            flush_all("odd labels");
-        }
-        Ok(())
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::LeafFlags;
     use crate::identity::LeafIdentity;
     use crate::testleaf::MemLeaf;
 
-    fn leafcfg(g: u64) -> LeafConfig {
+    pub(crate) fn leafcfg(g: u64) -> LeafConfig {
         LeafConfig {
             guid: Guid(g),
             identity: LeafIdentity {
@@ -1168,7 +1135,7 @@ mod tests {
         }
     }
 
-    fn top(kind: TopKind, n: usize) -> (TopVdev, Vec<Arc<MemLeaf>>) {
+    pub(crate) fn top(kind: TopKind, n: usize) -> (TopVdev, Vec<Arc<MemLeaf>>) {
         let mems: Vec<Arc<MemLeaf>> = (0..n)
             .map(|i| Arc::new(MemLeaf::new(64 << 20, &format!("/l{i}"))))
             .collect();
@@ -1191,6 +1158,7 @@ mod tests {
                 kind,
                 asize,
                 children,
+                slow_ms: AtomicU64::new(DEFAULT_SLOW_MS),
             },
             mems,
         )
