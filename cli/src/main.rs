@@ -9,15 +9,18 @@ mod daemon;
 mod datasetcmd;
 mod injectcmd;
 mod interrupt;
+mod iostatcmd;
 mod names;
 mod nbd;
 mod nbd_limits;
 mod output;
 mod poolcmd;
+mod scrubcmd;
 mod size;
 mod snapcmd;
 mod sockets;
 mod statedir;
+mod statuscmd;
 mod trimcmd;
 mod vdevspec;
 
