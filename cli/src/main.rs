@@ -4,9 +4,11 @@
 //! two processes apart) and records imported pools in the state directory's cache, like zpool.cache.
 //! Errors print as `cannot <verb> '<name>': <reason>` and exit 1; usage errors exit 2.
 
+mod client;
 mod ctx;
 mod daemon;
 mod datasetcmd;
+mod fgserve;
 mod injectcmd;
 mod interrupt;
 mod iostatcmd;
@@ -458,6 +460,8 @@ pub struct CmdError {
     pub unavailable: bool,
     /// A bad command line (a column, an interval): printed as a usage error, exit 2.
     pub usage: bool,
+    /// The pool is held open by another process (its leaves are locked).
+    pub busy: bool,
 }
 
 impl CmdError {
@@ -468,6 +472,7 @@ impl CmdError {
             reason: reason.to_string(),
             unavailable: false,
             usage: false,
+            busy: false,
         }
     }
 
@@ -489,6 +494,7 @@ impl CmdError {
 }
 
 fn main() -> ExitCode {
+    use std::io::Write;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -519,20 +525,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if !matches!(cli.cmd, Top::Serve { .. }) {
-        // A running daemon holds the pools: let it run the command.
-        if let Some(r) = daemon::forward(&state_dir, std::env::args().collect()) {
-            use std::io::Write;
-            let _ = std::io::stdout().write_all(r.out.as_bytes());
-            let _ = std::io::stderr().write_all(r.err.as_bytes());
-            return ExitCode::from(r.code);
-        }
-    }
-    let cmdline = std::env::args()
-        .enumerate()
-        .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
-        .collect::<Vec<_>>()
-        .join(" ");
     if let Top::Serve {
         nbd_socket,
         nbd_socket_mode,
@@ -559,19 +551,85 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut ctx = ctx::Ctx {
-        sd: &sd,
-        pools: &ctx::LocalPools,
-        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-        cmdline,
-        out: String::new(),
-        err: String::new(),
-    };
-    let code = execute(&mut ctx, cli.cmd);
+    let argv: Vec<String> = std::env::args().collect();
+    // Commands that repeat on the client's side (an interval, a wait), asking the daemon (or
+    // the pool's holder) once per round, so that they stream and stop with Ctrl-C.
+    if let Some(code) = client::repeat(&sd, &cli.cmd, &argv) {
+        return ExitCode::from(code);
+    }
+    let r = run_once(&sd, &argv);
+    emit(&r);
+    ExitCode::from(r.code)
+}
+
+/// Print a command's output.
+pub fn emit(r: &daemon::ControlReply) {
     use std::io::Write;
-    let _ = std::io::stdout().write_all(ctx.out.as_bytes());
-    let _ = std::io::stderr().write_all(ctx.err.as_bytes());
-    ExitCode::from(code)
+    let _ = std::io::stdout().write_all(r.out.as_bytes());
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(r.err.as_bytes());
+}
+
+/// The command line as history records it (`cairn` for the program's path).
+pub fn cmdline(argv: &[String]) -> String {
+    argv.iter()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "cairn" } else { a.as_str() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run one command line: through the daemon if one answers; else in this process, or, when a
+/// pool it needs is held by a foreground command of another process (`fgserve`), there.
+pub fn run_once(sd: &statedir::StateDir, argv: &[String]) -> daemon::ControlReply {
+    if let Some(r) = daemon::forward(sd.root(), argv.to_vec()) {
+        return r;
+    }
+    run_here(sd, argv, true)
+}
+
+fn run_here(sd: &statedir::StateDir, argv: &[String], may_forward: bool) -> daemon::ControlReply {
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let text = e.render().to_string();
+            let (out, err) = if e.use_stderr() {
+                (String::new(), text)
+            } else {
+                (text, String::new())
+            };
+            return daemon::ControlReply {
+                code: if e.use_stderr() { 2 } else { 0 },
+                out,
+                err,
+            };
+        }
+    };
+    // A command the holder answers may run there even after this one read other pools; any
+    // other only if it had opened nothing yet (it changed nothing).
+    let repeatable = fgserve::allowed(&cli.cmd);
+    let pools = ctx::LocalPools::default();
+    let mut ctx = ctx::Ctx::new(
+        sd,
+        &pools,
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        cmdline(argv),
+    );
+    let code = execute(&mut ctx, cli.cmd);
+    if let Some((sock, before)) = pools.held_elsewhere().filter(|_| may_forward) {
+        if before == 0 || repeatable {
+            return match daemon::forward_at(&sock, argv.to_vec()) {
+                Some(r) => r,
+                // It ended meanwhile: the pool is free now.
+                None => run_here(sd, argv, false),
+            };
+        }
+    }
+    daemon::ControlReply {
+        code,
+        out: ctx.out,
+        err: ctx.err,
+    }
 }
 
 /// Run a parsed command; output goes to `ctx`, the exit code is returned.
@@ -583,7 +641,7 @@ pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
         Top::Serve { .. } => Err(vec![CmdError::new("serve", "", "not from here")]),
     };
     match result {
-        Ok(_) => 0,
+        Ok(_) => ctx.exit,
         Err(errs) => {
             let mut code = 1;
             for e in errs {

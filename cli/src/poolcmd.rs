@@ -163,6 +163,10 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         } => {
             for name in &pools {
                 crate::scrubcmd::scrub(ctx, name, pause, stop, wait)?;
+                if ctx.exit != 0 {
+                    // Interrupted: the other pools are not started.
+                    break;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -5,8 +5,11 @@ use crate::ctx::Ctx;
 use crate::errln;
 use crate::size::format_bytes_b;
 use crate::CmdError;
+use cairn_pool::scan::ScanState;
 use cairn_pool::Pool;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 fn one(e: CmdError) -> Vec<CmdError> {
     vec![e]
@@ -36,39 +39,123 @@ pub(crate) fn resilver_if_needed(
     Ok(())
 }
 
-/// Run the pool's scan in this process, with a progress bar on a terminal.
-fn run_foreground(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<CmdError>> {
-    use std::io::IsTerminal;
-    let control = std::sync::atomic::AtomicU8::new(cairn_scrub::RUN);
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(100);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let s = cairn_scrub::run(p, &control, &mut |s| {
-        if let Some(b) = &bar {
-            b.set_message(format!("{} {name}", s.function));
-            let pct = (s.examined * 100)
-                .checked_div(s.to_examine.max(1))
-                .unwrap_or(0);
-            b.set_position(pct.min(100));
-        }
-    })
-    .map_err(|e| one(CmdError::new("scrub", name, e.to_string())))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
+/// A progress bar for a scan on a terminal (nothing on a pipe): `scrub tank [=====   ] 52% eta 1m 20s`.
+pub(crate) struct Progress(indicatif::ProgressBar, String);
+
+impl Progress {
+    pub fn new(name: &str) -> Option<Progress> {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(100);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {prefix}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Progress(b, name.to_string())
+        })
     }
-    if s.state == "finished" {
-        errln!(
-            ctx,
+
+    pub fn update(&self, s: &ScanState) {
+        self.0.set_message(format!("{} {}", s.function, self.1));
+        let pct = (s.examined * 100)
+            .checked_div(s.to_examine.max(1))
+            .unwrap_or(0);
+        self.0.set_position(pct.min(100));
+        self.0.set_prefix(eta_label(s));
+    }
+
+    pub fn finish(self) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// The bar's time to go, from the scan's own rate (bytes examined per second of scanning):
+/// `eta 1m 20s`, or nothing before there is a rate.
+pub(crate) fn eta_label(s: &ScanState) -> String {
+    if s.active_ms < 1000 || s.examined == 0 {
+        return String::new();
+    }
+    let rate = (s.examined as u128 * 1000 / s.active_ms as u128).max(1);
+    let left = (s.to_examine.saturating_sub(s.examined) as u128 / rate) as u64;
+    let (h, m, sec) = (left / 3600, left / 60 % 60, left % 60);
+    let t = if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {sec}s")
+    } else {
+        format!("{sec}s")
+    };
+    format!("eta {t}")
+}
+
+/// What a scan that ended says on stderr.
+pub(crate) fn ended_message(name: &str, s: &ScanState) -> Option<String> {
+    match s.state.as_str() {
+        "finished" => Some(format!(
             "{} of '{name}' finished: {} repaired, {} errors",
             s.function,
             format_bytes_b(s.repaired),
             s.errors
-        );
+        )),
+        "paused" => Some(format!(
+            "{} of '{name}' paused (run 'cairn pool scrub {name}' to resume)",
+            s.function
+        )),
+        "canceled" => Some(format!("{} of '{name}' canceled", s.function)),
+        _ => None,
+    }
+}
+
+/// Run the pool's scan in this process, with a progress bar on a terminal. Meanwhile other
+/// commands reach the pool through this process (`crate::fgserve`), and SIGINT or SIGTERM pause
+/// the scan, as `scrub -p` would (the next `scrub` resumes it): the command then exits 128 + the
+/// signal.
+pub(crate) fn run_foreground(
+    ctx: &mut Ctx,
+    name: &str,
+    p: &Arc<Pool>,
+) -> Result<(), Vec<CmdError>> {
+    crate::interrupt::catch();
+    let function = p
+        .scan_state()
+        .map(|s| s.function)
+        .unwrap_or_else(|_| "scan".into());
+    let manager = Arc::new(cairn_scrub::ScanManager::default());
+    let server =
+        crate::fgserve::Server::start(ctx.sd, name, &function, p.clone(), Some(manager.clone()));
+    let control = Arc::new(AtomicU8::new(cairn_scrub::RUN));
+    let bar = Progress::new(name);
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|sc| {
+        // The signal only sets a flag: turn it into a pause, which the scan takes at once (also
+        // in the middle of a rate limit's wait).
+        sc.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                if crate::interrupt::interrupted() {
+                    control.store(cairn_scrub::PAUSE, Ordering::SeqCst);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let r = manager.run_here(name, p, control.clone(), &mut |s| {
+            if let Some(b) = &bar {
+                b.update(s);
+            }
+        });
+        done.store(true, Ordering::SeqCst);
+        r
+    });
+    drop(server);
+    if let Some(b) = bar {
+        b.finish();
+    }
+    let s = r.map_err(|e| one(CmdError::new(&function, name, e.to_string())))?;
+    if let Some(m) = ended_message(name, &s) {
+        errln!(ctx, "{m}");
+    }
+    if crate::interrupt::interrupted() {
+        ctx.exit = crate::interrupt::exit_code();
     }
     Ok(())
 }

@@ -1064,4 +1064,20 @@ impl ScanManager {
     pub fn is_running(&self, name: &str) -> bool {
         lock(&self.running).contains_key(name)
     }
+
+    /// Run the pool's scan in the calling thread (a foreground command), registered as running
+    /// under `name` meanwhile, so that [`ScanManager::signal`] and [`ScanManager::is_running`]
+    /// reach it as they reach a background scan.
+    pub fn run_here(
+        &self,
+        name: &str,
+        pool: &Pool,
+        control: Arc<AtomicU8>,
+        progress: &mut dyn FnMut(&ScanState),
+    ) -> Result<ScanState> {
+        lock(&self.running).insert(name.to_string(), control.clone());
+        let r = run(pool, &control, progress);
+        lock(&self.running).remove(name);
+        r
+    }
 }

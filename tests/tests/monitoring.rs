@@ -1,0 +1,200 @@
+//! End-to-end tests of monitoring as zpool users do it (issue 16): a foreground scrub (no daemon)
+//! that Ctrl-C pauses, other terminals watching and pausing it, `status`'s options and interval,
+//! `pool wait`, `pool iostat` in zpool's shape.
+//!
+//! The pool is the RAID1+0 fixture (`cairn_tests::raid10`); a foreground scrub is held back by a
+//! low `scrub_rate_limit` so that it is still running while the test looks at it. Nothing here
+//! depends on timing: every wait polls a condition with a generous bound.
+
+use cairn_tests::raid10::{num, scan, setup_with_data};
+use cairn_tests::{cairn_bin, Env, MIB};
+use serde_json::Value;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A command started in the background (`cairn --state-dir STATE ARGS...`), its output in files.
+struct Bg {
+    child: Child,
+    out: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl Bg {
+    fn start(env: &Env, name: &str, args: &[&str]) -> Bg {
+        let out = env.path(&format!("{name}.out"));
+        let err = env.path(&format!("{name}.err"));
+        let child = Command::new(cairn_bin())
+            .arg("--state-dir")
+            .arg(env.state_dir())
+            .args(args)
+            .current_dir(env.dir())
+            .env_remove("CAIRN_STATE_DIR")
+            .env_remove("CAIRN_LOG")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("create the output file"))
+            .stderr(std::fs::File::create(&err).expect("create the error file"))
+            .spawn()
+            .expect("start cairn");
+        Bg { child, out, err }
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) takes no pointers; `pid` is our own child, not reaped yet.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits (at most `timeout`) for the command to exit; its status and stderr.
+    fn wait(&mut self, timeout: Duration) -> (ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return (st, std::fs::read_to_string(&self.err).unwrap_or_default());
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the background command did not exit within {timeout:?}; stderr:\n{}",
+                    std::fs::read_to_string(&self.err).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it is true; panics naming `what` after `timeout`.
+fn poll(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The RAID1+0 pool with `mib` MiB of data, no daemon, and a scrub rate limit of 2 MiB/s.
+fn slow_pool(mib: u64, seed: u64) -> Env {
+    let (env, mut d, _model) = setup_with_data(mib * MIB, seed);
+    d.stop();
+    env.ok(&["pool", "set", "scrub_rate_limit=2M", "tank"]);
+    env
+}
+
+/// Starts `pool scrub -w tank` in the foreground of another process and waits until other
+/// commands see it running (status reaches the pool through that process) with some progress.
+fn foreground_scrub(env: &Env, name: &str, args: &[&str]) -> Bg {
+    let mut fg = Bg::start(env, name, args);
+    poll(
+        "the foreground scrub shows progress",
+        Duration::from_secs(60),
+        || {
+            assert!(
+                fg.running(),
+                "the foreground scrub ended early: {}",
+                std::fs::read_to_string(&fg.err).unwrap_or_default()
+            );
+            let o = env.run(&["pool", "status", "-j", "tank"]);
+            if o.code != 0 {
+                return false;
+            }
+            let v: Value = serde_json::from_str(&o.stdout).expect("status -j");
+            let s = &v["pools"]["tank"]["scan_stats"];
+            s["state"] == "SCANNING" && num(&s["examined"]) > 0
+        },
+    );
+    fg
+}
+
+#[test]
+fn ctrl_c_on_a_foreground_scrub_leaves_it_paused_and_resumable() {
+    let env = slow_pool(48, 0x51);
+    let mut fg = foreground_scrub(&env, "scrub", &["pool", "scrub", "-w", "tank"]);
+
+    // While it runs, the read-only commands reach the pool through the scrubbing process.
+    let st = env.ok(&["pool", "status", "tank"]);
+    assert!(st.contains("scrub in progress since"), "{st}");
+    let l = env.ok(&["pool", "list", "-H", "-o", "name,health"]);
+    assert_eq!(l.trim(), "tank\tONLINE");
+    env.ok(&["pool", "get", "size", "tank"]);
+    env.ok(&["pool", "events", "tank"]);
+    env.ok(&["pool", "history", "tank"]);
+    env.ok(&["pool", "iostat", "tank"]);
+    // Anything else is refused, naming why.
+    let e = env.fail(&["pool", "set", "comment=x", "tank"]);
+    assert!(
+        e.contains("cannot set 'tank': pool is busy: a foreground scrub holds it"),
+        "{e}"
+    );
+
+    let before = scan(&env);
+    fg.signal(libc::SIGINT);
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(130), "exit after SIGINT: {st}; {err}");
+    assert!(err.contains("scrub of 'tank' paused"), "{err}");
+    let s = scan(&env);
+    assert_eq!(s["state"], "PAUSED", "{s:#}");
+    assert!(num(&s["examined"]) >= num(&before["examined"]), "{s:#}");
+    let text = env.ok(&["pool", "status", "tank"]);
+    assert!(text.contains("scrub paused since"), "{text}");
+
+    // A later scrub resumes it (same start) and finishes.
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    let o = env.run(&["pool", "scrub", "tank"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let done = scan(&env);
+    assert_eq!(done["state"], "FINISHED", "{done:#}");
+    assert_eq!(
+        done["start_time"], s["start_time"],
+        "resumed, not started over"
+    );
+    assert_eq!(num(&done["errors"]), 0);
+}
+
+#[test]
+fn pause_stop_and_sigterm_reach_a_foreground_scrub_from_another_terminal() {
+    let env = slow_pool(32, 0x52);
+    let mut fg = foreground_scrub(&env, "scrub1", &["pool", "scrub", "-w", "tank"]);
+    env.ok(&["pool", "scrub", "-p", "tank"]);
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(err.contains("scrub of 'tank' paused"), "{err}");
+    assert_eq!(scan(&env)["state"], "PAUSED");
+
+    // Resumed in the foreground, then stopped from outside.
+    let mut fg = foreground_scrub(&env, "scrub2", &["pool", "scrub", "tank"]);
+    env.ok(&["pool", "scrub", "-s", "tank"]);
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(0), "{err}");
+    assert!(err.contains("scrub of 'tank' canceled"), "{err}");
+    assert_eq!(scan(&env)["state"], "CANCELED");
+
+    // SIGTERM pauses too (exit 128 + 15).
+    let mut fg = foreground_scrub(&env, "scrub3", &["pool", "scrub", "-w", "tank"]);
+    fg.signal(libc::SIGTERM);
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(143), "{err}");
+    assert_eq!(scan(&env)["state"], "PAUSED");
+    assert!(fg.stdout().is_empty());
+    // Nothing holds the pool any more: commands open it themselves again.
+    assert!(!env.state_dir().join("fg/tank.sock").exists());
+    env.ok(&["pool", "set", "comment=done", "tank"]);
+}
