@@ -113,6 +113,10 @@ pub struct VdevStatus {
     pub write_bytes: u64,
     /// Moving average of read latency in microseconds (leaves; 0 if not measured).
     pub read_latency_us: u64,
+    /// The same of writes.
+    pub write_latency_us: u64,
+    /// I/Os slower than `cairn_vdev::tree::SLOW_IO` since the pool was opened (summed above leaves).
+    pub slow_ios: u64,
     /// Txg ranges this leaf lacks (its dirty time log), awaiting resilver.
     pub dtl: Vec<(u64, u64)>,
     pub children: Vec<VdevStatus>,
@@ -139,6 +143,7 @@ impl VdevStatus {
             writes: children.iter().map(|c| c.writes).sum(),
             read_bytes: children.iter().map(|c| c.read_bytes).sum(),
             write_bytes: children.iter().map(|c| c.write_bytes).sum(),
+            slow_ios: children.iter().map(|c| c.slow_ios).sum(),
             children,
             ..VdevStatus::default()
         }
@@ -2437,6 +2442,8 @@ impl Inner {
                     read_bytes: n(&c.stats.read_bytes),
                     write_bytes: n(&c.stats.write_bytes),
                     read_latency_us: n(&c.stats.lat_ewma_ns) / 1000,
+                    write_latency_us: n(&c.stats.wlat_ewma_ns) / 1000,
+                    slow_ios: n(&c.stats.slow_ios),
                     dtl: lock(&c.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect(),
                     children: Vec::new(),
                 });
