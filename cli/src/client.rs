@@ -3,9 +3,97 @@
 //! output streams whoever runs the command, and Ctrl-C ends the client alone.
 
 use crate::statedir::StateDir;
-use crate::Top;
+use crate::{emit, run_once, CmdError, PoolCmd, Top};
+use std::time::Duration;
+
+/// Pool names, interval and count.
+pub type PoolsInterval = (Vec<String>, Option<u64>, Option<u64>);
+
+/// `[POOL...] [INTERVAL [COUNT]]` as zpool reads it: the numbers after the pool names are the
+/// interval (seconds, at least 1) and the count (at least 1).
+pub fn split_interval(verb: &str, args: &[String]) -> Result<PoolsInterval, CmdError> {
+    let bad = |m: String| {
+        CmdError::usage(
+            verb,
+            format!("{m}\nusage: cairn pool {verb} [OPTIONS] [POOL...] [INTERVAL [COUNT]]"),
+        )
+    };
+    let mut pools: Vec<String> = Vec::new();
+    let mut nums: Vec<u64> = Vec::new();
+    for a in args {
+        // Numbers (or what looks like one: "-1", "0.5") end the pool names.
+        let numeric = a.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.');
+        match a.parse::<u64>() {
+            Ok(n) => nums.push(n),
+            Err(_) if nums.is_empty() && !numeric => pools.push(a.clone()),
+            Err(_) if nums.is_empty() => {
+                return Err(bad(format!(
+                    "invalid interval '{a}': interval must be a positive number of seconds"
+                )))
+            }
+            Err(_) => {
+                return Err(bad(format!(
+                    "invalid count '{a}': count must be a positive number"
+                )))
+            }
+        }
+    }
+    if nums.len() > 2 {
+        return Err(bad(format!("too many arguments: '{}'", nums[2])));
+    }
+    let interval = nums.first().copied();
+    let count = nums.get(1).copied();
+    if interval == Some(0) {
+        return Err(bad(
+            "invalid interval '0': interval must be a positive number".into(),
+        ));
+    }
+    if count == Some(0) {
+        return Err(bad(
+            "invalid count '0': count must be a positive number".into()
+        ));
+    }
+    Ok((pools, interval, count))
+}
+
+/// Print a usage error as `crate::execute` does; exit code 2.
+pub fn usage_error(e: &CmdError) -> u8 {
+    eprintln!("error: {}\n\nFor more information, try '--help'.", e.reason);
+    2
+}
 
 /// Run `cmd` as a client-side loop if it is one; `None` if it runs once as usual.
-pub fn repeat(_sd: &StateDir, _cmd: &Top, _argv: &[String]) -> Option<u8> {
-    None
+pub fn repeat(sd: &StateDir, cmd: &Top, argv: &[String]) -> Option<u8> {
+    let Top::Pool(cmd) = cmd else { return None };
+    match cmd {
+        PoolCmd::Status { pools, .. } => {
+            let (_, interval, count) = match split_interval("status", pools) {
+                Ok(x) => x,
+                Err(e) => return Some(usage_error(&e)),
+            };
+            let interval = interval?;
+            Some(every(interval, count, || {
+                let r = run_once(sd, argv);
+                emit(&r);
+                (r.code != 0).then_some(r.code)
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Call `round` `count` times (or until interrupted), `interval` seconds apart; stop at the
+/// first round that returns an exit code.
+pub fn every(interval: u64, count: Option<u64>, mut round: impl FnMut() -> Option<u8>) -> u8 {
+    let mut n = 0u64;
+    loop {
+        if let Some(code) = round() {
+            return code;
+        }
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return 0;
+        }
+        std::thread::sleep(Duration::from_secs(interval));
+    }
 }

@@ -228,6 +228,47 @@ pub struct ListFlags {
     pub json: bool,
 }
 
+/// The options of `cairn pool status`.
+#[derive(Args, Clone, Default)]
+pub struct StatusOpts {
+    /// Verbose: list data errors.
+    #[arg(short = 'v')]
+    pub verbose: bool,
+    /// Full paths of leaves.
+    #[arg(short = 'P')]
+    pub full_paths: bool,
+    /// Resolve symbolic links in leaf paths (with -P: the whole resolved path).
+    #[arg(short = 'L')]
+    pub resolve: bool,
+    /// GUIDs instead of vdev names.
+    #[arg(short = 'g')]
+    pub guids: bool,
+    /// Exact (parsable) numbers.
+    #[arg(short = 'p')]
+    pub parsable: bool,
+    /// Only pools that are not healthy ("all pools are healthy" if none).
+    #[arg(short = 'x')]
+    pub unhealthy: bool,
+    /// Only vdevs that are not healthy (not ONLINE, or with errors), and the vdevs above them.
+    #[arg(short = 'e')]
+    pub errors_only: bool,
+    /// A SLOW column: I/Os of each vdev that took longer than 30 s since the pool was opened.
+    #[arg(short = 's')]
+    pub slow: bool,
+    /// Every leaf's initialization state (Cairn has no initialize: "(uninitialized)").
+    #[arg(short = 'i')]
+    pub initialize: bool,
+    /// Every leaf's trim state (untrimmed, percent trimmed, suspended, completed).
+    #[arg(short = 't')]
+    pub trim: bool,
+    /// Deduplication statistics (Cairn does not deduplicate: "no DDT entries").
+    #[arg(short = 'D')]
+    pub dedup: bool,
+    /// JSON output.
+    #[arg(short = 'j')]
+    pub json: bool,
+}
+
 #[derive(Subcommand)]
 pub enum PoolCmd {
     /// Create a pool: cairn pool create [-f] [-o PROP=VAL]... [--size SIZE] POOL VDEV_SPEC...
@@ -256,17 +297,11 @@ pub enum PoolCmd {
     },
     /// Show the health and configuration of pools.
     Status {
-        /// Verbose: list data errors.
-        #[arg(short = 'v')]
-        verbose: bool,
-        /// Full paths of leaves.
-        #[arg(short = 'P')]
-        full_paths: bool,
-        /// Every leaf's trim state (untrimmed, percent trimmed, suspended, completed).
-        #[arg(short = 't')]
-        trim: bool,
-        #[arg(short = 'j')]
-        json: bool,
+        #[command(flatten)]
+        opts: StatusOpts,
+        /// POOL..., then INTERVAL (seconds between reports) and COUNT (how many; default: until
+        /// interrupted).
+        #[arg(value_name = "POOL")]
         pools: Vec<String>,
     },
     /// List importable pools, or import one by name or GUID (optionally under a new name).

@@ -39,13 +39,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             vdevs,
         } => create(ctx, force, &props, size.as_deref(), &pool, &vdevs, cmdline),
         PoolCmd::List { flags, cols, pools } => list(ctx, &flags, cols.as_deref(), &pools),
-        PoolCmd::Status {
-            verbose,
-            full_paths,
-            trim,
-            json,
-            pools,
-        } => crate::statuscmd::status(ctx, verbose, full_paths, trim, json, &pools),
+        PoolCmd::Status { opts, pools } => crate::statuscmd::status(ctx, &opts, &pools),
         PoolCmd::Import {
             dirs,
             force,
@@ -601,7 +595,7 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
     s.push_str(" config:\n\n");
     s.push_str(&crate::statuscmd::render_config(
         &root,
-        false,
+        &crate::statuscmd::Show::default(),
         false,
         &Default::default(),
     ));

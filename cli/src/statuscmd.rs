@@ -5,7 +5,7 @@ use crate::ctx::Ctx;
 use crate::poolcmd::{format_time, targets};
 use crate::size::{format_bytes_b, format_compact};
 use crate::statedir::CacheEntry;
-use crate::{out, outln, CmdError};
+use crate::{out, outln, CmdError, StatusOpts};
 use cairn_pool::import;
 use cairn_pool::pool::{PoolStatus, VdevStatus};
 use cairn_pool::trim::{LeafTrim, TrimState};
@@ -28,8 +28,22 @@ fn duration(secs: u64) -> String {
     }
 }
 
-/// The `scan:` lines of status.
-pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
+/// The `scan:` lines of status (`exact`: byte figures as exact numbers, `-p`).
+pub fn scan_text(s: &cairn_pool::scan::ScanState, exact: bool) -> String {
+    let format_compact = |v: u64| {
+        if exact {
+            v.to_string()
+        } else {
+            format_compact(v)
+        }
+    };
+    let format_bytes_b = |v: u64| {
+        if exact {
+            v.to_string()
+        } else {
+            format_bytes_b(v)
+        }
+    };
     let f = if s.function.is_empty() {
         "scrub"
     } else {
@@ -116,20 +130,81 @@ fn count(v: u64, exact: bool) -> String {
     }
 }
 
+/// How status shows the vdevs of its table (its options).
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Show {
+    /// `-P`: the full path of leaves.
+    pub full: bool,
+    /// `-L`: symbolic links resolved.
+    pub resolve: bool,
+    /// `-g`: GUIDs instead of names.
+    pub guids: bool,
+    /// `-p`: exact counters.
+    pub exact: bool,
+    /// `-e`: only unhealthy vdevs (and those above them).
+    pub errors_only: bool,
+    /// `-s`: the SLOW column.
+    pub slow: bool,
+}
+
+impl Show {
+    fn of(o: &StatusOpts) -> Show {
+        Show {
+            full: o.full_paths,
+            resolve: o.resolve,
+            guids: o.guids,
+            exact: o.parsable,
+            errors_only: o.errors_only,
+            slow: o.slow,
+        }
+    }
+
+    /// The name a vdev's row shows.
+    fn name(&self, v: &VdevStatus, depth: usize) -> String {
+        if self.guids && depth > 0 {
+            return v.guid.to_string();
+        }
+        let Some(path) = v.path.as_deref().filter(|_| self.full || self.resolve) else {
+            return v.name.clone();
+        };
+        let path = if self.resolve {
+            std::fs::canonicalize(path)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| path.to_string())
+        } else {
+            path.to_string()
+        };
+        if self.full {
+            path
+        } else {
+            cairn_pool::pool::leaf_name(&path)
+        }
+    }
+}
+
+/// A vdev that is not ONLINE, has errors, or (a leaf) has something to say (`-e`).
+fn unhealthy(v: &VdevStatus) -> bool {
+    v.state != "ONLINE"
+        || v.read_errors + v.write_errors + v.checksum_errors > 0
+        || (v.children.is_empty() && v.reason.is_some())
+}
+
+fn has_unhealthy(v: &VdevStatus) -> bool {
+    unhealthy(v) || v.children.iter().any(has_unhealthy)
+}
+
 fn vdev_rows<'a>(
     v: &'a VdevStatus,
     depth: usize,
-    full: bool,
+    show: &Show,
     out: &mut Vec<(String, &'a VdevStatus)>,
 ) {
-    let name = if full {
-        v.path.clone().unwrap_or_else(|| v.name.clone())
-    } else {
-        v.name.clone()
-    };
-    out.push((format!("{}{}", "  ".repeat(depth), name), v));
+    if show.errors_only && depth > 0 && !has_unhealthy(v) {
+        return;
+    }
+    out.push((format!("{}{}", "  ".repeat(depth), show.name(v, depth)), v));
     for c in &v.children {
-        vdev_rows(c, depth + 1, full, out);
+        vdev_rows(c, depth + 1, show, out);
     }
 }
 
@@ -138,29 +213,36 @@ pub(crate) type LeafNotes = BTreeMap<u64, String>;
 
 pub(crate) fn render_config(
     root: &VdevStatus,
-    full: bool,
+    show: &Show,
     counters: bool,
     notes: &LeafNotes,
 ) -> String {
     let mut rows = Vec::new();
-    vdev_rows(root, 0, full, &mut rows);
+    vdev_rows(root, 0, show, &mut rows);
     let w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(10);
     let mut s = String::new();
     if counters {
         s.push_str(&format!(
-            "\t{:<w$}  {:<8} {:>5} {:>5} {:>5}\n",
+            "\t{:<w$}  {:<8} {:>5} {:>5} {:>5}",
             "NAME", "STATE", "READ", "WRITE", "CKSUM"
         ));
+        if show.slow {
+            s.push_str(&format!(" {:>5}", "SLOW"));
+        }
+        s.push('\n');
     }
     for (n, v) in rows {
         let mut line = format!("\t{:<w$}  {:<8}", n, v.state);
         if counters {
             line.push_str(&format!(
                 " {:>5} {:>5} {:>5}",
-                count(v.read_errors, false),
-                count(v.write_errors, false),
-                count(v.checksum_errors, false)
+                count(v.read_errors, show.exact),
+                count(v.write_errors, show.exact),
+                count(v.checksum_errors, show.exact)
             ));
+            if show.slow {
+                line.push_str(&format!(" {:>5}", count(v.slow_ios, show.exact)));
+            }
         }
         if let Some(r) = &v.reason {
             line.push_str("  ");
@@ -269,8 +351,7 @@ fn trim_notes(root: &VdevStatus, trims: &BTreeMap<u64, LeafTrim>, details: bool)
 
 fn status_text(
     st: &PoolStatus,
-    full: bool,
-    verbose: bool,
+    o: &StatusOpts,
     errors: &[String],
     scan: &str,
     notes: &LeafNotes,
@@ -283,11 +364,15 @@ fn status_text(
         s.push_str(&format!("action: {x}\n"));
     }
     s.push_str(&format!("  scan: {scan}\nconfig:\n\n"));
-    s.push_str(&render_config(&st.root, full, true, notes));
+    s.push_str(&render_config(&st.root, &Show::of(o), true, notes));
     s.push('\n');
+    if o.dedup {
+        // As zpool with no dedup table: Cairn does not deduplicate.
+        s.push_str(" dedup: no DDT entries\n\n");
+    }
     if st.error_count == 0 {
         s.push_str("errors: No known data errors\n");
-    } else if verbose {
+    } else if o.verbose {
         s.push_str("errors: Permanent errors have been detected in the following datasets:\n\n");
         for e in errors {
             s.push_str(&format!("        {e}\n"));
@@ -299,6 +384,26 @@ fn status_text(
         ));
     }
     s
+}
+
+/// Is the pool healthy (`-x` leaves it out)? ONLINE, nothing to say about it, no data errors.
+fn healthy(st: &PoolStatus) -> bool {
+    st.state == "ONLINE" && st.status.is_none() && st.error_count == 0
+}
+
+/// The notes of `-i`: Cairn has no `initialize` (thin leaves need none), so every leaf is
+/// "(uninitialized)", as zpool shows a leaf never initialized.
+fn initialize_notes(v: &VdevStatus, notes: &mut LeafNotes) {
+    if v.children.is_empty() && v.vdev_type == "leaf" {
+        let n = notes.entry(v.guid).or_default();
+        if !n.is_empty() {
+            n.push_str("  ");
+        }
+        n.push_str("(uninitialized)");
+    }
+    for c in &v.children {
+        initialize_notes(c, notes);
+    }
 }
 
 /// The permanent errors of a pool as `DATASET: offset N (SIZE block)` lines.
@@ -379,15 +484,11 @@ fn flat_unavailable(leaves: &[String]) -> Vec<VdevStatus> {
         .collect()
 }
 
-pub(crate) fn status(
-    ctx: &mut Ctx,
-    verbose: bool,
-    full: bool,
-    trim_details: bool,
-    json_out: bool,
-    pools: &[String],
-) -> CmdResult {
-    let names = targets(ctx, pools, "status")?;
+/// `pool status [OPTIONS] [POOL...] [INTERVAL [COUNT]]`: one report (the client repeats it per
+/// interval, `crate::client`).
+pub(crate) fn status(ctx: &mut Ctx, o: &StatusOpts, args: &[String]) -> CmdResult {
+    let (pools, _, _) = crate::client::split_interval("status", args).map_err(|e| vec![e])?;
+    let names = targets(ctx, &pools, "status")?;
     let mut errs = Vec::new();
     let mut texts = Vec::new();
     let mut jp = Map::new();
@@ -395,6 +496,9 @@ pub(crate) fn status(
         match ctx.pools.get(ctx.sd, n, "open") {
             Ok(p) => {
                 let st = p.status();
+                if o.unhealthy && healthy(&st) {
+                    continue;
+                }
                 let errors = data_error_list(&p);
                 let scan = p.scan_state().unwrap_or_default();
                 let sched = p
@@ -402,7 +506,7 @@ pub(crate) fn status(
                     .ok()
                     .and_then(|v| v.first().map(|x| x.1.clone()))
                     .unwrap_or_else(|| "off".into());
-                let mut scan_lines = scan_text(&scan);
+                let mut scan_lines = scan_text(&scan, o.parsable);
                 let last = (scan.last_scrub > 0).then_some(scan.last_scrub);
                 if sched != "off" {
                     let next = cairn_scrub::schedule::next_due(&sched, last)
@@ -414,15 +518,11 @@ pub(crate) fn status(
                     ));
                 }
                 let trims = p.trim_status();
-                let notes = trim_notes(&st.root, &trims, trim_details);
-                texts.push(status_text(
-                    &st,
-                    full,
-                    verbose,
-                    &errors,
-                    &scan_lines,
-                    &notes,
-                ));
+                let mut notes = trim_notes(&st.root, &trims, o.trim);
+                if o.initialize {
+                    initialize_notes(&st.root, &mut notes);
+                }
+                texts.push(status_text(&st, o, &errors, &scan_lines, &notes));
                 let mut vdevs = Map::new();
                 vdevs.insert(st.name.clone(), vdev_json(&st.root, &trims));
                 jp.insert(
@@ -459,8 +559,7 @@ pub(crate) fn status(
                 let st = unavailable_status(n, entry, &e.reason);
                 texts.push(status_text(
                     &st,
-                    full,
-                    verbose,
+                    o,
                     &[],
                     "none requested",
                     &LeafNotes::new(),
@@ -478,10 +577,19 @@ pub(crate) fn status(
             Err(e) => errs.push(e),
         }
     }
-    if json_out {
+    if o.json {
         ctx.print_json("cairn pool status", "pools", Value::Object(jp));
     } else if names.is_empty() {
         outln!(ctx, "no pools available");
+    } else if o.unhealthy && texts.is_empty() && errs.is_empty() {
+        // As zpool -x.
+        if pools.is_empty() {
+            outln!(ctx, "all pools are healthy");
+        } else {
+            for n in &pools {
+                outln!(ctx, "pool '{n}' is healthy");
+            }
+        }
     } else {
         out!(ctx, "{}", texts.join("\n"));
     }

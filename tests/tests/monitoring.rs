@@ -198,3 +198,67 @@ fn pause_stop_and_sigterm_reach_a_foreground_scrub_from_another_terminal() {
     assert!(!env.state_dir().join("fg/tank.sock").exists());
     env.ok(&["pool", "set", "comment=done", "tank"]);
 }
+
+/// `mirror a b` of 128 MiB sparse files, no daemon.
+fn small_mirror() -> Env {
+    let env = Env::new();
+    let (a, b) = (env.p("a"), env.p("b"));
+    env.ok(&["pool", "create", "--size", "128M", "tank", "mirror", &a, &b]);
+    env
+}
+
+/// The names in the first column of a status table.
+fn table_names(text: &str) -> Vec<String> {
+    text.lines()
+        .skip_while(|l| !l.trim_start().starts_with("NAME"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn status_options_as_zpool_has_them() {
+    let env = small_mirror();
+    // -x: only unhealthy pools.
+    assert_eq!(env.ok(&["pool", "status", "-x"]), "all pools are healthy\n");
+    assert_eq!(
+        env.ok(&["pool", "status", "-x", "tank"]),
+        "pool 'tank' is healthy\n"
+    );
+    // -g: GUIDs (the pool row keeps the name); they are those of -j.
+    let j = env.status_json("tank");
+    let g = env.ok(&["pool", "status", "-g", "tank"]);
+    let names = table_names(&g);
+    assert_eq!(names[0], "tank", "{g}");
+    let mirror_guid = j["vdevs"]["tank"]["vdevs"]["mirror-0"]["guid"]
+        .as_str()
+        .expect("guid")
+        .to_string();
+    assert_eq!(names[1], mirror_guid, "{g}");
+    assert!(names[2..].iter().all(|n| n.parse::<u64>().is_ok()), "{g}");
+    // -P full paths.
+    let p = env.ok(&["pool", "status", "-P", "tank"]);
+    assert!(table_names(&p).contains(&env.p("a")), "{p}");
+    // -s: the SLOW column; -i: initialization notes; -D: no DDT.
+    let s = env.ok(&["pool", "status", "-s", "-i", "-D", "tank"]);
+    assert!(s.contains("READ WRITE CKSUM  SLOW"), "{s}");
+    assert!(s.contains("(uninitialized)"), "{s}");
+    assert!(s.contains("dedup: no DDT entries"), "{s}");
+    // -e: only the unhealthy vdevs (and those above them).
+    let e = env.ok(&["pool", "status", "-e", "tank"]);
+    assert_eq!(table_names(&e), ["tank"], "{e}");
+    env.ok(&["pool", "offline", "tank", "b"]);
+    let e = env.ok(&["pool", "status", "-e", "tank"]);
+    assert_eq!(table_names(&e), ["tank", "mirror-0", "b"], "{e}");
+    let x = env.ok(&["pool", "status", "-x"]);
+    assert!(x.contains("  pool: tank") && x.contains("DEGRADED"), "{x}");
+    // -p: exact counters (same table here: no counts above 999).
+    env.ok(&["pool", "status", "-p", "tank"]);
+    // Trailing numbers: interval and count.
+    let twice = env.ok(&["pool", "status", "tank", "1", "2"]);
+    assert_eq!(twice.matches("  pool: tank").count(), 2, "{twice}");
+    let o = env.run(&["pool", "status", "tank", "0"]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(o.stderr.contains("interval must be a positive number"));
+}
