@@ -78,6 +78,19 @@ pub fn repeat(sd: &StateDir, cmd: &Top, argv: &[String]) -> Option<u8> {
                 (r.code != 0).then_some(r.code)
             }))
         }
+        PoolCmd::Wait {
+            activities,
+            interval,
+            check: false,
+            ..
+        } => {
+            let checked = crate::waitcmd::parse_activities(activities.as_deref())
+                .and_then(|_| crate::waitcmd::parse_interval(interval.as_deref()));
+            Some(match checked {
+                Ok(iv) => crate::waitcmd::client(sd, argv, iv),
+                Err(e) => usage_error(&e),
+            })
+        }
         _ => None,
     }
 }

@@ -34,6 +34,11 @@ pub trait Pools: Send + Sync {
     fn is_daemon(&self) -> bool {
         false
     }
+    /// Does someone run the pools' long work (scans, trims) while this command looks: the daemon,
+    /// or the foreground command holding the pool? (Not a command that opened the pool itself.)
+    fn runs_work(&self) -> bool {
+        self.is_daemon()
+    }
     /// The daemon's fault registry (`cairn inject`); None outside the daemon.
     fn injections(&self) -> Option<&crate::injectcmd::Injections> {
         None

@@ -49,6 +49,7 @@ pub fn allowed(cmd: &Top) -> bool {
                     | PoolCmd::Iostat { .. }
                     | PoolCmd::Events { .. }
                     | PoolCmd::History { .. }
+                    | PoolCmd::Wait { .. }
             ) || matches!(c, PoolCmd::Scrub { pause, stop, .. } if *pause || *stop)
                 || matches!(c, PoolCmd::Trim { suspend, cancel, .. } if *suspend || *cancel)
         }
@@ -101,6 +102,9 @@ impl Pools for Held {
     }
     fn scans(&self) -> Option<&Arc<cairn_scrub::ScanManager>> {
         self.scans.as_ref()
+    }
+    fn runs_work(&self) -> bool {
+        true
     }
 }
 

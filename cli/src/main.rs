@@ -25,6 +25,7 @@ mod statedir;
 mod statuscmd;
 mod trimcmd;
 mod vdevspec;
+mod waitcmd;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -432,6 +433,18 @@ pub enum PoolCmd {
         #[command(flatten)]
         flags: ListFlags,
         pool: Option<String>,
+    },
+    /// Wait until activities on a pool end (default: all of them).
+    Wait {
+        /// Activities to wait for: free, replace, resilver, scrub, trim (comma-separated).
+        #[arg(short = 't', value_name = "ACTIVITY[,ACTIVITY...]")]
+        activities: Option<String>,
+        /// Only say what is in progress, once (the client's loop asks this).
+        #[arg(long, hide = true)]
+        check: bool,
+        pool: String,
+        /// Print what is in progress every INTERVAL seconds.
+        interval: Option<String>,
     },
     /// I/O statistics per pool (-v: per vdev) since the pool was opened, or per INTERVAL.
     Iostat {

@@ -182,6 +182,15 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Events { flags, pool } => events(ctx, &flags, pool.as_deref()),
+        PoolCmd::Wait {
+            activities,
+            check,
+            pool,
+            interval,
+        } => {
+            crate::waitcmd::parse_interval(interval.as_deref()).map_err(one)?;
+            crate::waitcmd::wait(ctx, &pool, activities.as_deref(), check)
+        }
         PoolCmd::Iostat {
             verbose,
             flags,

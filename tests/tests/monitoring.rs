@@ -262,3 +262,53 @@ fn status_options_as_zpool_has_them() {
     assert_eq!(o.code, 2, "{}", o.stderr);
     assert!(o.stderr.contains("interval must be a positive number"));
 }
+
+#[test]
+fn pool_wait_blocks_until_the_activities_end_under_the_daemon() {
+    let (env, _d, _model) = setup_with_data(32 * MIB, 0x53);
+    // Nothing in progress: at once.
+    env.ok(&["pool", "wait", "tank"]);
+    env.ok(&["pool", "wait", "-t", "trim,free,replace", "tank"]);
+    env.ok(&["pool", "set", "scrub_rate_limit=16M", "tank"]);
+    env.ok(&["pool", "scrub", "tank"]);
+    assert_eq!(scan(&env)["state"], "SCANNING");
+    let out = env.ok(&["pool", "wait", "-t", "scrub", "tank", "1"]);
+    // It returned because the scrub ended, and said what it waited for meanwhile.
+    assert_eq!(scan(&env)["state"], "FINISHED");
+    assert!(out.contains("scrub") && out.contains("% done"), "{out}");
+    // Bad activities and intervals are usage errors.
+    for args in [
+        &["pool", "wait", "-t", "bogus", "tank"][..],
+        &["pool", "wait", "tank", "0"][..],
+    ] {
+        let o = env.run(args);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+    }
+    let e = env.fail(&["pool", "wait", "nosuch"]);
+    assert!(e.contains("cannot wait for 'nosuch': no such pool"), "{e}");
+}
+
+#[test]
+fn pool_wait_without_a_daemon_reaches_the_foreground_scrub() {
+    let env = slow_pool(32, 0x54);
+    let mut fg = foreground_scrub(&env, "scrub", &["pool", "scrub", "tank"]);
+    let mut w = Bg::start(&env, "wait", &["pool", "wait", "-t", "scrub", "tank"]);
+    // A paused scrub is not in progress (as zpool): the wait ends.
+    env.ok(&["pool", "scrub", "-p", "tank"]);
+    let (st, err) = w.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(0), "{err}");
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(0), "{err}");
+    // A scrub left scanning by a killed foreground command, with nobody to run it: an error,
+    // not an endless wait. (A fresh scrub commits its start at once.)
+    env.ok(&["pool", "scrub", "-s", "tank"]);
+    let mut fg = foreground_scrub(&env, "scrub2", &["pool", "scrub", "tank"]);
+    fg.child.kill().expect("kill");
+    let _ = fg.child.wait();
+    assert_eq!(scan(&env)["state"], "SCANNING");
+    let e = env.fail(&["pool", "wait", "tank"]);
+    assert!(
+        e.contains("cannot wait for 'tank': the scrub is not running"),
+        "{e}"
+    );
+}
