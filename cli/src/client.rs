@@ -91,6 +91,17 @@ pub fn repeat(sd: &StateDir, cmd: &Top, argv: &[String]) -> Option<u8> {
                 Err(e) => usage_error(&e),
             })
         }
+        PoolCmd::Iostat {
+            verbose,
+            latency,
+            skip_first,
+            flags,
+            sample: false,
+            args,
+        } => {
+            let o = crate::iostatcmd::Opts::new(*verbose, *latency, *skip_first, flags);
+            Some(crate::iostatcmd::client(sd, &o, args))
+        }
         _ => None,
     }
 }

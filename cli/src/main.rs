@@ -446,13 +446,24 @@ pub enum PoolCmd {
         /// Print what is in progress every INTERVAL seconds.
         interval: Option<String>,
     },
-    /// I/O statistics per pool (-v: per vdev) since the pool was opened, or per INTERVAL.
+    /// I/O statistics per pool (-v: per vdev): since the pool was opened, then per INTERVAL.
     Iostat {
+        /// Every vdev, not only the pools.
         #[arg(short = 'v')]
         verbose: bool,
+        /// Latency columns (total_wait: the leaves' read and write latency averages).
+        #[arg(short = 'l')]
+        latency: bool,
+        /// Omit the first report (the figures since the pool was opened).
+        #[arg(short = 'y')]
+        skip_first: bool,
         #[command(flatten)]
         flags: ListFlags,
-        /// POOL, then INTERVAL and COUNT.
+        /// Print the raw counters as JSON (what the client samples per interval).
+        #[arg(long, hide = true)]
+        sample: bool,
+        /// POOL..., then INTERVAL (seconds) and COUNT (default: until interrupted).
+        #[arg(value_name = "POOL")]
         args: Vec<String>,
     },
 }

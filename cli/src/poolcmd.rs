@@ -193,9 +193,15 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
         }
         PoolCmd::Iostat {
             verbose,
+            latency,
+            skip_first,
             flags,
+            sample,
             args,
-        } => crate::iostatcmd::iostat(ctx, verbose, &flags, &args),
+        } => {
+            let o = crate::iostatcmd::Opts::new(verbose, latency, skip_first, &flags);
+            crate::iostatcmd::iostat(ctx, &o, sample, &args)
+        }
     }
 }
 

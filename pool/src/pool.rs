@@ -117,6 +117,8 @@ pub struct VdevStatus {
     pub write_latency_us: u64,
     /// I/Os slower than `cairn_vdev::tree::SLOW_IO` since the pool was opened (summed above leaves).
     pub slow_ios: u64,
+    /// Top-level vdevs: (allocated, size) of their space (`iostat`'s alloc and free).
+    pub space: Option<(u64, u64)>,
     /// Txg ranges this leaf lacks (its dirty time log), awaiting resilver.
     pub dtl: Vec<(u64, u64)>,
     pub children: Vec<VdevStatus>,
@@ -164,6 +166,8 @@ pub struct PoolStatus {
     pub action: Option<String>,
     pub error_count: u64,
     pub root: VdevStatus,
+    /// Milliseconds the I/O counters have been counting (since the pool was opened).
+    pub counting_ms: u64,
 }
 
 pub(crate) struct Inner {
@@ -2444,6 +2448,7 @@ impl Inner {
                     read_latency_us: n(&c.stats.lat_ewma_ns) / 1000,
                     write_latency_us: n(&c.stats.wlat_ewma_ns) / 1000,
                     slow_ios: n(&c.stats.slow_ios),
+                    space: None,
                     dtl: lock(&c.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect(),
                     children: Vec::new(),
                 });
@@ -2453,21 +2458,25 @@ impl Inner {
                 (_, VdevState::Unavail) => Some("insufficient replicas".to_string()),
                 _ => None,
             };
+            let space = self
+                .alloc
+                .tops
+                .iter()
+                .find(|a| a.id == t.id)
+                .map(|a| (a.alloc_bytes, a.asize()));
             if t.kind == TopKind::Single {
-                tops.push(children.remove(0));
+                let mut leaf = children.remove(0);
+                leaf.space = space;
+                tops.push(leaf);
             } else {
                 let (name, vtype) = match t.kind {
                     TopKind::Mirror => (format!("mirror-{}", t.id), "mirror"),
                     _ => (format!("stripe-{}", t.id), "stripe"),
                 };
-                tops.push(VdevStatus::interior(
-                    name,
-                    vtype,
-                    t.guid.0,
-                    st.as_str(),
-                    reason,
-                    children,
-                ));
+                let mut top =
+                    VdevStatus::interior(name, vtype, t.guid.0, st.as_str(), reason, children);
+                top.space = space;
+                tops.push(top);
             }
         }
         let st = self.tree.state();
@@ -2552,7 +2561,14 @@ impl Inner {
             ),
             None => (st.as_str(), action),
         };
+        let counting_ms = self
+            .tree
+            .leaves()
+            .map(|(_, l)| l.counting_for().as_millis() as u64)
+            .max()
+            .unwrap_or(0);
         PoolStatus {
+            counting_ms,
             name: self.config.name.clone(),
             pool_guid: self.config.pool_guid.0,
             state: state.into(),

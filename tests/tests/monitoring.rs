@@ -312,3 +312,82 @@ fn pool_wait_without_a_daemon_reaches_the_foreground_scrub() {
         "{e}"
     );
 }
+
+/// The rows of `iostat -v -j -p tank` by vdev name.
+fn iostat_rows(env: &Env) -> std::collections::BTreeMap<String, Value> {
+    let j = env.json(&["pool", "iostat", "-v", "-j", "-p", "tank"]);
+    j["vdevs"]
+        .as_array()
+        .expect("vdevs")
+        .iter()
+        .map(|r| (r["name"].as_str().expect("name").to_string(), r.clone()))
+        .collect()
+}
+
+#[test]
+fn iostat_in_zpool_shape_streams_through_the_daemon() {
+    let (env, _d, _model) = setup_with_data(16 * MIB, 0x55);
+    let t = env.ok(&["pool", "iostat", "-v", "-l", "tank"]);
+    let lines: Vec<&str> = t.lines().collect();
+    assert!(
+        lines[0].contains("capacity")
+            && lines[0].contains("operations")
+            && lines[0].contains("bandwidth")
+            && lines[0].contains("total_wait"),
+        "{t}"
+    );
+    assert!(
+        lines[1].starts_with("pool ") && lines[1].contains("alloc"),
+        "{t}"
+    );
+    assert!(lines[2].starts_with("----------  -----"), "{t}");
+    assert!(lines.last().unwrap().starts_with("----------"), "{t}");
+    // alloc and free on the pool and its top-level vdevs, dashes on the leaves.
+    let row = |name: &str| -> Vec<String> {
+        lines
+            .iter()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.first().is_some_and(|n| n == name))
+            .unwrap_or_else(|| panic!("no row {name} in:\n{t}"))
+    };
+    assert_ne!(row("mirror-0")[1], "-", "{t}");
+    assert_eq!(row("a")[1..3], ["-", "-"], "{t}");
+    // COUNT reports through the daemon; -y leaves out the one since the pool was opened.
+    let three = env.ok(&["pool", "iostat", "-H", "tank", "1", "3"]);
+    assert_eq!(three.lines().count(), 3, "{three}");
+    let two = env.ok(&["pool", "iostat", "-y", "-H", "-p", "tank", "1", "2"]);
+    assert_eq!(two.lines().count(), 2, "{two}");
+    assert!(
+        two.lines()
+            .all(|l| l.split('\t').skip(1).all(|c| c.parse::<u64>().is_ok())),
+        "{two}"
+    );
+    // Without a count it goes on (streaming its reports) until interrupted.
+    let mut bg = Bg::start(&env, "iostat", &["pool", "iostat", "-H", "tank", "1"]);
+    poll(
+        "iostat has printed three reports",
+        Duration::from_secs(60),
+        || bg.stdout().lines().count() >= 3,
+    );
+    assert!(bg.running());
+    bg.signal(libc::SIGINT);
+    bg.wait(Duration::from_secs(30));
+}
+
+#[test]
+fn resilver_writes_count_in_iostat() {
+    let (env, _d, mut model) = setup_with_data(8 * MIB, 0x56);
+    env.ok(&["pool", "offline", "tank", "b"]);
+    cairn_tests::raid10::write_random(&env, &mut model, 16 * MIB, 24 * MIB, 0x57);
+    let before = iostat_rows(&env)["b"]["write_bytes"].as_u64().expect("b");
+    env.ok(&["pool", "online", "tank", "b"]);
+    let s = cairn_tests::raid10::wait_resilvered(&env, Duration::from_secs(120));
+    let resilvered = num(&s["processed"]);
+    // b's mirror holds about half of the 24 MiB written while it was offline.
+    assert!(resilvered >= 8 * MIB, "{s:#}");
+    let written = iostat_rows(&env)["b"]["write_bytes"].as_u64().expect("b") - before;
+    assert!(
+        written >= resilvered,
+        "the resilver wrote {resilvered} bytes to b, iostat shows {written}"
+    );
+}

@@ -381,6 +381,11 @@ impl LeafVdev {
         r
     }
 
+    /// How long ago this leaf's counters started (the pool was opened or the leaf attached).
+    pub fn counting_for(&self) -> std::time::Duration {
+        self.epoch.elapsed()
+    }
+
     /// A write's time: the write latency average and the slow I/O count.
     pub fn note_write_latency(&self, took: std::time::Duration) {
         let ns = took.as_nanos() as u64;
