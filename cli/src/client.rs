@@ -102,8 +102,86 @@ pub fn repeat(sd: &StateDir, cmd: &Top, argv: &[String]) -> Option<u8> {
             let o = crate::iostatcmd::Opts::new(*verbose, *latency, *skip_first, flags);
             Some(crate::iostatcmd::client(sd, &o, args))
         }
+        PoolCmd::Scrub {
+            pause: false,
+            stop: false,
+            wait: true,
+            pools,
+        } => daemon_scrub_wait(sd, pools),
         _ => None,
     }
+}
+
+/// `scrub -w` under the daemon on a terminal: start the scrubs there (without `-w`), then show the
+/// same progress bar as a foreground scrub, from `status -j` every half second, until each has
+/// ended. `None` without a terminal or a daemon (the command then runs as usual: the daemon
+/// waits, or the scrub runs here with its own bar).
+fn daemon_scrub_wait(sd: &StateDir, pools: &[String]) -> Option<u8> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let mut argv: Vec<String> = ["cairn", "pool", "scrub"].map(String::from).to_vec();
+    argv.extend(pools.iter().cloned());
+    let r = crate::daemon::forward(sd.root(), argv)?;
+    emit(&r);
+    if r.code != 0 {
+        return Some(r.code);
+    }
+    for name in pools {
+        let bar = crate::scrubcmd::Progress::new(name);
+        let mut last = None;
+        loop {
+            let argv = ["cairn", "pool", "status", "-j", name.as_str()].map(String::from);
+            let Some(r) = crate::daemon::forward(sd.root(), argv.to_vec()) else {
+                break;
+            };
+            if r.code != 0 {
+                emit(&r);
+                return Some(r.code);
+            }
+            let Some(s) = scan_of(&r.out, name) else {
+                break;
+            };
+            if let Some(b) = &bar {
+                b.update(&s);
+            }
+            if s.state != "scanning" {
+                last = Some(s);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if let Some(b) = bar {
+            b.finish();
+        }
+        if let Some(m) = last.and_then(|s| crate::scrubcmd::ended_message(name, &s)) {
+            eprintln!("{m}");
+        }
+    }
+    Some(0)
+}
+
+/// The scan state of `status -j` output.
+fn scan_of(json: &str, name: &str) -> Option<cairn_pool::scan::ScanState> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let s = &v["pools"][name]["scan_stats"];
+    let n = |k: &str| {
+        s[k].as_str()
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Some(cairn_pool::scan::ScanState {
+        function: s["function"].as_str()?.to_lowercase(),
+        state: s["state"].as_str()?.to_lowercase(),
+        to_examine: n("to_examine"),
+        examined: n("examined"),
+        issued: n("issued"),
+        repaired: n("processed"),
+        errors: n("errors"),
+        active_ms: n("active_ms"),
+        ..Default::default()
+    })
 }
 
 /// Call `round` `count` times (or until interrupted), `interval` seconds apart; stop at the

@@ -541,6 +541,7 @@ pub(crate) fn status(ctx: &mut Ctx, o: &StatusOpts, args: &[String]) -> CmdResul
                                "examined": scan.examined.to_string(),
                                "issued": scan.issued.to_string(),
                                "processed": scan.repaired.to_string(),
+                               "active_ms": scan.active_ms.to_string(),
                                "errors": scan.errors.to_string(),
                                "bookmark": format!("{}:{}", scan.bookmark.object, scan.bookmark.blkid),
                            }),

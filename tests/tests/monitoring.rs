@@ -391,3 +391,22 @@ fn resilver_writes_count_in_iostat() {
         "the resilver wrote {resilvered} bytes to b, iostat shows {written}"
     );
 }
+
+#[test]
+fn a_daemon_scrub_w_on_a_terminal_shows_the_progress_bar_with_its_eta() {
+    let (env, _d, _model) = setup_with_data(32 * MIB, 0x58);
+    env.ok(&["pool", "set", "scrub_rate_limit=8M", "tank"]);
+    // `script` (util-linux) gives the command a terminal.
+    let cmd = format!(
+        "{} --state-dir {} pool scrub -w tank",
+        cairn_bin().display(),
+        env.state_dir().display()
+    );
+    let o = env.tool("script", &["-qefc", &cmd, "/dev/null"]);
+    assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    let shown = format!("{}{}", o.stdout, o.stderr);
+    assert!(shown.contains("scrub tank ["), "no progress bar:\n{shown}");
+    assert!(shown.contains("% eta "), "no labelled ETA:\n{shown}");
+    assert!(shown.contains("scrub of 'tank' finished"), "{shown}");
+    assert_eq!(scan(&env)["state"], "FINISHED");
+}
