@@ -50,6 +50,7 @@ pub fn allowed(cmd: &Top) -> bool {
                     | PoolCmd::Events { .. }
                     | PoolCmd::History { .. }
                     | PoolCmd::Wait { .. }
+                    | PoolCmd::Sync { .. }
             ) || matches!(c, PoolCmd::Scrub { pause, stop, .. } if *pause || *stop)
                 || matches!(c, PoolCmd::Trim { suspend, cancel, .. } if *suspend || *cancel)
         }
@@ -72,7 +73,7 @@ impl Held {
             &self.name,
             format!(
                 "pool is busy: a foreground {} holds it (process {}); only status, list, get, \
-                 iostat, events, history, wait and a pause or stop reach it until it ends",
+                 iostat, events, history, wait, sync and a pause or stop reach it until it ends",
                 self.what,
                 std::process::id()
             ),

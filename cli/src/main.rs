@@ -12,6 +12,7 @@ mod fgserve;
 mod injectcmd;
 mod interrupt;
 mod iostatcmd;
+mod maintcmd;
 mod names;
 mod nbd;
 mod nbd_limits;
@@ -430,9 +431,26 @@ pub enum PoolCmd {
     Clear { pool: String, leaf: Option<String> },
     /// Show recent events (errors, state changes, repairs).
     Events {
+        /// Every field of each event, one per line.
+        #[arg(short = 'v')]
+        verbose: bool,
         #[command(flatten)]
         flags: ListFlags,
         pool: Option<String>,
+    },
+    /// Commit the open transaction group of pools (default: every imported pool) now.
+    Sync { pools: Vec<String> },
+    /// Remove Cairn's labels from a leaf that is in no imported pool (-f: also one of an
+    /// exported pool, or of a pool another system may have imported).
+    Labelclear {
+        #[arg(short = 'f')]
+        force: bool,
+        leaf: PathBuf,
+    },
+    /// Start a resilver of the leaves that lack txgs, or restart the running one from the start.
+    Resilver {
+        #[arg(required = true)]
+        pools: Vec<String>,
     },
     /// Wait until activities on a pool end (default: all of them).
     Wait {

@@ -181,7 +181,14 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             crate::scrubcmd::resilver_if_needed(ctx, &pool, &p, false)?;
             Ok(ExitCode::SUCCESS)
         }
-        PoolCmd::Events { flags, pool } => events(ctx, &flags, pool.as_deref()),
+        PoolCmd::Events {
+            verbose,
+            flags,
+            pool,
+        } => events(ctx, verbose, &flags, pool.as_deref()),
+        PoolCmd::Sync { pools } => crate::maintcmd::sync(ctx, &pools),
+        PoolCmd::Labelclear { force, leaf } => crate::maintcmd::labelclear(ctx, &leaf, force),
+        PoolCmd::Resilver { pools } => crate::maintcmd::resilver(ctx, &pools),
         PoolCmd::Wait {
             activities,
             check,
@@ -215,7 +222,7 @@ fn log(ctx: &Ctx, pool: &Pool, cmdline: &str) {
     }
 }
 
-fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
+fn events(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
     let names = match pool {
         Some(p) => vec![p.to_string()],
         None => targets(ctx, &[], "events")?,
@@ -241,6 +248,29 @@ fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
             })
             .collect();
         ctx.print_json("cairn pool events", "events", Value::Array(v));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if verbose && !flags.json {
+        // As zpool events -v: each event, then its fields one per line.
+        if !flags.scripted {
+            outln!(ctx, "{:<24} CLASS", "TIME");
+        }
+        for (p, e) in all {
+            outln!(ctx, "{:<24} {}", format_time(e.time), e.class);
+            outln!(ctx, "        class = \"{}\"", e.class);
+            outln!(ctx, "        pool = \"{p}\"");
+            if !e.vdev.is_empty() {
+                outln!(ctx, "        vdev = \"{}\"", e.vdev);
+            }
+            if let Some(o) = e.offset {
+                outln!(ctx, "        offset = {o:#x}");
+            }
+            if !e.detail.is_empty() {
+                outln!(ctx, "        detail = \"{}\"", e.detail);
+            }
+            outln!(ctx, "        time = {}", e.time);
+            outln!(ctx);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     for (p, e) in all {

@@ -574,6 +574,32 @@ pub(crate) fn open_leaf_for_pool(path: &Path, shown: &str) -> Result<FileLeaf> {
     })
 }
 
+/// `pool labelclear`: what the best label of the leaf at `path` says (pool name, pool guid,
+/// state), if it has one. Reads only.
+pub fn leaf_label(path: &Path) -> Result<Option<(String, Guid, PoolState)>> {
+    let dev = FileLeaf::open(
+        path,
+        LeafOpen {
+            read_only: true,
+            lock: false,
+        },
+    )?;
+    let scan = label::scan_leaf(&dev);
+    Ok(scan
+        .best_label()
+        .map(|l| (l.config.name.clone(), l.header.pool_guid, l.config.state)))
+}
+
+/// `pool labelclear`: zero the four label areas (and their uberblock rings) of the leaf at `path`,
+/// and flush. Refused (`InUse`) while a process has its pool open.
+pub fn clear_labels(path: &Path) -> Result<()> {
+    let dev = open_leaf_for_pool(path, &path.display().to_string())?;
+    wipe_label_areas(&dev)?;
+    dev.flush()
+        .map_err(|e| VdevError::io(dev.path(), "flush", 0, e))?;
+    Ok(())
+}
+
 /// Zero all four label areas so no stale uberblock of an earlier pool survives.
 pub(crate) fn wipe_label_areas(dev: &dyn Leaf) -> Result<()> {
     let zero = vec![0u8; label::LABEL_SIZE as usize];

@@ -410,3 +410,103 @@ fn a_daemon_scrub_w_on_a_terminal_shows_the_progress_bar_with_its_eta() {
     assert!(shown.contains("scrub of 'tank' finished"), "{shown}");
     assert_eq!(scan(&env)["state"], "FINISHED");
 }
+
+#[test]
+fn pool_resilver_restarts_a_paused_resilver_from_the_start() {
+    let (env, mut d, mut model) = setup_with_data(8 * MIB, 0x59);
+    env.ok(&["pool", "offline", "tank", "b"]);
+    cairn_tests::raid10::write_random(&env, &mut model, 16 * MIB, 24 * MIB, 0x5a);
+    d.stop();
+    env.ok(&["pool", "set", "scrub_rate_limit=1M", "tank"]);
+    // online runs the resilver in the foreground; Ctrl-C pauses it.
+    let mut fg = Bg::start(&env, "online", &["pool", "online", "tank", "b"]);
+    poll(
+        "the resilver shows progress",
+        Duration::from_secs(60),
+        || {
+            let s = scan(&env);
+            s["function"] == "RESILVER" && s["state"] == "SCANNING" && num(&s["examined"]) > 0
+        },
+    );
+    fg.signal(libc::SIGINT);
+    let (st, err) = fg.wait(Duration::from_secs(60));
+    assert_eq!(st.code(), Some(130), "{err}");
+    let paused = scan(&env);
+    assert_eq!(paused["state"], "PAUSED", "{paused:#}");
+    // The restarted one starts later than the paused one did (clock seconds).
+    let started = num(&paused["start_time"]);
+    poll(
+        "the clock passes the start",
+        Duration::from_secs(10),
+        || cairn_tests::raid10::now() > started,
+    );
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    let o = env.run(&["pool", "resilver", "tank"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("resilver of 'tank' finished"),
+        "{}",
+        o.stderr
+    );
+    let s = scan(&env);
+    assert_eq!(
+        (s["function"].as_str(), s["state"].as_str()),
+        (Some("RESILVER"), Some("FINISHED"))
+    );
+    assert!(
+        num(&s["start_time"]) > started,
+        "restarted, not resumed: {s:#}"
+    );
+    assert!(!env
+        .ok(&["pool", "status", "tank"])
+        .contains("(resilver needed)"));
+    let e = env.fail(&["pool", "resilver", "tank"]);
+    assert!(
+        e.contains("cannot resilver 'tank': no leaf lacks any txg"),
+        "{e}"
+    );
+    // The events, field by field.
+    let ev = env.ok(&["pool", "events", "-v", "tank"]);
+    assert!(ev.starts_with("TIME"), "{ev}");
+    assert!(
+        ev.contains("        class = \"") && ev.contains("        pool = \"tank\""),
+        "{ev}"
+    );
+}
+
+#[test]
+fn labelclear_refuses_an_imported_leaf_and_needs_f_for_an_exported_one() {
+    let env = small_mirror();
+    env.ok(&["pool", "sync"]);
+    env.ok(&["pool", "sync", "tank"]);
+    let e = env.fail(&["pool", "sync", "nosuch"]);
+    assert!(e.contains("cannot sync 'nosuch': no such pool"), "{e}");
+    let a = env.p("a");
+    for args in [
+        &["pool", "labelclear", &a][..],
+        &["pool", "labelclear", "-f", &a][..],
+    ] {
+        let e = env.fail(args);
+        assert!(
+            e.contains("is a member (ACTIVE) of pool 'tank', imported here"),
+            "{e}"
+        );
+    }
+    env.ok(&["pool", "export", "tank"]);
+    let e = env.fail(&["pool", "labelclear", &a]);
+    assert!(e.contains("exported pool 'tank'; use '-f'"), "{e}");
+    env.ok(&["pool", "labelclear", "-f", &a]);
+    // No label left: clearing again needs nothing, and import finds the pool on b alone.
+    env.ok(&["pool", "labelclear", &a]);
+    let dir = env.dir().to_str().expect("utf-8").to_string();
+    let list = env.ok(&["pool", "import", "-d", &dir]);
+    assert!(list.contains("state: DEGRADED"), "{list}");
+    let row = list
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("a"))
+        .unwrap_or_else(|| panic!("no row for a:\n{list}"));
+    assert!(
+        row.contains("UNAVAIL") && row.contains("missing or invalid label"),
+        "{list}"
+    );
+}
