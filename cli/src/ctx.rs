@@ -3,7 +3,9 @@
 //!
 //! The same command code runs in two places: in the `cairn` process itself (pools are opened for the
 //! duration of the command, [`LocalPools`]) and inside `cairn serve` on behalf of a client (pools are the
-//! daemon's open pools). Output is captured so the daemon can send it back to the client.
+//! daemon's open pools). Output is captured so the daemon can send it back to the client. A third
+//! place is a foreground scrub, resilver or trim of the CLI, which answers other commands about
+//! the pool it holds (`crate::fgserve::Held`).
 
 use crate::statedir::StateDir;
 use crate::CmdError;
