@@ -510,3 +510,19 @@ fn labelclear_refuses_an_imported_leaf_and_needs_f_for_an_exported_one() {
         "{list}"
     );
 }
+
+#[test]
+fn status_l_resolves_symbolic_links_of_leaves() {
+    let env = Env::new();
+    env.sparse("real-a", 128 * MIB);
+    std::os::unix::fs::symlink(env.path("real-a"), env.path("link-a")).expect("symlink");
+    let (a, b) = (env.p("link-a"), env.p("b"));
+    env.ok(&["pool", "create", "--size", "128M", "tank", "mirror", &a, &b]);
+    let plain = table_names(&env.ok(&["pool", "status", "tank"]));
+    assert!(plain.contains(&"link-a".to_string()), "{plain:?}");
+    let l = table_names(&env.ok(&["pool", "status", "-L", "tank"]));
+    assert!(l.contains(&"real-a".to_string()), "{l:?}");
+    let lp = table_names(&env.ok(&["pool", "status", "-L", "-P", "tank"]));
+    let real = std::fs::canonicalize(env.path("real-a")).expect("canonicalize");
+    assert!(lp.contains(&real.display().to_string()), "{lp:?}");
+}
