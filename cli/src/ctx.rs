@@ -3,7 +3,9 @@
 //!
 //! The same command code runs in two places: in the `cairn` process itself (pools are opened for the
 //! duration of the command, [`LocalPools`]) and inside `cairn serve` on behalf of a client (pools are the
-//! daemon's open pools). Output is captured so the daemon can send it back to the client.
+//! daemon's open pools). Output is captured so the daemon can send it back to the client. A third
+//! place is a foreground scrub, resilver or trim of the CLI, which answers other commands about
+//! the pool it holds (`crate::fgserve::Held`).
 
 use crate::statedir::StateDir;
 use crate::CmdError;
@@ -34,6 +36,11 @@ pub trait Pools: Send + Sync {
     fn is_daemon(&self) -> bool {
         false
     }
+    /// Does someone run the pools' long work (scans, trims) while this command looks: the daemon,
+    /// or the foreground command holding the pool? (Not a command that opened the pool itself.)
+    fn runs_work(&self) -> bool {
+        self.is_daemon()
+    }
     /// The daemon's fault registry (`cairn inject`); None outside the daemon.
     fn injections(&self) -> Option<&crate::injectcmd::Injections> {
         None
@@ -55,6 +62,23 @@ pub struct Ctx<'a> {
     pub cmdline: String,
     pub out: String,
     pub err: String,
+    /// The exit code of a command that succeeded but ends otherwise than 0 (a foreground scrub
+    /// or trim stopped by a signal: 128 + the signal).
+    pub exit: u8,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(sd: &'a StateDir, pools: &'a dyn Pools, cwd: PathBuf, cmdline: String) -> Ctx<'a> {
+        Ctx {
+            sd,
+            pools,
+            cwd,
+            cmdline,
+            out: String::new(),
+            err: String::new(),
+            exit: 0,
+        }
+    }
 }
 
 impl Ctx<'_> {
@@ -112,7 +136,10 @@ pub fn open_from_cache(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, Cm
                 ),
             ),
             // Another process has it open: busy, not unavailable.
-            e @ PoolError::InUse(_) => err(e.to_string()),
+            e @ PoolError::InUse(_) => CmdError {
+                busy: true,
+                ..err(e.to_string())
+            },
             e => CmdError::unavailable(verb, name, e),
         })?;
     let cfg = pool.config();
@@ -138,12 +165,58 @@ pub fn open_from_cache(sd: &StateDir, name: &str, verb: &str) -> Result<Pool, Cm
     Ok(pool)
 }
 
+/// How long a command waits for a pool another command holds (one that does not answer on a
+/// foreground socket) before it says the pool is in use.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Pools opened by the command itself and closed when it ends.
-pub struct LocalPools;
+///
+/// A pool another process holds is "in use"; if that process is a foreground command that answers
+/// on its socket (`crate::fgserve`), the socket is remembered ([`LocalPools::held_elsewhere`]) so
+/// that the command can be sent there instead.
+#[derive(Default)]
+pub struct LocalPools {
+    opened: std::sync::atomic::AtomicUsize,
+    elsewhere: std::sync::Mutex<Option<(PathBuf, usize)>>,
+}
+
+impl LocalPools {
+    /// The socket of the foreground command holding the first pool this command found in use, and
+    /// how many pools the command had opened before it (0: it changed nothing yet).
+    pub fn held_elsewhere(&self) -> Option<(PathBuf, usize)> {
+        cairn_vdev::units::lock(&self.elsewhere).clone()
+    }
+}
 
 impl Pools for LocalPools {
     fn get(&self, sd: &StateDir, name: &str, verb: &str) -> Result<Arc<Pool>, CmdError> {
-        open_from_cache(sd, name, verb).map(Arc::new)
+        use std::sync::atomic::Ordering;
+        let start = std::time::Instant::now();
+        loop {
+            match open_from_cache(sd, name, verb) {
+                Ok(p) => {
+                    self.opened.fetch_add(1, Ordering::SeqCst);
+                    return Ok(Arc::new(p));
+                }
+                Err(e) if e.busy => {
+                    let sock = crate::fgserve::socket_path(sd.root(), name);
+                    if sock.exists() {
+                        let mut g = cairn_vdev::units::lock(&self.elsewhere);
+                        if g.is_none() {
+                            *g = Some((sock, self.opened.load(Ordering::SeqCst)));
+                        }
+                        return Err(e);
+                    }
+                    // Another short command (a status) holds it for a moment: wait for it a
+                    // little, rather than fail a command for a race with a watcher.
+                    if start.elapsed() > BUSY_WAIT {
+                        return Err(e);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
     fn added(&self, _pool: Arc<Pool>) {}
     fn take(

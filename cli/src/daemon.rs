@@ -266,26 +266,12 @@ fn control(d: &Arc<Daemon>, req: ControlRequest) -> ControlReply {
             }
         }
     };
-    let mut ctx = Ctx {
-        sd: &sd,
-        pools: d.as_ref(),
-        cwd: PathBuf::from(req.cwd),
-        cmdline: req
-            .argv
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                if i == 0 {
-                    "cairn".to_string()
-                } else {
-                    a.clone()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(" "),
-        out: String::new(),
-        err: String::new(),
-    };
+    let mut ctx = Ctx::new(
+        &sd,
+        d.as_ref(),
+        PathBuf::from(req.cwd),
+        crate::cmdline(&req.argv),
+    );
     let code = crate::execute(&mut ctx, cli.cmd);
     ControlReply {
         code,
@@ -329,9 +315,14 @@ async fn control_conn(d: Arc<Daemon>, s: tokio::net::UnixStream, deadline: Durat
 
 /// Send a command to a running daemon; `None` if none answers on the socket.
 pub fn forward(sd_root: &Path, argv: Vec<String>) -> Option<ControlReply> {
+    forward_at(&sd_root.join(CONTROL_SOCKET), argv)
+}
+
+/// Send a command to whoever answers on control socket `sock` (the daemon, or a foreground
+/// command holding a pool, `crate::fgserve`); `None` if nobody answers.
+pub fn forward_at(sock: &Path, argv: Vec<String>) -> Option<ControlReply> {
     use std::io::{BufRead, Write};
-    let sock = sd_root.join(CONTROL_SOCKET);
-    let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
     let req = ControlRequest {
         argv,
         cwd: std::env::current_dir()

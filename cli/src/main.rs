@@ -4,22 +4,29 @@
 //! two processes apart) and records imported pools in the state directory's cache, like zpool.cache.
 //! Errors print as `cannot <verb> '<name>': <reason>` and exit 1; usage errors exit 2.
 
+mod client;
 mod ctx;
 mod daemon;
 mod datasetcmd;
+mod fgserve;
 mod injectcmd;
 mod interrupt;
+mod iostatcmd;
+mod maintcmd;
 mod names;
 mod nbd;
 mod nbd_limits;
 mod output;
 mod poolcmd;
+mod scrubcmd;
 mod size;
 mod snapcmd;
 mod sockets;
 mod statedir;
+mod statuscmd;
 mod trimcmd;
 mod vdevspec;
+mod waitcmd;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -223,6 +230,47 @@ pub struct ListFlags {
     pub json: bool,
 }
 
+/// The options of `cairn pool status`.
+#[derive(Args, Clone, Default)]
+pub struct StatusOpts {
+    /// Verbose: list data errors.
+    #[arg(short = 'v')]
+    pub verbose: bool,
+    /// Full paths of leaves.
+    #[arg(short = 'P')]
+    pub full_paths: bool,
+    /// Resolve symbolic links in leaf paths (with -P: the whole resolved path).
+    #[arg(short = 'L')]
+    pub resolve: bool,
+    /// GUIDs instead of vdev names.
+    #[arg(short = 'g')]
+    pub guids: bool,
+    /// Exact (parsable) numbers.
+    #[arg(short = 'p')]
+    pub parsable: bool,
+    /// Only pools that are not healthy ("all pools are healthy" if none).
+    #[arg(short = 'x')]
+    pub unhealthy: bool,
+    /// Only vdevs that are not healthy (not ONLINE, or with errors), and the vdevs above them.
+    #[arg(short = 'e')]
+    pub errors_only: bool,
+    /// A SLOW column: I/Os of each vdev that took longer than 30 s since the pool was opened.
+    #[arg(short = 's')]
+    pub slow: bool,
+    /// Every leaf's initialization state (Cairn has no initialize: "(uninitialized)").
+    #[arg(short = 'i')]
+    pub initialize: bool,
+    /// Every leaf's trim state (untrimmed, percent trimmed, suspended, completed).
+    #[arg(short = 't')]
+    pub trim: bool,
+    /// Deduplication statistics (Cairn does not deduplicate: "no DDT entries").
+    #[arg(short = 'D')]
+    pub dedup: bool,
+    /// JSON output.
+    #[arg(short = 'j')]
+    pub json: bool,
+}
+
 #[derive(Subcommand)]
 pub enum PoolCmd {
     /// Create a pool: cairn pool create [-f] [-o PROP=VAL]... [--size SIZE] POOL VDEV_SPEC...
@@ -251,17 +299,11 @@ pub enum PoolCmd {
     },
     /// Show the health and configuration of pools.
     Status {
-        /// Verbose: list data errors.
-        #[arg(short = 'v')]
-        verbose: bool,
-        /// Full paths of leaves.
-        #[arg(short = 'P')]
-        full_paths: bool,
-        /// Every leaf's trim state (untrimmed, percent trimmed, suspended, completed).
-        #[arg(short = 't')]
-        trim: bool,
-        #[arg(short = 'j')]
-        json: bool,
+        #[command(flatten)]
+        opts: StatusOpts,
+        /// POOL..., then INTERVAL (seconds between reports) and COUNT (how many; default: until
+        /// interrupted).
+        #[arg(value_name = "POOL")]
         pools: Vec<String>,
     },
     /// List importable pools, or import one by name or GUID (optionally under a new name).
@@ -389,17 +431,57 @@ pub enum PoolCmd {
     Clear { pool: String, leaf: Option<String> },
     /// Show recent events (errors, state changes, repairs).
     Events {
-        #[command(flatten)]
-        flags: ListFlags,
-        pool: Option<String>,
-    },
-    /// I/O statistics per pool (-v: per vdev) since the pool was opened, or per INTERVAL.
-    Iostat {
+        /// Every field of each event, one per line.
         #[arg(short = 'v')]
         verbose: bool,
         #[command(flatten)]
         flags: ListFlags,
-        /// POOL, then INTERVAL and COUNT.
+        pool: Option<String>,
+    },
+    /// Commit the open transaction group of pools (default: every imported pool) now.
+    Sync { pools: Vec<String> },
+    /// Remove Cairn's labels from a leaf that is in no imported pool (-f: also one of an
+    /// exported pool, or of a pool another system may have imported).
+    Labelclear {
+        #[arg(short = 'f')]
+        force: bool,
+        leaf: PathBuf,
+    },
+    /// Start a resilver of the leaves that lack txgs, or restart the running one from the start.
+    Resilver {
+        #[arg(required = true)]
+        pools: Vec<String>,
+    },
+    /// Wait until activities on a pool end (default: all of them).
+    Wait {
+        /// Activities to wait for: free, replace, resilver, scrub, trim (comma-separated).
+        #[arg(short = 't', value_name = "ACTIVITY[,ACTIVITY...]")]
+        activities: Option<String>,
+        /// Only say what is in progress, once (the client's loop asks this).
+        #[arg(long, hide = true)]
+        check: bool,
+        pool: String,
+        /// Print what is in progress every INTERVAL seconds.
+        interval: Option<String>,
+    },
+    /// I/O statistics per pool (-v: per vdev): since the pool was opened, then per INTERVAL.
+    Iostat {
+        /// Every vdev, not only the pools.
+        #[arg(short = 'v')]
+        verbose: bool,
+        /// Latency columns (total_wait: the leaves' read and write latency averages).
+        #[arg(short = 'l')]
+        latency: bool,
+        /// Omit the first report (the figures since the pool was opened).
+        #[arg(short = 'y')]
+        skip_first: bool,
+        #[command(flatten)]
+        flags: ListFlags,
+        /// Print the raw counters as JSON (what the client samples per interval).
+        #[arg(long, hide = true)]
+        sample: bool,
+        /// POOL..., then INTERVAL (seconds) and COUNT (default: until interrupted).
+        #[arg(value_name = "POOL")]
         args: Vec<String>,
     },
 }
@@ -455,6 +537,8 @@ pub struct CmdError {
     pub unavailable: bool,
     /// A bad command line (a column, an interval): printed as a usage error, exit 2.
     pub usage: bool,
+    /// The pool is held open by another process (its leaves are locked).
+    pub busy: bool,
 }
 
 impl CmdError {
@@ -465,6 +549,7 @@ impl CmdError {
             reason: reason.to_string(),
             unavailable: false,
             usage: false,
+            busy: false,
         }
     }
 
@@ -486,6 +571,7 @@ impl CmdError {
 }
 
 fn main() -> ExitCode {
+    use std::io::Write;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -516,20 +602,6 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if !matches!(cli.cmd, Top::Serve { .. }) {
-        // A running daemon holds the pools: let it run the command.
-        if let Some(r) = daemon::forward(&state_dir, std::env::args().collect()) {
-            use std::io::Write;
-            let _ = std::io::stdout().write_all(r.out.as_bytes());
-            let _ = std::io::stderr().write_all(r.err.as_bytes());
-            return ExitCode::from(r.code);
-        }
-    }
-    let cmdline = std::env::args()
-        .enumerate()
-        .map(|(i, a)| if i == 0 { "cairn".to_string() } else { a })
-        .collect::<Vec<_>>()
-        .join(" ");
     if let Top::Serve {
         nbd_socket,
         nbd_socket_mode,
@@ -556,19 +628,85 @@ fn main() -> ExitCode {
             }
         };
     }
-    let mut ctx = ctx::Ctx {
-        sd: &sd,
-        pools: &ctx::LocalPools,
-        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
-        cmdline,
-        out: String::new(),
-        err: String::new(),
-    };
-    let code = execute(&mut ctx, cli.cmd);
+    let argv: Vec<String> = std::env::args().collect();
+    // Commands that repeat on the client's side (an interval, a wait), asking the daemon (or
+    // the pool's holder) once per round, so that they stream and stop with Ctrl-C.
+    if let Some(code) = client::repeat(&sd, &cli.cmd, &argv) {
+        return ExitCode::from(code);
+    }
+    let r = run_once(&sd, &argv);
+    emit(&r);
+    ExitCode::from(r.code)
+}
+
+/// Print a command's output.
+pub fn emit(r: &daemon::ControlReply) {
     use std::io::Write;
-    let _ = std::io::stdout().write_all(ctx.out.as_bytes());
-    let _ = std::io::stderr().write_all(ctx.err.as_bytes());
-    ExitCode::from(code)
+    let _ = std::io::stdout().write_all(r.out.as_bytes());
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().write_all(r.err.as_bytes());
+}
+
+/// The command line as history records it (`cairn` for the program's path).
+pub fn cmdline(argv: &[String]) -> String {
+    argv.iter()
+        .enumerate()
+        .map(|(i, a)| if i == 0 { "cairn" } else { a.as_str() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Run one command line: through the daemon if one answers; else in this process, or, when a
+/// pool it needs is held by a foreground command of another process (`fgserve`), there.
+pub fn run_once(sd: &statedir::StateDir, argv: &[String]) -> daemon::ControlReply {
+    if let Some(r) = daemon::forward(sd.root(), argv.to_vec()) {
+        return r;
+    }
+    run_here(sd, argv, true)
+}
+
+fn run_here(sd: &statedir::StateDir, argv: &[String], may_forward: bool) -> daemon::ControlReply {
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let text = e.render().to_string();
+            let (out, err) = if e.use_stderr() {
+                (String::new(), text)
+            } else {
+                (text, String::new())
+            };
+            return daemon::ControlReply {
+                code: if e.use_stderr() { 2 } else { 0 },
+                out,
+                err,
+            };
+        }
+    };
+    // A command the holder answers may run there even after this one read other pools; any
+    // other only if it had opened nothing yet (it changed nothing).
+    let repeatable = fgserve::allowed(&cli.cmd);
+    let pools = ctx::LocalPools::default();
+    let mut ctx = ctx::Ctx::new(
+        sd,
+        &pools,
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        cmdline(argv),
+    );
+    let code = execute(&mut ctx, cli.cmd);
+    if let Some((sock, before)) = pools.held_elsewhere().filter(|_| may_forward) {
+        if before == 0 || repeatable {
+            return match daemon::forward_at(&sock, argv.to_vec()) {
+                Some(r) => r,
+                // It ended meanwhile: the pool is free now.
+                None => run_here(sd, argv, false),
+            };
+        }
+    }
+    daemon::ControlReply {
+        code,
+        out: ctx.out,
+        err: ctx.err,
+    }
 }
 
 /// Run a parsed command; output goes to `ctx`, the exit code is returned.
@@ -580,7 +718,7 @@ pub fn execute(ctx: &mut ctx::Ctx, cmd: Top) -> u8 {
         Top::Serve { .. } => Err(vec![CmdError::new("serve", "", "not from here")]),
     };
     match result {
-        Ok(_) => 0,
+        Ok(_) => ctx.exit,
         Err(errs) => {
             let mut code = 1;
             for e in errs {

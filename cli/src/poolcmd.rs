@@ -1,24 +1,23 @@
-//! The `cairn pool` commands: create, list, status, import, export, destroy, add, get, set, history.
+//! The `cairn pool` commands: create, list, import, export, destroy, add, get, set, history, events
+//! and the device commands; status, iostat and scrub have files of their own (statuscmd.rs,
+//! iostatcmd.rs, scrubcmd.rs).
 
 use crate::ctx::Ctx;
 use crate::names::validate_pool_name;
 use crate::output::{render_get, select_columns, Table};
-use crate::size::{format_bytes_b, format_compact, parse_size};
+use crate::size::{format_compact, parse_size};
 use crate::statedir::CacheEntry;
 use crate::vdevspec::{parse_vdev_spec, SpecKind};
 use crate::{errln, out, outln};
 use crate::{CmdError, ListFlags, PoolCmd};
 use cairn_pool::import::{self, ImportCandidate};
-use cairn_pool::pool::{PoolStatus, VdevStatus, DEFAULT_STRIPE_CHUNK};
+use cairn_pool::pool::{PoolStatus, DEFAULT_STRIPE_CHUNK};
 use cairn_pool::rewind::Rewind;
-use cairn_pool::trim::{LeafTrim, TrimState};
 use cairn_pool::{
     CreateOptions, HostInfo, OpenOptions, Pool, PoolError, PoolState, TopKind, TopSpec,
 };
-use cairn_vdev::units::now_secs;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -40,13 +39,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             vdevs,
         } => create(ctx, force, &props, size.as_deref(), &pool, &vdevs, cmdline),
         PoolCmd::List { flags, cols, pools } => list(ctx, &flags, cols.as_deref(), &pools),
-        PoolCmd::Status {
-            verbose,
-            full_paths,
-            trim,
-            json,
-            pools,
-        } => status(ctx, verbose, full_paths, trim, json, &pools),
+        PoolCmd::Status { opts, pools } => crate::statuscmd::status(ctx, &opts, &pools),
         PoolCmd::Import {
             dirs,
             force,
@@ -96,7 +89,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
                 .map_err(|e| one(CmdError::new("online", &leaf, e)))?;
             log(ctx, &p, cmdline);
             // The leaf lacks the txgs it missed: resilver them (in the background in the daemon).
-            resilver_if_needed(ctx, &pool, &p, false)?;
+            crate::scrubcmd::resilver_if_needed(ctx, &pool, &p, false)?;
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Attach {
@@ -119,7 +112,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
                 .map_err(|e| one(CmdError::new("attach", &new.display().to_string(), e)))?;
             log(ctx, &p, cmdline);
             save_entry(ctx, cache_entry(&p)).map_err(|e| one(CmdError::new("attach", &pool, e)))?;
-            resilver_if_needed(ctx, &pool, &p, sequential)?;
+            crate::scrubcmd::resilver_if_needed(ctx, &pool, &p, sequential)?;
             Ok(ExitCode::SUCCESS)
         }
         PoolCmd::Detach { pool, leaf } => {
@@ -151,7 +144,7 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             p.replace(&old, new.as_deref(), force)
                 .map_err(|e| one(CmdError::new("replace", &old, e)))?;
             log(ctx, &p, cmdline);
-            resilver_if_needed(ctx, &pool, &p, sequential)?;
+            crate::scrubcmd::resilver_if_needed(ctx, &pool, &p, sequential)?;
             save_entry(ctx, cache_entry(&p))
                 .map_err(|e| one(CmdError::new("replace", &pool, e)))?;
             Ok(ExitCode::SUCCESS)
@@ -163,7 +156,11 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
             pools,
         } => {
             for name in &pools {
-                scrub(ctx, name, pause, stop, wait)?;
+                crate::scrubcmd::scrub(ctx, name, pause, stop, wait)?;
+                if ctx.exit != 0 {
+                    // Interrupted: the other pools are not started.
+                    break;
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -181,218 +178,36 @@ pub fn run(ctx: &mut Ctx, cmd: PoolCmd) -> CmdResult {
                 .map_err(|e| one(CmdError::new("clear", leaf.as_deref().unwrap_or(&pool), e)))?;
             log(ctx, &p, cmdline);
             // A leaf brought back lacks what it missed while faulted: resilver it, as online does.
-            resilver_if_needed(ctx, &pool, &p, false)?;
+            crate::scrubcmd::resilver_if_needed(ctx, &pool, &p, false)?;
             Ok(ExitCode::SUCCESS)
         }
-        PoolCmd::Events { flags, pool } => events(ctx, &flags, pool.as_deref()),
-        PoolCmd::Iostat {
+        PoolCmd::Events {
             verbose,
             flags,
+            pool,
+        } => events(ctx, verbose, &flags, pool.as_deref()),
+        PoolCmd::Sync { pools } => crate::maintcmd::sync(ctx, &pools),
+        PoolCmd::Labelclear { force, leaf } => crate::maintcmd::labelclear(ctx, &leaf, force),
+        PoolCmd::Resilver { pools } => crate::maintcmd::resilver(ctx, &pools),
+        PoolCmd::Wait {
+            activities,
+            check,
+            pool,
+            interval,
+        } => {
+            crate::waitcmd::parse_interval(interval.as_deref()).map_err(one)?;
+            crate::waitcmd::wait(ctx, &pool, activities.as_deref(), check)
+        }
+        PoolCmd::Iostat {
+            verbose,
+            latency,
+            skip_first,
+            flags,
+            sample,
             args,
-        } => iostat(ctx, verbose, &flags, &args),
-    }
-}
-
-/// Start (or queue) a resilver if some leaf lacks txgs; without a daemon it runs now.
-fn resilver_if_needed(
-    ctx: &mut Ctx,
-    name: &str,
-    p: &Arc<Pool>,
-    sequential: bool,
-) -> Result<(), Vec<CmdError>> {
-    let err = |e: String| one(CmdError::new("resilver", name, e));
-    let started = if sequential {
-        cairn_scrub::start_rebuild(p)
-    } else {
-        cairn_scrub::request_resilver(p)
-    }
-    .map_err(|e| err(e.to_string()))?;
-    if !started {
-        return Ok(());
-    }
-    match ctx.pools.scans() {
-        Some(m) => m.ensure_running(name, p.clone()),
-        None => run_foreground(ctx, name, p)?,
-    }
-    Ok(())
-}
-
-/// Run the pool's scan in this process, with a progress bar on a terminal.
-fn run_foreground(ctx: &mut Ctx, name: &str, p: &Arc<Pool>) -> Result<(), Vec<CmdError>> {
-    use std::io::IsTerminal;
-    let control = std::sync::atomic::AtomicU8::new(cairn_scrub::RUN);
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let b = indicatif::ProgressBar::new(100);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {percent}% {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b
-    });
-    let s = cairn_scrub::run(p, &control, &mut |s| {
-        if let Some(b) = &bar {
-            b.set_message(format!("{} {name}", s.function));
-            let pct = (s.examined * 100)
-                .checked_div(s.to_examine.max(1))
-                .unwrap_or(0);
-            b.set_position(pct.min(100));
-        }
-    })
-    .map_err(|e| one(CmdError::new("scrub", name, e.to_string())))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if s.state == "finished" {
-        errln!(
-            ctx,
-            "{} of '{name}' finished: {} repaired, {} errors",
-            s.function,
-            format_bytes_b(s.repaired),
-            s.errors
-        );
-    }
-    Ok(())
-}
-
-fn scrub(
-    ctx: &mut Ctx,
-    name: &str,
-    pause: bool,
-    stop: bool,
-    wait: bool,
-) -> Result<(), Vec<CmdError>> {
-    let err = |e: String| one(CmdError::new("scrub", name, e));
-    let p = ctx.pools.get(ctx.sd, name, "scrub").map_err(one)?;
-    let what = if pause {
-        Some(cairn_scrub::PAUSE)
-    } else if stop {
-        Some(cairn_scrub::STOP)
-    } else {
-        None
-    };
-    if let Some(w) = what {
-        let signalled = ctx.pools.scans().is_some_and(|m| m.signal(name, w));
-        if signalled {
-            // The worker records the pause/stop itself; wait until it has.
-            for _ in 0..1200 {
-                if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(25));
-            }
-        } else {
-            cairn_scrub::set_control(&p, w).map_err(|e| err(e.to_string()))?;
-        }
-        return Ok(());
-    }
-    let st = p.scan_state().map_err(|e| err(e.to_string()))?;
-    if st.state != "scanning" || ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
-        cairn_scrub::start_scrub(&p).map_err(|e| err(e.to_string()))?;
-    }
-    match ctx.pools.scans() {
-        Some(m) => {
-            m.ensure_running(name, p.clone());
-            if wait {
-                loop {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    let s = p.scan_state().map_err(|e| err(e.to_string()))?;
-                    if s.state != "scanning" {
-                        break;
-                    }
-                }
-            }
-        }
-        None => run_foreground(ctx, name, &p)?,
-    }
-    let _ = p.log_history(&ctx.cmdline.clone(), &ctx.sd.hostname());
-    Ok(())
-}
-
-/// Durations as zpool prints them: HH:MM:SS, or "N days HH:MM:SS".
-fn duration(secs: u64) -> String {
-    let (d, h, m, s) = (secs / 86400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    if d > 0 {
-        format!("{d} days {h:02}:{m:02}:{s:02}")
-    } else {
-        format!("{h:02}:{m:02}:{s:02}")
-    }
-}
-
-/// The `scan:` lines of status.
-pub fn scan_text(s: &cairn_pool::scan::ScanState) -> String {
-    let f = if s.function.is_empty() {
-        "scrub"
-    } else {
-        s.function.as_str()
-    };
-    let done_word = if f == "resilver" {
-        "resilvered"
-    } else {
-        "repaired"
-    };
-    match s.state.as_str() {
-        "" => "none requested".into(),
-        "finished" => format!(
-            "{}{} {} in {} with {} errors on {}",
-            if f.starts_with("resilver") {
-                if s.function == "rebuild" {
-                    "sequential "
-                } else {
-                    ""
-                }
-            } else {
-                "scrub "
-            },
-            done_word,
-            format_bytes_b(s.repaired),
-            duration(s.end_time.saturating_sub(s.start_time)),
-            s.errors,
-            format_time(s.end_time)
-        ),
-        "canceled" => format!("{f} canceled on {}", format_time(s.end_time)),
-        st => {
-            // Bytes per second of scanning time (pauses excluded, rate-limit waits included).
-            let per_sec = |v: u64| (v as u128 * 1000 / s.active_ms.max(1) as u128) as u64;
-            let rate = per_sec(s.examined);
-            let pct = if s.to_examine > 0 {
-                (s.examined as f64 * 100.0 / s.to_examine as f64).min(100.0)
-            } else {
-                0.0
-            };
-            let left = s.to_examine.saturating_sub(s.examined);
-            if st == "paused" {
-                // As zpool: no rate and no time to go while nothing runs.
-                return format!(
-                    "{f} paused since {}\n\t{f} started on {}\n\t{} / {} scanned, {} issued \
-                     (every copy)\n\t{} {}, {:.2}% done",
-                    format_time(s.paused_at),
-                    format_time(s.start_time),
-                    format_compact(s.examined),
-                    format_compact(s.to_examine),
-                    format_compact(s.issued),
-                    format_bytes_b(s.repaired),
-                    done_word,
-                    pct
-                );
-            }
-            let eta = if s.active_ms >= 1000 && rate > 0 {
-                format!("{} to go", duration(left / rate))
-            } else {
-                "no estimated completion time".to_string()
-            };
-            format!(
-                "{f} in progress since {}\n\t{} / {} scanned at {}/s, {} issued (every copy) at {}/s\n\t{} {}, {:.2}% done, {}",
-                format_time(s.start_time),
-                format_compact(s.examined),
-                format_compact(s.to_examine),
-                format_compact(rate),
-                format_compact(s.issued),
-                format_compact(per_sec(s.issued)),
-                format_bytes_b(s.repaired),
-                done_word,
-                pct,
-                eta
-            )
+        } => {
+            let o = crate::iostatcmd::Opts::new(verbose, latency, skip_first, &flags);
+            crate::iostatcmd::iostat(ctx, &o, sample, &args)
         }
     }
 }
@@ -407,7 +222,7 @@ fn log(ctx: &Ctx, pool: &Pool, cmdline: &str) {
     }
 }
 
-fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
+fn events(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
     let names = match pool {
         Some(p) => vec![p.to_string()],
         None => targets(ctx, &[], "events")?,
@@ -435,6 +250,29 @@ fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
         ctx.print_json("cairn pool events", "events", Value::Array(v));
         return Ok(ExitCode::SUCCESS);
     }
+    if verbose && !flags.json {
+        // As zpool events -v: each event, then its fields one per line.
+        if !flags.scripted {
+            outln!(ctx, "{:<24} CLASS", "TIME");
+        }
+        for (p, e) in all {
+            outln!(ctx, "{:<24} {}", format_time(e.time), e.class);
+            outln!(ctx, "        class = \"{}\"", e.class);
+            outln!(ctx, "        pool = \"{p}\"");
+            if !e.vdev.is_empty() {
+                outln!(ctx, "        vdev = \"{}\"", e.vdev);
+            }
+            if let Some(o) = e.offset {
+                outln!(ctx, "        offset = {o:#x}");
+            }
+            if !e.detail.is_empty() {
+                outln!(ctx, "        detail = \"{}\"", e.detail);
+            }
+            outln!(ctx, "        time = {}", e.time);
+            outln!(ctx);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     for (p, e) in all {
         t.push([
             if flags.parsable {
@@ -453,175 +291,6 @@ fn events(ctx: &mut Ctx, flags: &ListFlags, pool: Option<&str>) -> CmdResult {
     }
     out!(ctx, "{}", t.render(flags.scripted));
     Ok(ExitCode::SUCCESS)
-}
-
-fn iostat_rows(
-    v: &VdevStatus,
-    depth: usize,
-    verbose: bool,
-    rows: &mut Vec<(String, [u64; 4], u64)>,
-) {
-    rows.push((
-        format!("{}{}", "  ".repeat(depth), v.name),
-        [v.reads, v.writes, v.read_bytes, v.write_bytes],
-        v.read_latency_us,
-    ));
-    if verbose {
-        for c in &v.children {
-            iostat_rows(c, depth + 1, verbose, rows);
-        }
-    }
-}
-
-fn iostat(ctx: &mut Ctx, verbose: bool, flags: &ListFlags, args: &[String]) -> CmdResult {
-    let bad = |m: String| {
-        one(CmdError::usage(
-            "iostat",
-            format!("{m}\nusage: cairn pool iostat [-v] [POOL...] [INTERVAL [COUNT]]"),
-        ))
-    };
-    let mut pools: Vec<String> = Vec::new();
-    let mut nums: Vec<u64> = Vec::new();
-    for a in args {
-        // Numbers (or what looks like one: "-1", "0.5") end the pool names.
-        let numeric = a.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '.');
-        match a.parse::<u64>() {
-            Ok(n) => nums.push(n),
-            Err(_) if nums.is_empty() && !numeric => pools.push(a.clone()),
-            Err(_) if nums.is_empty() => {
-                return Err(bad(format!(
-                    "invalid interval '{a}': interval must be a positive number of seconds"
-                )))
-            }
-            Err(_) => {
-                return Err(bad(format!(
-                    "invalid count '{a}': count must be a positive number"
-                )))
-            }
-        }
-    }
-    let interval = nums.first().copied();
-    let count = nums.get(1).copied();
-    if interval == Some(0) {
-        return Err(bad(
-            "invalid interval '0': interval must be a positive number".into(),
-        ));
-    }
-    if count == Some(0) {
-        return Err(bad(
-            "invalid count '0': count must be a positive number".into()
-        ));
-    }
-    if nums.len() > 2 {
-        return Err(bad(format!("too many arguments: '{}'", nums[2])));
-    }
-    let names = targets(ctx, &pools, "iostat")?;
-    let mut opened = Vec::new();
-    for n in &names {
-        opened.push(ctx.pools.get(ctx.sd, n, "iostat").map_err(one)?);
-    }
-    let snapshot = |opened: &[Arc<Pool>]| -> Vec<(String, [u64; 4], u64, u64, u64)> {
-        let mut out = Vec::new();
-        for p in opened {
-            let st = p.status();
-            let mut rows = Vec::new();
-            iostat_rows(&st.root, 0, verbose, &mut rows);
-            for (i, (name, v, lat)) in rows.into_iter().enumerate() {
-                let (alloc, free) = if i == 0 {
-                    (st.allocated, st.free)
-                } else {
-                    (u64::MAX, u64::MAX)
-                };
-                out.push((name, v, alloc, free, lat));
-            }
-        }
-        out
-    };
-    let num = |v: u64| {
-        if v == u64::MAX {
-            "-".to_string()
-        } else if flags.parsable {
-            v.to_string()
-        } else {
-            format_compact(v)
-        }
-    };
-    let mut prev = snapshot(&opened);
-    let mut round = 0u64;
-    loop {
-        let (cur, secs) = if let Some(iv) = interval.filter(|_| round > 0) {
-            std::thread::sleep(std::time::Duration::from_secs(iv));
-            (snapshot(&opened), iv)
-        } else {
-            (prev.clone(), 1)
-        };
-        let mut t = Table::new(
-            [
-                "NAME",
-                "ALLOC",
-                "FREE",
-                "READ_OPS",
-                "WRITE_OPS",
-                "READ_BW",
-                "WRITE_BW",
-                "READ_LAT",
-            ],
-            vec![false, true, true, true, true, true, true, true],
-        );
-        for (i, (name, v, alloc, free, lat)) in cur.iter().enumerate() {
-            let d: [u64; 4] = if round > 0 {
-                let p = prev.get(i).map(|x| x.1).unwrap_or([0; 4]);
-                [0, 1, 2, 3].map(|k| v[k].saturating_sub(p[k]) / secs)
-            } else {
-                *v
-            };
-            let lat = if *lat == 0 {
-                "-".to_string()
-            } else if flags.parsable {
-                lat.to_string()
-            } else {
-                format!("{lat}us")
-            };
-            t.push([
-                name.clone(),
-                num(*alloc),
-                num(*free),
-                num(d[0]),
-                num(d[1]),
-                num(d[2]),
-                num(d[3]),
-                lat,
-            ]);
-        }
-        if flags.json {
-            let rows: Vec<Value> = cur
-                .iter()
-                .map(|(n, v, _, _, lat)| {
-                    json!({"name": n.trim(), "reads": v[0], "writes": v[1], "read_bytes": v[2],
-                           "write_bytes": v[3], "read_latency_us": lat})
-                })
-                .collect();
-            ctx.print_json("cairn pool iostat", "vdevs", Value::Array(rows));
-        } else {
-            out!(ctx, "{}", t.render(flags.scripted));
-        }
-        prev = cur;
-        round += 1;
-        let done = match (interval, count) {
-            (None, _) => true,
-            (Some(_), Some(c)) => round >= c.max(1),
-            (Some(_), None) => false,
-        };
-        if done {
-            return Ok(ExitCode::SUCCESS);
-        }
-        if ctx.pools.is_daemon() {
-            // The daemon answers once: an endless iostat belongs on the client side.
-            if count.is_none() {
-                return Ok(ExitCode::SUCCESS);
-            }
-        }
-    }
 }
 
 fn host(ctx: &mut Ctx) -> HostInfo {
@@ -787,7 +456,11 @@ fn create(
 }
 
 /// Pools named on the command line, or every imported pool.
-fn targets(ctx: &mut Ctx, pools: &[String], verb: &str) -> Result<Vec<String>, Vec<CmdError>> {
+pub(crate) fn targets(
+    ctx: &mut Ctx,
+    pools: &[String],
+    verb: &str,
+) -> Result<Vec<String>, Vec<CmdError>> {
     if !pools.is_empty() {
         return Ok(pools.to_vec());
     }
@@ -908,386 +581,6 @@ fn list(ctx: &mut Ctx, flags: &ListFlags, cols: Option<&str>, pools: &[String]) 
     }
 }
 
-/// zpool's compact counter: 0..999 as is, then 1.2K...
-fn count(v: u64, exact: bool) -> String {
-    if exact || v < 1000 {
-        v.to_string()
-    } else {
-        format_compact(v)
-    }
-}
-
-fn vdev_rows<'a>(
-    v: &'a VdevStatus,
-    depth: usize,
-    full: bool,
-    out: &mut Vec<(String, &'a VdevStatus)>,
-) {
-    let name = if full {
-        v.path.clone().unwrap_or_else(|| v.name.clone())
-    } else {
-        v.name.clone()
-    };
-    out.push((format!("{}{}", "  ".repeat(depth), name), v));
-    for c in &v.children {
-        vdev_rows(c, depth + 1, full, out);
-    }
-}
-
-/// What status adds after a leaf's state and reason, by leaf guid (its trim, `-t`).
-type LeafNotes = BTreeMap<u64, String>;
-
-fn render_config(root: &VdevStatus, full: bool, counters: bool, notes: &LeafNotes) -> String {
-    let mut rows = Vec::new();
-    vdev_rows(root, 0, full, &mut rows);
-    let w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max(10);
-    let mut s = String::new();
-    if counters {
-        s.push_str(&format!(
-            "\t{:<w$}  {:<8} {:>5} {:>5} {:>5}\n",
-            "NAME", "STATE", "READ", "WRITE", "CKSUM"
-        ));
-    }
-    for (n, v) in rows {
-        let mut line = format!("\t{:<w$}  {:<8}", n, v.state);
-        if counters {
-            line.push_str(&format!(
-                " {:>5} {:>5} {:>5}",
-                count(v.read_errors, false),
-                count(v.write_errors, false),
-                count(v.checksum_errors, false)
-            ));
-        }
-        if let Some(r) = &v.reason {
-            line.push_str("  ");
-            line.push_str(r);
-        }
-        if let Some(n) = notes.get(&v.guid).filter(|_| v.children.is_empty()) {
-            line.push_str("  ");
-            line.push_str(n);
-        }
-        s.push_str(line.trim_end());
-        s.push('\n');
-    }
-    s
-}
-
-fn vdev_json(v: &VdevStatus, trims: &BTreeMap<u64, LeafTrim>) -> Value {
-    let mut children = Map::new();
-    for c in &v.children {
-        children.insert(c.name.clone(), vdev_json(c, trims));
-    }
-    let mut o = json!({
-        "name": v.name, "vdev_type": v.vdev_type, "guid": v.guid.to_string(),
-        "state": v.state, "read_errors": v.read_errors.to_string(),
-        "write_errors": v.write_errors.to_string(),
-        "checksum_errors": v.checksum_errors.to_string(),
-        "repaired_bytes": v.repaired_bytes.to_string(),
-    });
-    if let Some(p) = &v.path {
-        o["path"] = json!(p);
-    }
-    if let Some(p) = &v.phys_path {
-        o["phys_path"] = json!(p);
-    }
-    if let Some(p) = &v.devid {
-        o["devid"] = json!(p);
-    }
-    if let Some(r) = &v.reason {
-        o["reason"] = json!(r);
-    }
-    if let Some(t) = trims.get(&v.guid).filter(|_| v.children.is_empty()) {
-        o["trim_state"] = json!(trim_state_name(t.state));
-        o["trim_percent"] = json!(t.percent().to_string());
-        o["trimmed_bytes"] = json!(t.trimmed.to_string());
-        o["trim_start_time"] = json!(t.start_time.to_string());
-        o["trim_end_time"] = json!(t.end_time.to_string());
-    } else if v.children.is_empty() {
-        o["trim_state"] = json!("UNTRIMMED");
-    }
-    if !v.children.is_empty() {
-        o["vdevs"] = Value::Object(children);
-    }
-    o
-}
-
-/// zpool's names of the trim states.
-fn trim_state_name(s: TrimState) -> &'static str {
-    match s {
-        TrimState::Active => "ACTIVE",
-        TrimState::Suspended => "SUSPENDED",
-        TrimState::Complete => "COMPLETE",
-    }
-}
-
-/// The trim notes of status: `(trimming)` on leaves being trimmed; with `-t` (`details`) every
-/// leaf's state as zpool prints it.
-fn trim_notes(root: &VdevStatus, trims: &BTreeMap<u64, LeafTrim>, details: bool) -> LeafNotes {
-    fn walk(v: &VdevStatus, out: &mut Vec<u64>) {
-        if v.children.is_empty() {
-            out.push(v.guid);
-        }
-        for c in &v.children {
-            walk(c, out);
-        }
-    }
-    let mut leaves = Vec::new();
-    for c in &root.children {
-        walk(c, &mut leaves);
-    }
-    let mut notes = LeafNotes::new();
-    for g in leaves {
-        let t = trims.get(&g);
-        let note = match (t, details) {
-            (Some(t), false) if t.state == TrimState::Active => "(trimming)".to_string(),
-            (_, false) => continue,
-            (None, true) => "(untrimmed)".to_string(),
-            (Some(t), true) => match t.state {
-                TrimState::Active => format!(
-                    "({}% trimmed, started at {})",
-                    t.percent(),
-                    format_time(t.start_time)
-                ),
-                TrimState::Suspended => format!(
-                    "({}% trimmed, suspended at {})",
-                    t.percent(),
-                    format_time(t.end_time)
-                ),
-                TrimState::Complete => {
-                    format!("(100% trimmed, completed at {})", format_time(t.end_time))
-                }
-            },
-        };
-        notes.insert(g, note);
-    }
-    notes
-}
-
-fn status_text(
-    st: &PoolStatus,
-    full: bool,
-    verbose: bool,
-    errors: &[String],
-    scan: &str,
-    notes: &LeafNotes,
-) -> String {
-    let mut s = format!("  pool: {}\n state: {}\n", st.name, st.state);
-    if let Some(x) = &st.status {
-        s.push_str(&format!("status: {x}\n"));
-    }
-    if let Some(x) = &st.action {
-        s.push_str(&format!("action: {x}\n"));
-    }
-    s.push_str(&format!("  scan: {scan}\nconfig:\n\n"));
-    s.push_str(&render_config(&st.root, full, true, notes));
-    s.push('\n');
-    if st.error_count == 0 {
-        s.push_str("errors: No known data errors\n");
-    } else if verbose {
-        s.push_str("errors: Permanent errors have been detected in the following datasets:\n\n");
-        for e in errors {
-            s.push_str(&format!("        {e}\n"));
-        }
-    } else {
-        s.push_str(&format!(
-            "errors: {} data errors, use '-v' for a list\n",
-            st.error_count
-        ));
-    }
-    s
-}
-
-/// The permanent errors of a pool as `DATASET: offset N (SIZE block)` lines.
-fn data_error_list(p: &Pool) -> Vec<String> {
-    let names = cairn_dataset::object_names(p).unwrap_or_default();
-    p.data_errors()
-        .into_iter()
-        .map(|(obj, off, bs)| match names.get(&obj) {
-            Some(v) => format!("{}: offset {} ({} block)", v, off, format_compact(bs)),
-            None => format!("<metadata>:<{obj:#x}> offset {off}"),
-        })
-        .collect()
-}
-
-/// The status of an imported pool that cannot be opened: its leaves (from the state dir's record,
-/// placed in their mirrors by the labels still on them), and why the pool could not be opened as
-/// the action.
-fn unavailable_status(name: &str, entry: Option<&CacheEntry>, why: &str) -> PoolStatus {
-    let leaves = entry.map(|e| e.leaves.clone()).unwrap_or_default();
-    // The vdev tree as the labels still on the recorded devices describe it: leaves that carry the
-    // pool's label are there (ONLINE), the others are missing, each with why.
-    let paths: Vec<PathBuf> = leaves.iter().map(PathBuf::from).collect();
-    let found = entry.and_then(|e| {
-        import::scan(&paths)
-            .into_iter()
-            .find(|c| c.guid().0 == e.guid)
-    });
-    let children = match found {
-        Some(c) => c.vdev_status().children,
-        None => flat_unavailable(&leaves),
-    };
-    PoolStatus {
-        name: name.to_string(),
-        pool_guid: entry.map(|e| e.guid).unwrap_or(0),
-        state: "UNAVAIL".into(),
-        status: Some(
-            "One or more devices could not be opened. There are insufficient replicas for the \
-             pool to continue functioning."
-                .into(),
-        ),
-        action: Some({
-            let mut c = why.chars();
-            let why: String = c
-                .next()
-                .map(|f| f.to_uppercase().chain(c).collect())
-                .unwrap_or_default();
-            format!("{why}. Or forget the pool with 'cairn pool export {name}'.")
-        }),
-        root: VdevStatus {
-            name: name.to_string(),
-            vdev_type: "root".into(),
-            guid: entry.map(|e| e.guid).unwrap_or(0),
-            state: "UNAVAIL".into(),
-            reason: Some("insufficient replicas".into()),
-            children,
-            ..VdevStatus::default()
-        },
-        ..PoolStatus::default()
-    }
-}
-
-/// Every recorded leaf UNAVAIL: when none of them carries the pool's label any more.
-fn flat_unavailable(leaves: &[String]) -> Vec<VdevStatus> {
-    leaves
-        .iter()
-        .map(|l| VdevStatus {
-            name: cairn_pool::pool::leaf_name(l),
-            vdev_type: "file".into(),
-            path: Some(l.clone()),
-            state: "UNAVAIL".into(),
-            reason: Some(if Path::new(l).exists() {
-                "corrupted data: missing or invalid label".into()
-            } else {
-                "cannot open".into()
-            }),
-            ..VdevStatus::default()
-        })
-        .collect()
-}
-
-fn status(
-    ctx: &mut Ctx,
-    verbose: bool,
-    full: bool,
-    trim_details: bool,
-    json_out: bool,
-    pools: &[String],
-) -> CmdResult {
-    let names = targets(ctx, pools, "status")?;
-    let mut errs = Vec::new();
-    let mut texts = Vec::new();
-    let mut jp = Map::new();
-    for n in &names {
-        match ctx.pools.get(ctx.sd, n, "open") {
-            Ok(p) => {
-                let st = p.status();
-                let errors = data_error_list(&p);
-                let scan = p.scan_state().unwrap_or_default();
-                let sched = p
-                    .get_props(&["scrub_schedule".to_string()])
-                    .ok()
-                    .and_then(|v| v.first().map(|x| x.1.clone()))
-                    .unwrap_or_else(|| "off".into());
-                let mut scan_lines = scan_text(&scan);
-                let last = (scan.last_scrub > 0).then_some(scan.last_scrub);
-                if sched != "off" {
-                    let next = cairn_scrub::schedule::next_due(&sched, last)
-                        .map(|t| format_time(t.max(now_secs())))
-                        .unwrap_or_else(|| "-".into());
-                    scan_lines.push_str(&format!(
-                        "\n schedule: scrub {sched}, last {}, next {next}",
-                        last.map(format_time).unwrap_or_else(|| "never".into())
-                    ));
-                }
-                let trims = p.trim_status();
-                let notes = trim_notes(&st.root, &trims, trim_details);
-                texts.push(status_text(
-                    &st,
-                    full,
-                    verbose,
-                    &errors,
-                    &scan_lines,
-                    &notes,
-                ));
-                let mut vdevs = Map::new();
-                vdevs.insert(st.name.clone(), vdev_json(&st.root, &trims));
-                jp.insert(
-                    st.name.clone(),
-                    json!({"name": st.name, "state": st.state,
-                           "pool_guid": st.pool_guid.to_string(), "txg": st.txg.to_string(),
-                           "status": st.status, "action": st.action,
-                           "scrub_schedule": sched,
-                           "last_scrub": scan.last_scrub.to_string(),
-                           "scan_stats": json!({
-                               "function": scan.function.to_uppercase(),
-                               "state": scan.state.to_uppercase(),
-                               "start_time": scan.start_time.to_string(),
-                               "end_time": scan.end_time.to_string(),
-                               "to_examine": scan.to_examine.to_string(),
-                               "examined": scan.examined.to_string(),
-                               "issued": scan.issued.to_string(),
-                               "processed": scan.repaired.to_string(),
-                               "errors": scan.errors.to_string(),
-                               "bookmark": format!("{}:{}", scan.bookmark.object, scan.bookmark.blkid),
-                           }),
-                           "vdevs": vdevs, "error_count": st.error_count.to_string(),
-                           "errlist": errors,
-                           "size": st.size.to_string(), "allocated": st.allocated.to_string(),
-                           "free": st.free.to_string()}),
-                );
-            }
-            // Imported but its devices cannot be opened: shown UNAVAIL with its leaves (from the
-            // state dir's cache; the tree's shape is in the labels, which cannot be read), exit 0,
-            // as zpool.
-            Err(e) if e.unavailable => {
-                let cache = ctx.sd.load_cache().unwrap_or_default();
-                let entry = cache.iter().find(|c| &c.name == n);
-                let st = unavailable_status(n, entry, &e.reason);
-                texts.push(status_text(
-                    &st,
-                    full,
-                    verbose,
-                    &[],
-                    "none requested",
-                    &LeafNotes::new(),
-                ));
-                let mut vdevs = Map::new();
-                vdevs.insert(st.name.clone(), vdev_json(&st.root, &BTreeMap::new()));
-                jp.insert(
-                    st.name.clone(),
-                    json!({"name": st.name, "state": st.state,
-                           "pool_guid": st.pool_guid.to_string(),
-                           "status": st.status, "action": st.action,
-                           "vdevs": vdevs, "error_count": "0"}),
-                );
-            }
-            Err(e) => errs.push(e),
-        }
-    }
-    if json_out {
-        ctx.print_json("cairn pool status", "pools", Value::Object(jp));
-    } else if names.is_empty() {
-        outln!(ctx, "no pools available");
-    } else {
-        out!(ctx, "{}", texts.join("\n"));
-    }
-    if errs.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(errs)
-    }
-}
-
 fn scan_dirs(dirs: &[PathBuf]) -> Result<Vec<ImportCandidate>, Vec<CmdError>> {
     let dirs: Vec<PathBuf> = if dirs.is_empty() {
         vec![PathBuf::from("/dev")]
@@ -1345,7 +638,12 @@ fn describe_candidate(c: &ImportCandidate, me: u64) -> String {
         s.push_str(" action: The pool can be imported using its name or numeric identifier.\n");
     }
     s.push_str(" config:\n\n");
-    s.push_str(&render_config(&root, false, false, &LeafNotes::new()));
+    s.push_str(&crate::statuscmd::render_config(
+        &root,
+        &crate::statuscmd::Show::default(),
+        false,
+        &Default::default(),
+    ));
     // Copies of a leaf next to the real one: listed, never opened.
     if !c.duplicates.is_empty() {
         s.push_str("\n duplicates:\n");

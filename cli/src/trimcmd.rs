@@ -50,15 +50,19 @@ pub fn trim(
         }
     } else {
         crate::interrupt::catch();
-        p.run_trim(&crate::interrupt::interrupted, &mut || {})
-            .map_err(|e| err(pool, e.to_string()))?;
+        // Meanwhile status and `trim -s`/`-c` reach the pool through this process.
+        let server = crate::fgserve::Server::start(ctx.sd, pool, "trim", p.clone(), None);
+        let r = p.run_trim(&crate::interrupt::interrupted, &mut || {});
+        drop(server);
+        r.map_err(|e| err(pool, e.to_string()))?;
         if crate::interrupt::interrupted() {
             let _ = p.trim(&[], TrimAction::Suspend);
             errln!(
                 ctx,
                 "trim of '{pool}' suspended (run 'cairn pool trim {pool}' to resume)"
             );
-            return Ok(ExitCode::from(130));
+            ctx.exit = crate::interrupt::exit_code();
+            return Ok(ExitCode::from(ctx.exit));
         }
     }
     if !p.trim_active() {

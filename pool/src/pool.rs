@@ -113,6 +113,12 @@ pub struct VdevStatus {
     pub write_bytes: u64,
     /// Moving average of read latency in microseconds (leaves; 0 if not measured).
     pub read_latency_us: u64,
+    /// The same of writes.
+    pub write_latency_us: u64,
+    /// I/Os slower than `cairn_vdev::tree::SLOW_IO` since the pool was opened (summed above leaves).
+    pub slow_ios: u64,
+    /// Top-level vdevs: (allocated, size) of their space (`iostat`'s alloc and free).
+    pub space: Option<(u64, u64)>,
     /// Txg ranges this leaf lacks (its dirty time log), awaiting resilver.
     pub dtl: Vec<(u64, u64)>,
     pub children: Vec<VdevStatus>,
@@ -139,6 +145,7 @@ impl VdevStatus {
             writes: children.iter().map(|c| c.writes).sum(),
             read_bytes: children.iter().map(|c| c.read_bytes).sum(),
             write_bytes: children.iter().map(|c| c.write_bytes).sum(),
+            slow_ios: children.iter().map(|c| c.slow_ios).sum(),
             children,
             ..VdevStatus::default()
         }
@@ -159,6 +166,8 @@ pub struct PoolStatus {
     pub action: Option<String>,
     pub error_count: u64,
     pub root: VdevStatus,
+    /// Milliseconds the I/O counters have been counting (since the pool was opened).
+    pub counting_ms: u64,
 }
 
 pub(crate) struct Inner {
@@ -563,6 +572,32 @@ pub(crate) fn open_leaf_for_pool(path: &Path, shown: &str) -> Result<FileLeaf> {
         )),
         e => PoolError::Vdev(e),
     })
+}
+
+/// `pool labelclear`: what the best label of the leaf at `path` says (pool name, pool guid,
+/// state), if it has one. Reads only.
+pub fn leaf_label(path: &Path) -> Result<Option<(String, Guid, PoolState)>> {
+    let dev = FileLeaf::open(
+        path,
+        LeafOpen {
+            read_only: true,
+            lock: false,
+        },
+    )?;
+    let scan = label::scan_leaf(&dev);
+    Ok(scan
+        .best_label()
+        .map(|l| (l.config.name.clone(), l.header.pool_guid, l.config.state)))
+}
+
+/// `pool labelclear`: zero the four label areas (and their uberblock rings) of the leaf at `path`,
+/// and flush. Refused (`InUse`) while a process has its pool open.
+pub fn clear_labels(path: &Path) -> Result<()> {
+    let dev = open_leaf_for_pool(path, &path.display().to_string())?;
+    wipe_label_areas(&dev)?;
+    dev.flush()
+        .map_err(|e| VdevError::io(dev.path(), "flush", 0, e))?;
+    Ok(())
 }
 
 /// Zero all four label areas so no stale uberblock of an earlier pool survives.
@@ -2474,6 +2509,9 @@ impl Inner {
                     read_bytes: n(&c.stats.read_bytes),
                     write_bytes: n(&c.stats.write_bytes),
                     read_latency_us: n(&c.stats.lat_ewma_ns) / 1000,
+                    write_latency_us: n(&c.stats.wlat_ewma_ns) / 1000,
+                    slow_ios: n(&c.stats.slow_ios),
+                    space: None,
                     dtl: lock(&c.dtl).iter().map(|&(a, b)| (a.0, b.0)).collect(),
                     children: Vec::new(),
                 });
@@ -2483,21 +2521,25 @@ impl Inner {
                 (_, VdevState::Unavail) => Some("insufficient replicas".to_string()),
                 _ => None,
             };
+            let space = self
+                .alloc
+                .tops
+                .iter()
+                .find(|a| a.id == t.id)
+                .map(|a| (a.alloc_bytes, a.asize()));
             if t.kind == TopKind::Single {
-                tops.push(children.remove(0));
+                let mut leaf = children.remove(0);
+                leaf.space = space;
+                tops.push(leaf);
             } else {
                 let (name, vtype) = match t.kind {
                     TopKind::Mirror => (format!("mirror-{}", t.id), "mirror"),
                     _ => (format!("stripe-{}", t.id), "stripe"),
                 };
-                tops.push(VdevStatus::interior(
-                    name,
-                    vtype,
-                    t.guid.0,
-                    st.as_str(),
-                    reason,
-                    children,
-                ));
+                let mut top =
+                    VdevStatus::interior(name, vtype, t.guid.0, st.as_str(), reason, children);
+                top.space = space;
+                tops.push(top);
             }
         }
         let st = self.tree.state();
@@ -2582,7 +2624,14 @@ impl Inner {
             ),
             None => (st.as_str(), action),
         };
+        let counting_ms = self
+            .tree
+            .leaves()
+            .map(|(_, l)| l.counting_for().as_millis() as u64)
+            .max()
+            .unwrap_or(0);
         PoolStatus {
+            counting_ms,
             name: self.config.name.clone(),
             pool_guid: self.config.pool_guid.0,
             state: state.into(),

@@ -466,6 +466,10 @@ struct BatchResult {
 /// Read `buf.len()` bytes at `off` from a leaf around the cache. A failure (or a closed device) is
 /// counted as the leaf's read error and noted in its events.
 fn read_piece(leaf: &LeafVdev, dev: Option<&dyn Leaf>, buf: &mut [u8], off: u64) -> bool {
+    leaf.stats.reads.fetch_add(1, Ordering::Relaxed);
+    leaf.stats
+        .read_bytes
+        .fetch_add(buf.len() as u64, Ordering::Relaxed);
     let r = match dev {
         Some(d) => d.read_at_uncached(buf, off),
         None => Err(std::io::Error::other("device closed")),
@@ -477,10 +481,17 @@ fn read_piece(leaf: &LeafVdev, dev: Option<&dyn Leaf>, buf: &mut [u8], off: u64)
     r.is_ok()
 }
 
-/// Write repaired or resilvered bytes to a leaf: counted as repaired bytes, or as a write error
-/// (noted in its events). Returns the bytes written.
+/// Write repaired or resilvered bytes to a leaf: counted in its writes (`iostat`) and as repaired
+/// bytes, or as a write error (noted in its events). Returns the bytes written.
 fn write_piece(leaf: &LeafVdev, dev: &dyn Leaf, buf: &[u8], off: u64) -> u64 {
-    match dev.write_at(buf, off) {
+    leaf.stats.writes.fetch_add(1, Ordering::Relaxed);
+    leaf.stats
+        .write_bytes
+        .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    let t = Instant::now();
+    let r = dev.write_at(buf, off);
+    leaf.note_write_latency(t.elapsed());
+    match r {
         Ok(()) => {
             leaf.stats
                 .repaired_bytes
@@ -1063,5 +1074,21 @@ impl ScanManager {
 
     pub fn is_running(&self, name: &str) -> bool {
         lock(&self.running).contains_key(name)
+    }
+
+    /// Run the pool's scan in the calling thread (a foreground command), registered as running
+    /// under `name` meanwhile, so that [`ScanManager::signal`] and [`ScanManager::is_running`]
+    /// reach it as they reach a background scan.
+    pub fn run_here(
+        &self,
+        name: &str,
+        pool: &Pool,
+        control: Arc<AtomicU8>,
+        progress: &mut dyn FnMut(&ScanState),
+    ) -> Result<ScanState> {
+        lock(&self.running).insert(name.to_string(), control.clone());
+        let r = run(pool, &control, progress);
+        lock(&self.running).remove(name);
+        r
     }
 }

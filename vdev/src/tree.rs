@@ -88,7 +88,14 @@ pub struct LeafStats {
     last_sample_ms: AtomicU64,
     /// Reads that passed this child over as slow since its last probe.
     passed_over: AtomicU64,
+    /// Moving average of write latency, in nanoseconds (0 = no sample yet).
+    pub wlat_ewma_ns: AtomicU64,
+    /// Reads and writes that took longer than [`SLOW_IO`] (`status -s`).
+    pub slow_ios: AtomicU64,
 }
+
+/// An I/O slower than this counts as slow (`status -s`), as zfs's `zio_slow_io_ms` (30 s).
+pub const SLOW_IO: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl LeafStats {
     /// (read, write, checksum errors, repaired bytes): what is kept across export/import.
@@ -355,7 +362,11 @@ impl LeafVdev {
             ReadHow::Cached => dev.read_at(buf, off),
             ReadHow::Uncached => dev.read_at_uncached(buf, off),
         };
-        self.record_latency(t.elapsed().as_nanos() as u64);
+        let took = t.elapsed();
+        self.record_latency(took.as_nanos() as u64);
+        if took > SLOW_IO {
+            self.stats.slow_ios.fetch_add(1, Ordering::Relaxed);
+        }
         self.stats
             .last_end
             .store(off + buf.len() as u64, Ordering::Relaxed);
@@ -368,7 +379,26 @@ impl LeafVdev {
         self.stats
             .write_bytes
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        dev.write_at(data, off)
+        let t = Instant::now();
+        let r = dev.write_at(data, off);
+        self.note_write_latency(t.elapsed());
+        r
+    }
+
+    /// How long ago this leaf's counters started (the pool was opened or the leaf attached).
+    pub fn counting_for(&self) -> std::time::Duration {
+        self.epoch.elapsed()
+    }
+
+    /// A write's time: the write latency average and the slow I/O count.
+    pub fn note_write_latency(&self, took: std::time::Duration) {
+        let ns = took.as_nanos() as u64;
+        let old = self.stats.wlat_ewma_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { (old * 7 + ns) / 8 };
+        self.stats.wlat_ewma_ns.store(new.max(1), Ordering::Relaxed);
+        if took > SLOW_IO {
+            self.stats.slow_ios.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// How attractive this child is for a read (lower is better), before latency: its outstanding
