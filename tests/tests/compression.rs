@@ -57,6 +57,20 @@ fn get(env: &Env, prop: &str, ds: &str) -> String {
         .to_string()
 }
 
+/// A sparse 64 MiB volume `vol` with `compression=setting`.
+fn create(env: &Env, vol: &str, setting: &str) {
+    env.ok(&[
+        "dataset",
+        "create",
+        "-s",
+        "-V",
+        "64M",
+        "-o",
+        &format!("compression={setting}"),
+        vol,
+    ]);
+}
+
 fn ratio(s: &str) -> f64 {
     s.trim_end_matches('x')
         .parse()
@@ -76,16 +90,7 @@ fn every_setting_reads_back_and_saves_space_on_compressible_data() {
     {
         let vol = format!("tank/v{i}");
         let before = alloc(&env);
-        env.ok(&[
-            "dataset",
-            "create",
-            "-s",
-            "-V",
-            "64M",
-            "-o",
-            &format!("compression={setting}"),
-            &vol,
-        ]);
+        create(&env, &vol, setting);
         write(&env, &vol, 0, &data);
         assert_reads(&env, &vol, 0, &data);
         let grown = alloc(&env) - before;
@@ -134,16 +139,7 @@ fn random_data_is_stored_plain_at_the_same_cost_as_off() {
     for (i, setting) in ["off", "lz4", "zstd"].iter().enumerate() {
         let vol = format!("tank/r{i}");
         let before = alloc(&env);
-        env.ok(&[
-            "dataset",
-            "create",
-            "-s",
-            "-V",
-            "64M",
-            "-o",
-            &format!("compression={setting}"),
-            &vol,
-        ]);
+        create(&env, &vol, setting);
         write(&env, &vol, 0, &data);
         assert_reads(&env, &vol, 0, &data);
         grown.push(alloc(&env) - before);

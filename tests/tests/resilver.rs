@@ -355,6 +355,29 @@ fn a_leaf_detached_from_one_mirror_and_attached_to_another_gets_everything() {
     d.assert_alive();
 }
 
+/// `a` holds the only proven copy of mirror-0 while `b` is being verified: it can neither be
+/// detached nor taken offline.
+fn assert_a_cannot_leave(env: &Env) {
+    for verb in ["detach", "offline"] {
+        let e = env.fail(&["pool", verb, "tank", "a"]);
+        assert!(e.contains("no valid replicas"), "{verb}: {e}");
+    }
+}
+
+/// The verification at full speed to its end: the resilver's figures and the checksum errors it
+/// counted on `b`. Then, after `clear`, a scrub finds nothing to repair and `b` alone serves every
+/// byte of `model`.
+fn verify_to_the_end(env: &Env, model: &[u8]) -> (serde_json::Value, u64) {
+    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
+    let s = wait_resilvered(env, Duration::from_secs(60));
+    let cksum = errors_of(env, "b").2;
+    env.ok(&["pool", "clear", "tank"]);
+    assert_clean_scrub(env);
+    env.ok(&["pool", "offline", "tank", "a"]);
+    assert_volume(env, model);
+    (s, cksum)
+}
+
 /// `pool detach tank b`, garbage over most of `b`'s file, `pool attach tank a b`: `b` is not trusted
 /// because it was once a copy. Until a resilver has read and verified everything on it, status says
 /// it is being verified and `a` cannot leave (detach or offline); the pass rewrites what is bad,
@@ -379,24 +402,13 @@ fn a_leaf_attached_again_is_verified_before_it_counts_as_a_copy() {
         line.contains("(resilvering: verifying)"),
         "b is shown as being verified: {line:?}\n{st}"
     );
-    // a holds the only proven copy.
-    let e = env.fail(&["pool", "detach", "tank", "a"]);
-    assert!(e.contains("no valid replicas"), "{e}");
-    let e = env.fail(&["pool", "offline", "tank", "a"]);
-    assert!(e.contains("no valid replicas"), "{e}");
-    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
-    let s = wait_resilvered(&env, Duration::from_secs(60));
+    assert_a_cannot_leave(&env);
+    let (s, cksum) = verify_to_the_end(&env, &model);
     assert!(
         num(&s["processed"]) >= 10 * MIB,
         "the garbage over b's data is rewritten: {s:#}"
     );
-    let (_, _, cksum) = errors_of(&env, "b");
     assert!(cksum > 0, "the bad blocks found on b are counted");
-    env.ok(&["pool", "clear", "tank"]);
-    assert_clean_scrub(&env);
-    // b alone serves every byte.
-    env.ok(&["pool", "offline", "tank", "a"]);
-    assert_volume(&env, &model);
     d.assert_alive();
 }
 
@@ -413,13 +425,8 @@ fn the_verification_of_a_leaf_attached_again_survives_a_kill() {
     let mut d = env.serve();
     let st = status(&env, false);
     assert!(st.contains("(resilvering: verifying)"), "{st}");
-    let e = env.fail(&["pool", "detach", "tank", "a"]);
-    assert!(e.contains("no valid replicas"), "{e}");
-    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
-    wait_resilvered(&env, Duration::from_secs(60));
-    assert_clean_scrub(&env);
-    env.ok(&["pool", "offline", "tank", "a"]);
-    assert_volume(&env, &model);
+    assert_a_cannot_leave(&env);
+    verify_to_the_end(&env, &model);
     d.assert_alive();
 }
 
@@ -459,15 +466,9 @@ fn a_leaf_changed_while_offline_is_verified_when_it_comes_back() {
     write_random(&env, &mut model, 110 * MIB, MIB, 0x6a);
     env.ok(&["pool", "set", "scrub_rate_limit=2M", "tank"]);
     env.ok(&["pool", "online", "tank", "b"]);
-    let e = env.fail(&["pool", "offline", "tank", "a"]);
-    assert!(e.contains("no valid replicas"), "{e}");
-    env.ok(&["pool", "set", "scrub_rate_limit=0", "tank"]);
-    let s = wait_resilvered(&env, Duration::from_secs(60));
-    assert!(num(&s["processed"]) >= 10 * MIB, "{s:#}");
-    env.ok(&["pool", "clear", "tank"]);
-    assert_clean_scrub(&env);
-    env.ok(&["pool", "offline", "tank", "a"]);
-    assert_volume(&env, &model);
+    assert_a_cannot_leave(&env);
+    let (s, cksum) = verify_to_the_end(&env, &model);
+    assert!(num(&s["processed"]) >= 10 * MIB && cksum > 0, "{s:#}");
     d.assert_alive();
 }
 
