@@ -176,6 +176,18 @@ pub(crate) fn scrub(
     } else {
         None
     };
+    if pause
+        && p.scan_state().is_ok_and(|s| {
+            s.state == "paused" && !ctx.pools.scans().is_some_and(|m| m.is_running(name))
+        })
+    {
+        // Nothing to do, as zpool says; not an error.
+        errln!(
+            ctx,
+            "the scrub of '{name}' is already paused (run 'cairn pool scrub {name}' to resume)"
+        );
+        return Ok(());
+    }
     if let Some(w) = what {
         let signalled = ctx.pools.scans().is_some_and(|m| m.signal(name, w));
         if signalled {

@@ -443,6 +443,11 @@ fn pause_takes_effect_at_once_under_a_low_rate_limit() {
         s["state"], "PAUSED",
         "`scrub -p` returned (after {took:?}) but the scrub is not paused: {s:#}"
     );
+    // Pausing it again says so and changes nothing.
+    let o = env.run(&["pool", "scrub", "-p", "tank"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("already paused"), "{}", o.stderr);
+    assert_eq!(scan(&env)["state"], "PAUSED");
     // A crash right after the pause keeps it paused.
     d.kill();
     let _d = env.serve();
