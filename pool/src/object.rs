@@ -1226,10 +1226,41 @@ impl Obj {
                 }
             }
         }
-        let (ids, blocks): (Vec<u64>, Vec<NewBlock>) = writes.into_iter().unzip();
+        let (ids, mut blocks): (Vec<u64>, Vec<NewBlock>) = writes.into_iter().unzip();
+        // Data blocks of a volume that compresses are stored compressed when it pays (as the
+        // whole-block writes of `Pool::write_object` are), on all cores.
+        let comp = match data_kind {
+            BlockKind::Data => {
+                crate::compress::Compression::from_byte(self.dnode.compression).unwrap_or_default()
+            }
+            _ => crate::compress::Compression::Off,
+        };
+        let compressed: Vec<bool> = if comp == crate::compress::Compression::Off {
+            vec![false; blocks.len()]
+        } else {
+            blocks
+                .par_iter_mut()
+                .map(|b| match comp.compress(&b.data) {
+                    Some(stored) => {
+                        b.data = stored;
+                        true
+                    }
+                    None => false,
+                })
+                .collect()
+        };
         let bps = write_blocks(ctx, &blocks)?;
         drop(blocks);
-        for (blkid, bp) in ids.into_iter().zip(bps) {
+        let bs = self.dnode.block_size() as u32;
+        for ((blkid, mut bp), c) in ids.into_iter().zip(bps).zip(compressed) {
+            if c {
+                bp.lsize = bs;
+                bp.compression = comp.code();
+                bp.comp_level = match comp {
+                    crate::compress::Compression::Zstd(n) => n,
+                    _ => 0,
+                };
+            }
             self.replace_bp(ctx, 0, blkid, bp)?;
         }
         // Indirect levels, bottom-up.

@@ -242,3 +242,27 @@ fn bad_compression_values_are_refused() {
     let e = env.fail(&["dataset", "set", "compressratio=2", "tank/v"]);
     assert!(e.contains("readonly"), "{e}");
 }
+
+/// Small writes (4 KiB into 16 KiB blocks) become blocks the commit writes: those are compressed
+/// too, and read back.
+#[test]
+fn blocks_written_by_small_writes_are_compressed_too() {
+    let env = Env::new();
+    pool(&env);
+    let mut d = env.serve();
+    create(&env, "tank/small", "zstd");
+    let data = half_compressible((8 * MIB) as usize, 0xc7);
+    let mut c = env.nbd_connect("tank/small").expect("connect");
+    for (i, chunk) in data.chunks(4096).enumerate() {
+        c.write(i as u64 * 4096, chunk).expect("write");
+    }
+    c.flush().expect("flush");
+    c.disconnect().expect("disconnect");
+    assert_reads(&env, "tank/small", 0, &data);
+    let r = ratio(&get(&env, "compressratio", "tank/small"));
+    assert!(r >= 1.3, "compressratio {r}");
+    d.stop();
+    let mut d = env.serve();
+    assert_reads(&env, "tank/small", 0, &data);
+    d.assert_alive();
+}
