@@ -117,7 +117,7 @@ impl Compression {
         let stream = match self {
             Compression::Off => return None,
             Compression::Lz4 => {
-                if data.len() > 2 * EARLY_ABORT_SAMPLE {
+                if data.len() >= 2 * EARLY_ABORT_SAMPLE {
                     let s = &data[..EARLY_ABORT_SAMPLE];
                     let c = lz4_flex::block::compress(s);
                     if c.len() > EARLY_ABORT_SAMPLE - EARLY_ABORT_SAMPLE / 8 {
