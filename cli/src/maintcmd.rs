@@ -90,20 +90,7 @@ pub fn resilver(ctx: &mut Ctx, pools: &[String]) -> CmdResult {
             .map_err(|e| vec![e])?;
         let st = p.scan_state().map_err(|e| err(e.to_string()))?;
         if st.function == "resilver" && (st.state == "scanning" || st.state == "paused") {
-            let signalled = ctx
-                .pools
-                .scans()
-                .is_some_and(|m| m.signal(name, cairn_scrub::STOP));
-            if signalled {
-                for _ in 0..1200 {
-                    if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
-                        break;
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(25));
-                }
-            } else {
-                cairn_scrub::set_control(&p, cairn_scrub::STOP).map_err(|e| err(e.to_string()))?;
-            }
+            crate::scrubcmd::control_scan(ctx, name, &p, cairn_scrub::STOP).map_err(err)?;
         }
         let started = cairn_scrub::request_resilver(&p).map_err(|e| err(e.to_string()))?;
         let _ = p.log_history(&ctx.cmdline.clone(), &ctx.sd.hostname());

@@ -160,6 +160,24 @@ pub(crate) fn run_foreground(
     Ok(())
 }
 
+/// Pause or stop (`cairn_scrub::PAUSE`, `STOP`) the scan of pool `name`: through the daemon's scan
+/// thread if one runs (waiting until the worker has recorded it), else in the scan state itself.
+pub(crate) fn control_scan(ctx: &Ctx, name: &str, p: &Pool, what: u8) -> Result<(), String> {
+    if ctx.pools.scans().is_some_and(|m| m.signal(name, what)) {
+        for _ in 0..1200 {
+            if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        Ok(())
+    } else {
+        cairn_scrub::set_control(p, what)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 pub(crate) fn scrub(
     ctx: &mut Ctx,
     name: &str,
@@ -189,19 +207,7 @@ pub(crate) fn scrub(
         return Ok(());
     }
     if let Some(w) = what {
-        let signalled = ctx.pools.scans().is_some_and(|m| m.signal(name, w));
-        if signalled {
-            // The worker records the pause/stop itself; wait until it has.
-            for _ in 0..1200 {
-                if !ctx.pools.scans().is_some_and(|m| m.is_running(name)) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(25));
-            }
-        } else {
-            cairn_scrub::set_control(&p, w).map_err(|e| err(e.to_string()))?;
-        }
-        return Ok(());
+        return control_scan(ctx, name, &p, w).map_err(err);
     }
     let st = p.scan_state().map_err(|e| err(e.to_string()))?;
     if st.state != "scanning" || ctx.pools.scans().is_some_and(|m| m.is_running(name)) {

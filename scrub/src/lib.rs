@@ -484,14 +484,7 @@ fn read_piece(leaf: &LeafVdev, dev: Option<&dyn Leaf>, buf: &mut [u8], off: u64)
 /// Write repaired or resilvered bytes to a leaf: counted in its writes (`iostat`) and as repaired
 /// bytes, or as a write error (noted in its events). Returns the bytes written.
 fn write_piece(leaf: &LeafVdev, dev: &dyn Leaf, buf: &[u8], off: u64) -> u64 {
-    leaf.stats.writes.fetch_add(1, Ordering::Relaxed);
-    leaf.stats
-        .write_bytes
-        .fetch_add(buf.len() as u64, Ordering::Relaxed);
-    let t = Instant::now();
-    let r = dev.write_at(buf, off);
-    leaf.note_write_latency(t.elapsed());
-    match r {
+    match leaf.counted_write(dev, buf, off) {
         Ok(()) => {
             leaf.stats
                 .repaired_bytes

@@ -374,7 +374,8 @@ impl LeafVdev {
         r
     }
 
-    pub(crate) fn counted_write(&self, dev: &dyn Leaf, data: &[u8], off: u64) -> io::Result<()> {
+    /// A write to this leaf's device, counted in its writes, bytes and write latency (`iostat`).
+    pub fn counted_write(&self, dev: &dyn Leaf, data: &[u8], off: u64) -> io::Result<()> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .write_bytes
